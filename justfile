@@ -1,0 +1,26 @@
+# Recipes take `spec=NAME` (a spec in specs/ or a path) and dotted `key=value` overrides as
+# positional arguments, e.g. `just validate spec=biggan_deep_256 data.resolution=128`.
+
+set positional-arguments
+
+python := if path_exists(".venv/bin/python") == "true" { ".venv/bin/python" } else { "python3" }
+
+# list the recipes
+default:
+    @just --list
+
+# check a spec and report shapes, parameters and FLOPs per node (no weights are allocated)
+validate *args:
+    {{python}} -m pipeline validate "$@"
+
+# write the JSON Schema of specs (editors can complete and check spec YAML with it)
+schema *args:
+    {{python}} -m pipeline schema "$@"
+
+# run the test suite (CPU; GPU-only tests skip themselves)
+test *args:
+    DS_ACCELERATOR=cpu {{python}} -m pytest -q "$@"
+
+# time `validate` of the largest shipped spec (recorded in BENCHMARKS.md)
+bench-validate spec="spec=biggan_deep_512":
+    {{python}} benchmarks/validate.py "{{spec}}"

@@ -1,0 +1,192 @@
+"""Layer factories and the norm layers shared by every block family.
+
+Blocks never construct a conv, linear or embedding directly: they ask the `BuildContext`,
+which applies the network's (or node's) weight init, spectral norm and equalized learning rate
+in one place, and skips init on the `meta` device, where weights have no storage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+class EqualizedLR(nn.Module):
+    """ProGAN's equalized learning rate: weights stored ~ N(0, 1), scaled at run time by the
+    He constant sqrt(2 / fan_in), so every layer learns at the same speed under Adam."""
+
+    def __init__(self, fan_in: int, gain: float = 2.0):
+        super().__init__()
+        self.scale = math.sqrt(gain / fan_in)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.scale
+
+
+class SpectralNorm(nn.Module):
+    """Spectral normalization (Miyato et al. 2018) as a parametrization: weight / sigma, with sigma
+    estimated by one power iteration per training forward (u, v are buffers, not parameters).
+
+    The same estimator as torch.nn.utils.parametrizations.spectral_norm; ours skips the 15
+    warm-up iterations on the meta device, where they cost 0.1 s a layer and mean nothing."""
+
+    def __init__(self, weight: torch.Tensor, *, eps: float, dim: int = 0, init_iterations: int = 15):
+        super().__init__()
+        self.eps, self.dim = eps, dim
+        mat = self._matrix(weight)
+        self.register_buffer("_u", mat.new_empty(mat.shape[0]))
+        self.register_buffer("_v", mat.new_empty(mat.shape[1]))
+        if weight.device.type != "meta":
+            with torch.no_grad():
+                self._u.copy_(F.normalize(self._u.normal_(), dim=0, eps=eps))
+                self._v.copy_(F.normalize(self._v.normal_(), dim=0, eps=eps))
+            self._power_iteration(mat, init_iterations)
+
+    @property
+    def flops_per_forward(self) -> int:
+        """One training forward runs three matrix-vector products with the weight (W^T u, W v and
+        sigma = u^T W v): 2 FLOPs per multiply-add, whatever the batch size."""
+        return 6 * self._u.numel() * self._v.numel()
+
+    def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return (weight if self.dim == 0 else weight.movedim(self.dim, 0)).flatten(1)
+
+    @torch.no_grad()
+    def _power_iteration(self, mat: torch.Tensor, iterations: int) -> None:
+        for _ in range(iterations):
+            self._v.copy_(F.normalize(torch.mv(mat.t(), self._u), dim=0, eps=self.eps))
+            self._u.copy_(F.normalize(torch.mv(mat, self._v), dim=0, eps=self.eps))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mat = self._matrix(weight)
+        if self.training:
+            self._power_iteration(mat.detach(), 1)
+        u, v = self._u.clone(), self._v.clone()  # autograd must not see the in-place updates
+        return weight / torch.dot(u, torch.mv(mat, v))
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a block needs to know beyond its own parameters."""
+
+    num_classes: int
+    image_channels: int
+    init: str = "orthogonal"
+    sn: bool = False
+    sn_eps: float = 1e-6
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+    cross_replica_bn: bool = False
+    meta: bool = True  # building on the meta device: no weight init
+
+    def for_node(self, node) -> "BuildContext":
+        changes = {k: getattr(node, k) for k in ("sn", "init") if getattr(node, k, None) is not None}
+        return replace(self, **changes) if changes else self
+
+    # ----- weighted layers -----
+    def _finish(self, layer: nn.Module, fan_in: int, sn: bool | None) -> nn.Module:
+        sn = self.sn if sn is None else sn
+        if not self.meta:
+            w = layer.weight
+            if self.init == "orthogonal":
+                nn.init.orthogonal_(w)
+            elif self.init == "normal":
+                nn.init.normal_(w, 0.0, 0.02)
+            elif self.init == "xavier":
+                nn.init.xavier_uniform_(w)
+            elif self.init == "equalized_lr":
+                nn.init.normal_(w, 0.0, 1.0)
+            if self.init in ("normal", "equalized_lr") and getattr(layer, "bias", None) is not None:
+                nn.init.zeros_(layer.bias)
+        if self.init == "equalized_lr":
+            parametrize.register_parametrization(layer, "weight", EqualizedLR(fan_in), unsafe=True)
+        if sn:
+            dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+            parametrize.register_parametrization(
+                layer, "weight", SpectralNorm(layer.weight, eps=self.sn_eps, dim=dim), unsafe=True)
+        return layer
+
+    def linear(self, in_features: int, out_features: int, *, bias: bool = True, sn: bool | None = None) -> nn.Module:
+        return self._finish(nn.Linear(in_features, out_features, bias=bias), in_features, sn)
+
+    def conv(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
+             padding: int | None = None, bias: bool = True, sn: bool | None = None) -> nn.Module:
+        padding = kernel_size // 2 if padding is None else padding
+        layer = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+        return self._finish(layer, in_channels * kernel_size * kernel_size, sn)
+
+    def conv_transpose(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int,
+                       padding: int, bias: bool = True, sn: bool | None = None) -> nn.Module:
+        layer = nn.ConvTranspose2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+        return self._finish(layer, in_channels * kernel_size * kernel_size, sn)
+
+    def embedding(self, num_embeddings: int, dim: int, *, sn: bool | None = None) -> nn.Module:
+        return self._finish(nn.Embedding(num_embeddings, dim), num_embeddings, sn)
+
+    # ----- norms -----
+    def batch_norm(self, channels: int, *, affine: bool = True) -> "BatchNorm":
+        return BatchNorm(channels, eps=self.bn_eps, momentum=self.bn_momentum, affine=affine,
+                         cross_replica=self.cross_replica_bn)
+
+    def cond_batch_norm(self, channels: int, cond_features: int) -> "ConditionalBatchNorm":
+        return ConditionalBatchNorm(channels, cond_features, self)
+
+
+class BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over (N, C) or (N, C, H, W) with a cross-replica switch.
+
+    `cross_replica` asks for statistics over the global batch of all data-parallel ranks; on a
+    single process the local batch is the global batch, so this is plain BatchNorm. The
+    synchronized implementation for several ranks comes with the training engine (issue 4).
+    """
+
+    def __init__(self, channels: int, *, eps: float, momentum: float, affine: bool, cross_replica: bool):
+        super().__init__(channels, eps=eps, momentum=momentum, affine=affine)
+        self.cross_replica = cross_replica
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in (2, 4):
+            raise ValueError(f"BatchNorm expects (N, C) or (N, C, H, W) input, got {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", cross_replica={self.cross_replica}"
+
+
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm without affine parameters, then gain = 1 + Linear(cond) and bias = Linear(cond)
+    (BigGAN's class-conditional BN; both linears without bias, spectrally normalised per the network)."""
+
+    def __init__(self, channels: int, cond_features: int, ctx: BuildContext):
+        super().__init__()
+        self.bn = ctx.batch_norm(channels, affine=False)
+        self.gain = ctx.linear(cond_features, channels, bias=False)
+        self.bias = ctx.linear(cond_features, channels, bias=False)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], -1) + (1,) * (x.dim() - 2)
+        gain = 1 + self.gain(cond).view(shape)
+        return self.bn(x) * gain + self.bias(cond).view(shape)
+
+
+class PixelNorm(nn.Module):
+    """ProGAN's pixel-wise feature normalisation: x / sqrt(mean over channels of x^2 + eps)."""
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def avgpool2(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, 2)

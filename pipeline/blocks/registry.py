@@ -1,0 +1,174 @@
+"""The block registry: kind -> strict pydantic params model -> nn.Module.
+
+A block kind is a subclass of `Node` with a `kind: Literal[...]` field, registered with
+`@register`. Its fields are the YAML keys of a node. Fields typed `Ref`, `Refs` or `Joined`
+name other nodes (or graph inputs); the graph compiler wires them and passes one positional
+argument per reference field, in declaration order, to the module that `build()` returns.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      model_validator)
+
+from pipeline.errors import did_you_mean
+
+Shape = tuple[int, ...]  # per-sample shape, without the batch dimension
+
+REF_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[0-9]+)?$")
+
+
+class _RefField:
+    """Marks a field as a reference to other nodes. `mode` says how its value reaches forward()."""
+
+    def __init__(self, mode: str):
+        self.mode = mode  # "one": a tensor; "many": a list of tensors; "joined": concatenated on dim 1
+
+
+def _check_ref(name: str) -> str:
+    if not REF_PATTERN.match(name):
+        raise ValueError(f"{name!r} is not a node reference: use a node name, or NAME.INDEX "
+                         "for one output of a node with several")
+    return name
+
+
+def _check_refs(names: Any) -> Any:
+    if isinstance(names, str):
+        names = [names]
+    if isinstance(names, list):
+        for n in names:
+            if isinstance(n, str):
+                _check_ref(n)
+    return names
+
+
+Ref = Annotated[str, AfterValidator(_check_ref), _RefField("one")]
+Refs = Annotated[list[str], BeforeValidator(_check_refs), Field(min_length=1), _RefField("many")]
+Joined = Annotated[list[str], BeforeValidator(_check_refs), Field(min_length=1), _RefField("joined")]
+
+Init = Literal["orthogonal", "normal", "xavier", "equalized_lr", "default"]
+
+
+class BlockError(Exception):
+    """A problem with one node, found while building it; `field` is the node's offending key."""
+
+    def __init__(self, message: str, field: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.field, self.hint = message, field, hint
+
+
+class Node(BaseModel):
+    """Fields every node has. Subclasses add `kind` and their own parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    repeat: int = Field(1, ge=1, description=(
+        "Build this node N times in a chain, each instance taking the previous one's output as "
+        "its `in`; other references are shared. Its name then refers to the last instance."))
+    each: dict[str, list[Any]] = Field(default_factory=dict, description=(
+        "Per-instance values of parameters for a repeated node: a list of `repeat` values per key."))
+
+    # ----- references -----
+    @classmethod
+    def ref_fields(cls) -> list[tuple[str, str, str]]:
+        """(field name, YAML key, mode) of every reference field, in declaration order."""
+        out = []
+        for name, info in cls.model_fields.items():
+            metadata = list(info.metadata)
+            for arg in typing.get_args(info.annotation):  # Optional[Ref]: the marker sits one level down
+                metadata += list(getattr(arg, "__metadata__", ()))
+            for meta in metadata:
+                if isinstance(meta, _RefField):
+                    out.append((name, info.alias or name, meta.mode))
+        return out
+
+    def refs(self) -> dict[str, list[str]]:
+        """YAML key -> referenced names (possibly empty for an optional reference)."""
+        out = {}
+        for name, key, _ in self.ref_fields():
+            value = getattr(self, name)
+            out[key] = [] if value is None else ([value] if isinstance(value, str) else list(value))
+        return out
+
+    # ----- repetition -----
+    @model_validator(mode="before")
+    @classmethod
+    def _each_supplies_required(cls, data):
+        # A parameter given only per instance (in `each`) still satisfies a required field.
+        if isinstance(data, dict) and isinstance(data.get("each"), dict):
+            data = dict(data)
+            for key, values in data["each"].items():
+                if key in cls.model_fields and isinstance(values, list) and values and key not in data:
+                    data[key] = values[0]
+        return data
+
+    @model_validator(mode="after")
+    def _check_each(self):
+        if self.repeat > 1:
+            refs = self.ref_fields()
+            if not refs or refs[0][1] != "in" or refs[0][2] != "one":
+                raise ValueError(f"kind {self.kind!r} cannot be repeated: it has no single `in` input to chain")
+        elif self.each:
+            raise ValueError("`each` needs `repeat` greater than 1")
+        params = {info.alias or name for name, info in type(self).model_fields.items()} - {"kind", "in", "repeat", "each"}
+        for key, values in self.each.items():
+            if key not in params:
+                hint = did_you_mean(key, params)
+                raise ValueError(f"each.{key}: not a parameter of kind {self.kind!r}" + (f"; {hint}" if hint else ""))
+            if len(values) != self.repeat:
+                raise ValueError(f"each.{key} has {len(values)} values but repeat is {self.repeat}")
+        for i in range(self.repeat if self.each else 0):
+            try:
+                self.instance(i)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(map(str, err["loc"]))
+                raise ValueError(f"each.{where}[{i}]: {err['msg']}") from None
+        return self
+
+    def instance(self, i: int) -> "Node":
+        """The i-th instance of a repeated node (the node itself when not repeated)."""
+        if self.repeat == 1:
+            return self
+        data = self.model_dump(by_alias=True, exclude={"repeat", "each"}, exclude_unset=True)
+        data["kind"] = self.kind
+        data.update({k: v[i] for k, v in self.each.items()})
+        return type(self).model_validate(data)
+
+    # ----- building -----
+    def build(self, inputs: dict[str, Any], ctx) -> Any:
+        """Return the nn.Module for this node; `inputs` maps each reference key to its input
+        shape (a list of shapes for a `many` reference). Raise `BlockError` for a mismatch."""
+        raise NotImplementedError(f"{type(self).__name__}.build")
+
+
+class Weighted(Node):
+    """A node with learnable weights: their init and spectral norm may differ from the network's."""
+
+    sn: bool | None = Field(None, description="Spectral norm on this node's weights; default: the network's `sn`.")
+    init: Init | None = Field(None, description="Weight init of this node; default: the network's `init`.")
+
+
+REGISTRY: dict[str, type[Node]] = {}
+
+
+def register(cls: type[Node]) -> type[Node]:
+    """Class decorator adding a block kind; a kind may be registered once."""
+    kind_field = cls.model_fields.get("kind")
+    if kind_field is None:
+        raise TypeError(f"{cls.__name__} has no `kind` field")
+    (kind,) = kind_field.annotation.__args__
+    if kind in REGISTRY:
+        raise KeyError(f"block kind {kind!r} registered twice: {REGISTRY[kind].__name__} and {cls.__name__}")
+    REGISTRY[kind] = cls
+    return cls
+
+
+def node_union():
+    """The discriminated union of every registered kind, for the spec schema."""
+    members = tuple(REGISTRY.values())
+    return Annotated[Union[members], Field(discriminator="kind")]

@@ -1,0 +1,351 @@
+"""The graph compiler: a network spec -> checked DAG -> shapes, params and FLOPs on `meta`
+-> an `nn.ModuleDict` keyed by the node names of the YAML, with a forward that runs the DAG.
+
+Analysis builds every node on the meta device (no weight storage), runs it on meta tensors to
+infer the next node's input shape, and counts FLOPs with `torch.utils.flop_counter`
+(convolutions and matrix products, 2 per multiply-add), so reports compare with public figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.blocks.layers import BuildContext, SpectralNorm
+from pipeline.blocks.registry import BlockError, Node, Shape
+from pipeline.errors import Issue, SpecError, did_you_mean
+
+NETWORKS = ("generator", "discriminator")
+INPUT_NAMES = {"generator": ("z", "y"), "discriminator": ("image", "y")}
+PROBE_BATCH = 2  # BatchNorm in train mode needs more than one value per channel
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str
+    shape: str
+    params: int
+    flops: float  # forward, per image
+    sn_flops: int  # spectral norm's power iteration, per training forward (not per image)
+
+
+@dataclass
+class NetworkPlan:
+    """Everything known about a network after analysis; enough to instantiate it anywhere."""
+
+    which: str
+    inputs: dict[str, Shape]
+    outputs: list[str]
+    steps: list[tuple[str, list[tuple[str, list[str]]]]]  # (node, [(mode, refs)] per reference field)
+    instances: dict[str, list[tuple[Node, dict]]]  # node -> [(instance params, input shapes)]
+    shapes: dict[str, object]  # node or input -> output shape (a list of shapes for several outputs)
+    rows: list[Row] = field(default_factory=list)
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # the meta modules
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+    @property
+    def flops_per_image(self) -> float:
+        return sum(r.flops for r in self.rows)
+
+    @property
+    def sn_flops_per_forward(self) -> int:
+        return sum(r.sn_flops for r in self.rows)
+
+    @property
+    def output_shapes(self) -> list[Shape]:
+        return [lookup(self.shapes, ref) for ref in self.outputs]
+
+
+class Chain(nn.ModuleList):
+    """A repeated node: each instance takes the previous output; other inputs are shared."""
+
+    def forward(self, x, *shared):
+        for block in self:
+            x = block(x, *shared)
+        return x
+
+
+class GraphModule(nn.ModuleDict):
+    """The compiled network: a ModuleDict keyed by node name, run in topological order."""
+
+    def __init__(self, modules: dict[str, nn.Module], plan: NetworkPlan):
+        super().__init__(modules)
+        self.input_names = tuple(plan.inputs)
+        self.steps = plan.steps
+        self.output_refs = tuple(plan.outputs)
+
+    def forward(self, *args):
+        values = dict(zip(self.input_names, args))
+        for name, fields in self.steps:
+            values[name] = self[name](*(gather(values, mode, refs) for mode, refs in fields))
+        outs = tuple(lookup(values, ref) for ref in self.output_refs)
+        return outs[0] if len(outs) == 1 else outs
+
+
+def lookup(values: dict, ref: str):
+    name, _, index = ref.partition(".")
+    value = values[name]
+    return value[int(index)] if index else value
+
+
+def gather(values: dict, mode: str, refs: list[str]):
+    if not refs:
+        return None
+    items = [lookup(values, r) for r in refs]
+    if mode == "one":
+        return items[0]
+    if mode == "many":
+        return items
+    return items[0] if len(items) == 1 else torch.cat(items, 1)  # joined
+
+
+def graph_inputs(spec, which: str) -> dict[str, Shape]:
+    d = spec.data
+    first = (spec.latent.z_dim,) if which == "generator" else (d.channels, d.resolution, d.resolution)
+    return dict(zip(INPUT_NAMES[which], (first, ())))
+
+
+def context(spec, which: str, meta: bool) -> BuildContext:
+    net = getattr(spec, which)
+    return BuildContext(num_classes=spec.data.num_classes, image_channels=spec.data.channels, init=net.init,
+                        sn=net.sn, sn_eps=net.sn_eps, bn_eps=net.bn_eps, bn_momentum=net.bn_momentum,
+                        cross_replica_bn=net.cross_replica_bn, meta=meta)
+
+
+def _shape_str(shape) -> str:
+    if isinstance(shape, list):
+        return " + ".join(_shape_str(s) for s in shape)
+    return "x".join(map(str, shape)) if shape else "label"
+
+
+class _Checker:
+    def __init__(self, loaded, which: str):
+        self.loaded, self.which = loaded, which
+        self.net = getattr(loaded.spec, which)
+        self.issues: list[Issue] = []
+
+    def issue(self, message: str, *loc, hint: str | None = None) -> None:
+        full = (self.which,) + tuple(loc)
+        file, line = self.loaded.where(full)
+        self.issues.append(Issue(message, ".".join(map(str, full)), file, line, hint))
+
+    # ----- structure -----
+    def order(self, inputs: dict[str, Shape]) -> list[str]:
+        """Names of the nodes the outputs depend on, in topological order; reports structural errors."""
+        nodes = self.net.nodes
+        reserved = set(dir(GraphModule))
+        for name in nodes:
+            if name in inputs:
+                self.issue(f"node name {name!r} is a graph input name", "nodes", name,
+                           hint=f"{', '.join(inputs)} are the inputs of the {self.which}; rename the node")
+            elif name in reserved:
+                self.issue(f"node name {name!r} is reserved by torch.nn.Module", "nodes", name, hint="rename the node")
+        known = list(nodes) + list(inputs)
+        for name, node in nodes.items():
+            for key, refs in node.refs().items():
+                for i, ref in enumerate(refs):
+                    base = ref.partition(".")[0]
+                    loc = ("nodes", name, key) + ((i,) if len(refs) > 1 else ())
+                    if base == name:
+                        self.issue(f"node {name!r} takes its own output as input", *loc)
+                    elif base not in nodes and base not in inputs:
+                        self.issue(f"unknown input {ref!r}", *loc,
+                                   hint=did_you_mean(base, known) or f"inputs are {', '.join(inputs)} or a node name")
+        for i, ref in enumerate(self.net.output):
+            base = ref.partition(".")[0]
+            if base not in nodes:
+                self.issue(f"unknown output node {ref!r}", "output", *((i,) if len(self.net.output) > 1 else ()),
+                           hint=did_you_mean(base, nodes))
+        if self.issues:
+            return []  # unused nodes and cycles would only echo a mistyped name
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
+
+        def visit(name: str, stack: list[str]) -> None:
+            if name in inputs or state.get(name) == 2:
+                return
+            if state.get(name) == 1:
+                cycle = stack[stack.index(name):] + [name]
+                self.issue("cycle: " + " -> ".join(cycle), "nodes", name,
+                           hint="a network is a DAG; one of these inputs must come from an earlier node")
+                return
+            state[name] = 1
+            for refs in nodes[name].refs().values():
+                for ref in refs:
+                    visit(ref.partition(".")[0], stack + [name])
+            state[name] = 2
+            order.append(name)
+
+        for ref in self.net.output:
+            visit(ref.partition(".")[0], [])
+        for name in nodes:
+            if name not in state:
+                self.issue(f"node {name!r} is not used by any output", "nodes", name,
+                           hint="connect it to the graph or remove it")
+        if self.issues:
+            return []
+        # The same set, re-ordered to follow the YAML wherever dependencies allow (reports read better).
+        done: list[str] = []
+        while len(done) < len(order):
+            for name in nodes:
+                deps = {r.partition(".")[0] for refs in nodes[name].refs().values() for r in refs} - set(inputs)
+                if name not in done and deps <= set(done):
+                    done.append(name)
+                    break
+        return done
+
+    # ----- shapes, parameters, FLOPs -----
+    def analyze(self, inputs: dict[str, Shape]) -> NetworkPlan | None:
+        order = self.order(inputs)
+        if self.issues:
+            return None
+        ctx = context(self.loaded.spec, self.which, meta=True)
+        plan = NetworkPlan(self.which, inputs, list(self.net.output), [], {}, dict(inputs))
+        values: dict[str, object] = {}
+        with torch.device("meta"):
+            for name, shape in inputs.items():
+                values[name] = torch.zeros((PROBE_BATCH,) + shape, dtype=torch.long if shape == () else torch.float)
+            broken: set[str] = set()
+            for name in order:
+                node = self.net.nodes[name]
+                if any(r.partition(".")[0] in broken for refs in node.refs().values() for r in refs):
+                    broken.add(name)  # already reported upstream
+                    continue
+                if not self.run_node(name, node, ctx, plan, values):
+                    broken.add(name)
+        return None if self.issues else plan
+
+    def input_shape(self, plan, name: str, key: str, mode: str, refs: list[str]):
+        shapes = []
+        for ref in refs:
+            base, _, index = ref.partition(".")
+            shape = plan.shapes[base]
+            several = isinstance(shape, list)
+            if several and not index:
+                raise BlockError(f"{base!r} has {len(shape)} outputs; refer to one as {base}.0 .. {base}.{len(shape) - 1}", key)
+            if index and (not several or int(index) >= len(shape)):
+                raise BlockError(f"{ref!r}: {base!r} has {'only ' + str(len(shape)) if several else 'a single'} output"
+                                 f"{'s' if several else ''}", key)
+            shapes.append(shape[int(index)] if index else shape)
+        if not refs:
+            return None
+        if mode == "one":
+            return shapes[0]
+        if mode == "many":
+            return shapes
+        if any(len(s) != 1 for s in shapes):
+            raise BlockError(f"conditioning inputs must be feature vectors, got {', '.join(map(_shape_str, shapes))}", key)
+        return (sum(s[0] for s in shapes),)
+
+    def run_node(self, name: str, node: Node, ctx, plan: NetworkPlan, values: dict) -> bool:
+        fields = [(mode, node.refs()[key]) for _, key, mode in node.ref_fields()]
+        try:
+            in_shapes = {key: self.input_shape(plan, name, key, mode, node.refs()[key])
+                         for _, key, mode in node.ref_fields()}
+        except BlockError as exc:
+            self.issue(exc.message, "nodes", name, *([exc.field] if exc.field else []), hint=exc.hint)
+            return False
+        args = [gather(values, mode, refs) for mode, refs in fields]
+        instances, modules = [], []
+        for i in range(node.repeat):
+            inst = node.instance(i)
+            label = f"{name}[{i}]" if node.repeat > 1 else name
+            loc = ("nodes", name)
+            try:
+                module = inst.build(dict(in_shapes), ctx.for_node(inst))
+            except BlockError as exc:
+                where = f"instance {i}: " if node.repeat > 1 else ""
+                self.issue(where + exc.message, *loc, *([exc.field] if exc.field else []), hint=exc.hint)
+                return False
+            try:
+                # Eval mode skips BN statistics and SN power iterations, which flop_counter does not
+                # count anyway (only convolutions and matrix products): FLOPs equal train mode's.
+                module.eval()
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    out = module(*args)
+                module.train()
+            except Exception as exc:  # a shape the block's own checks did not anticipate
+                self.issue(f"fails on input shapes {in_shapes}: {exc}", *loc)
+                return False
+            shape = [tuple(o.shape[1:]) for o in out] if isinstance(out, (tuple, list)) else tuple(out.shape[1:])
+            sn_flops = sum(m.flops_per_forward for m in module.modules() if isinstance(m, SpectralNorm))
+            plan.rows.append(Row(label, inst.kind, _shape_str(shape), sum(p.numel() for p in module.parameters()),
+                                 counter.get_total_flops() / PROBE_BATCH, sn_flops))
+            instances.append((inst, dict(in_shapes)))
+            modules.append(module)
+            if node.repeat > 1:
+                args[0], in_shapes["in"] = out, shape
+        values[name] = out
+        plan.shapes[name] = shape
+        plan.steps.append((name, fields))
+        plan.instances[name] = instances
+        plan.modules[name] = modules[0] if node.repeat == 1 else Chain(modules)
+        return True
+
+
+def analyze_network(loaded, which: str) -> NetworkPlan:
+    checker = _Checker(loaded, which)
+    plan = checker.analyze(graph_inputs(loaded.spec, which))
+    if checker.issues:
+        raise SpecError(checker.issues)
+    return plan
+
+
+def analyze_spec(loaded) -> dict[str, NetworkPlan]:
+    """Check and analyze both networks, and how they fit the data and each other."""
+    spec, plans, issues = loaded.spec, {}, []
+    for which in NETWORKS:
+        try:
+            plans[which] = analyze_network(loaded, which)
+        except SpecError as exc:
+            issues.extend(exc.issues)
+    d = spec.data
+    image = (d.channels, d.resolution, d.resolution)
+    if "generator" in plans:
+        got = plans["generator"].output_shapes[0]
+        if got != image:
+            file, line = loaded.where(("generator", "output"))
+            issues.append(Issue(
+                f"the generator outputs {_shape_str(got)}, but data.resolution {d.resolution} with "
+                f"{d.channels} channels makes images of {_shape_str(image)}, the discriminator's input",
+                "generator.output", file, line,
+                "add or remove up-sampling stages, or set data.resolution to the generator's output size"))
+    if "discriminator" in plans:
+        got = plans["discriminator"].output_shapes[0]
+        if got != (1,):
+            file, line = loaded.where(("discriminator", "output"))
+            issues.append(Issue(f"the discriminator's first output must be one logit per image (shape 1), got "
+                                f"{_shape_str(got)}", "discriminator.output", file, line,
+                                "end with a d_head, or reshape to [1]"))
+    if issues:
+        raise SpecError(issues)
+    return plans
+
+
+def instantiate(loaded, plan: NetworkPlan, device: str | torch.device = "cpu") -> GraphModule:
+    """Build the analyzed network with real, initialized weights on `device`."""
+    ctx = context(loaded.spec, plan.which, meta=torch.device(device).type == "meta")
+    modules = {}
+    with torch.device(device):
+        for name, instances in plan.instances.items():
+            built = [inst.build(dict(shapes), ctx.for_node(inst)) for inst, shapes in instances]
+            modules[name] = built[0] if len(built) == 1 else Chain(built)
+    return GraphModule(modules, plan)
+
+
+def build_network(loaded, which: str, device: str | torch.device = "cpu") -> GraphModule:
+    """Analyze, instantiate and, when the spec's `compile.enabled` says so, torch.compile a network.
+
+    Compiling with `nn.Module.compile()` keeps the module's own state-dict keys (no `_orig_mod.`)."""
+    module = instantiate(loaded, analyze_network(loaded, which), device)
+    settings = loaded.spec.compile
+    if settings.enabled:
+        module.compile(mode=settings.mode, fullgraph=settings.fullgraph)
+    return module

@@ -1,0 +1,113 @@
+"""The spec schema: pydantic models that forbid unknown keys. Each field is documented here once;
+the JSON Schema (`python -m pipeline schema`) and the errors come from these docstrings."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, StringConstraints
+
+from pipeline.blocks import node_union
+from pipeline.blocks.registry import Init
+
+NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _as_list(v):
+    return [v] if isinstance(v, str) else v
+
+
+class NetworkSpec(Section):
+    """A network as a DAG of named nodes. The generator's inputs are `z` (latent.z_dim) and `y`
+    (class labels); the discriminator's are `image` (data.channels x resolution x resolution) and `y`."""
+
+    nodes: dict[NodeName, node_union()] = Field(description=(
+        "Named nodes, each with a `kind` from the block registry, its inputs (`in`, `cond`, `y`) "
+        "by name and the parameters of its kind."))
+    output: Annotated[list[str], BeforeValidator(_as_list), Field(min_length=1)] = Field(description=(
+        "Output node(s). The generator's first output is the image; the discriminator's first is "
+        "one logit per image, further ones (e.g. U-Net per-pixel logits) may follow."))
+    init: Init = Field("orthogonal", description="Weight init: orthogonal, normal (N(0, 0.02)), xavier, "
+                       "equalized_lr (N(0, 1) scaled at run time by sqrt(2/fan_in)) or default (torch's).")
+    sn: bool = Field(False, description="Spectral norm on every conv, linear and embedding (nodes may override).")
+    sn_eps: PositiveFloat = Field(1e-6, description="Epsilon of spectral norm's power iteration.")
+    bn_eps: PositiveFloat = Field(1e-5, description="BatchNorm epsilon.")
+    bn_momentum: float = Field(0.1, gt=0, le=1, description="BatchNorm running-statistics momentum.")
+    cross_replica_bn: bool = Field(False, description="Synchronize BatchNorm statistics across data-parallel ranks.")
+
+
+class LatentSpec(Section):
+    z_dim: PositiveInt = Field(description="Dimension of the latent vector z, the generator input `z`.")
+    distribution: Literal["normal"] = Field("normal", description="Distribution of z during training.")
+
+
+class AugmentSpec(Section):
+    crop: Literal["random_resized", "center", "random"] = Field(
+        "center", description="random_resized crop, or resize of the shorter side then a center/random crop.")
+    flip: bool = Field(True, description="Random horizontal flips.")
+
+
+class DataSpec(Section):
+    resolution: PositiveInt = Field(description="Image side in pixels: the generator output and discriminator input.")
+    channels: PositiveInt = Field(3, description="Image channels.")
+    num_classes: PositiveInt = Field(description="Number of classes; labels are 0 .. num_classes - 1.")
+    shards: str | None = Field(None, description="WebDataset shards: a directory, a file or a glob of .tar files.")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+
+
+class OptimizerSpec(Section):
+    lr: PositiveFloat = Field(description="Adam learning rate.")
+    betas: tuple[float, float] = Field((0.0, 0.999), description="Adam betas.")
+    eps: PositiveFloat = Field(1e-8, description="Adam epsilon.")
+
+
+class EmaSpec(Section):
+    decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay of the generator's weights.")
+    start_images: int = Field(0, ge=0, description="Images seen before the EMA starts (before: a copy).")
+
+
+class TrainSpec(Section):
+    loss: Literal["hinge", "non_saturating", "wgan_gp", "least_squares"] = Field("hinge", description="GAN loss.")
+    d_steps: PositiveInt = Field(1, description="Discriminator steps per generator step.")
+    batch_size: PositiveInt = Field(256, description="Global batch = batch_per_rank x grad_accum x world size.")
+    batch_per_rank: PositiveInt | None = Field(None, description="Micro-batch per rank; default: batch_size.")
+    g_opt: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=1e-4))
+    d_opt: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=4e-4))
+    ema: EmaSpec | None = Field(default_factory=EmaSpec, description="EMA of G; null for none.")
+    ortho_reg: float = Field(0.0, ge=0, description="BigGAN's modified orthogonal regularization beta (0: off).")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision.")
+    zero_stage: Literal[0, 1, 2] = Field(0, description="DeepSpeed ZeRO stage.")
+    max_steps: PositiveInt = Field(100_000, description="Generator steps of the run.")
+
+
+class CompileSpec(Section):
+    enabled: bool = Field(False, description="torch.compile the generator and the discriminator.")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode.")
+    fullgraph: bool = Field(False, description="Fail instead of falling back to eager on graph breaks.")
+
+
+def _compile_shorthand(v):
+    return {"enabled": v} if isinstance(v, bool) else v
+
+
+class Spec(Section):
+    """A GAN: its two networks, latent, data, training and compile settings."""
+
+    name: str = Field(description="Name of the spec (default: the file name); runs go to runs/NAME.")
+    base: str | None = Field(None, description=(
+        "A spec in specs/ this one extends: mappings merge key by key, other values replace, a node "
+        "whose kind changes is replaced whole, and `null` in place of a node or section removes it."))
+    description: str = Field("", description="One line on what this spec is and where its numbers come from.")
+    seed: int = Field(0, description="Random seed.")
+    latent: LatentSpec
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    compile: Annotated[CompileSpec, BeforeValidator(_compile_shorthand)] = Field(
+        default_factory=CompileSpec, description="torch.compile settings; `compile: true` is short for enabled.")
+    generator: NetworkSpec
+    discriminator: NetworkSpec

@@ -1,0 +1,92 @@
+"""Safe YAML loading that remembers where every key came from.
+
+`load_yaml_mapping` returns the document as plain Python data plus a `SourceMap` from dotted
+paths to (file, line), so that errors can point at the line a user wrote. Duplicate keys, which
+PyYAML would silently resolve to the last one, are errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import Issue, SpecError, user_error
+
+Loc = tuple  # a path into the document: ("generator", "nodes", "fc", "out_features")
+
+
+class SourceMap(dict):
+    """Maps a path tuple to (file, line). Looks up the nearest recorded ancestor."""
+
+    def where(self, loc: Loc) -> tuple[str | None, int | None]:
+        loc = tuple(loc)
+        while loc:
+            if loc in self:
+                return self[loc]
+            loc = loc[:-1]
+        return self.get((), (None, None))
+
+
+def _walk(node: yaml.Node, loc: Loc, file: str, out: SourceMap, issues: list[Issue]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key == "<<":  # merge key: its content is attributed to the merged anchor
+                continue
+            if key in seen:
+                issues.append(Issue(
+                    f"duplicate key {key!r} (first defined on line {seen[key]})",
+                    path=".".join(map(str, loc + (key,))), file=file, line=line,
+                    hint="every key, and so every node name, may appear only once in a mapping"))
+            seen[key] = line
+            out[loc + (key,)] = (file, line)
+            _walk(value_node, loc + (key,), file, out, issues)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[loc + (i,)] = (file, item.start_mark.line + 1)
+            _walk(item, loc + (i,), file, out, issues)
+
+
+def load_yaml_mapping(path: Path, display: str | None = None) -> tuple[dict, SourceMap]:
+    """Read a YAML file that must hold one mapping; every failure is a `SpecError`."""
+    display = display or str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise user_error("file not found", file=display,
+                         hint="give a spec name from specs/ (e.g. spec=biggan_deep_256) or a path to a .yaml file")
+    except IsADirectoryError:
+        raise user_error("is a directory, not a spec file", file=display)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise user_error(f"cannot read the file: {exc}", file=display)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problem = " ".join(filter(None, [exc.context, exc.problem]))
+        if exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
+            problem += f" (in what starts on line {exc.context_mark.line + 1})"
+        raise user_error(f"YAML syntax error: {problem}", file=display, line=line,
+                         hint="check indentation, colons and brackets around this line")
+    except yaml.YAMLError as exc:
+        raise user_error(f"YAML error: {exc}", file=display)
+    if root is None or data is None:
+        raise user_error("the file is empty", file=display,
+                         hint="a spec is a YAML mapping with sections such as generator:, discriminator:, data:")
+    if not isinstance(data, dict):
+        raise user_error(f"the document is a {type(data).__name__}, not a mapping", file=display, line=1,
+                         hint="a spec is a YAML mapping with sections such as generator:, discriminator:, data:")
+    sources = SourceMap({(): (display, 1)})
+    issues: list[Issue] = []
+    _walk(root, (), display, sources, issues)
+    if issues:
+        raise SpecError(issues)
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise user_error(f"top-level keys must be strings, got {bad_keys!r}", file=display)
+    return data, sources

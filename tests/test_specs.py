@@ -1,0 +1,94 @@
+"""Every shipped spec validates and builds; the BigGAN family matches the published reference."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.graph import analyze_spec, build_network
+from pipeline.spec import load_spec
+
+from conftest import ROOT, SPECS
+
+# shared/REFERENCE.md: parameters (exact) and forward GFLOP per image (within 1%), BigGAN-PyTorch.
+REFERENCE = {
+    "biggan_128": ((70_433_988, 42.45), (87_982_370, 21.94)),
+    "biggan_deep_128": ((50_244_484, 18.07), (34_590_210, 18.52)),
+    "biggan_deep_256": ((55_736_708, 58.96), (38_247_426, 60.61)),
+}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_spec_validates_on_meta(name):
+    loaded = load_spec(name, check_graphs=False)
+    plans = analyze_spec(loaded)
+    d = loaded.spec.data
+    assert plans["generator"].output_shapes[0] == (d.channels, d.resolution, d.resolution)
+    assert plans["discriminator"].output_shapes[0] == (1,)
+    for plan in plans.values():
+        assert plan.params > 0 and plan.flops_per_image > 0
+        # analysis never allocates weights: every tensor it built lives on the meta device
+        for module in plan.modules.values():
+            assert all(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_biggan_family_matches_reference(name):
+    plans = analyze_spec(load_spec(name, check_graphs=False))
+    for which, (params, gflops) in zip(("generator", "discriminator"), REFERENCE[name]):
+        plan = plans[which]
+        assert plan.params == params, which
+        # The reference counted at batch 2 in train mode, where spectral norm's power iteration
+        # (a per-forward cost, not a per-image one) adds half of its FLOPs to each image.
+        assert abs(plan.flops_per_image / 1e9 / gflops - 1) < 0.02, which  # convs and matmuls alone
+        measured = (plan.flops_per_image + plan.sn_flops_per_forward / 2) / 1e9
+        assert abs(measured / gflops - 1) < 0.01, (which, measured, gflops)
+
+
+def test_biggan_deep_256_reads_in_150_lines():
+    assert len((ROOT / "specs" / "biggan_deep_256.yaml").read_text().splitlines()) <= 150
+
+
+def test_validate_json_cli(cli):
+    result = cli("validate", "spec=biggan_deep_256", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["name"] == "biggan_deep_256"
+    assert report["generator"]["params"] == 55_736_708
+    assert report["generator"]["output_shape"] == [3, 256, 256]
+    assert report["discriminator"]["params"] == 38_247_426
+    assert report["discriminator"]["output_shape"] == [1]
+    assert report["generator"]["flops_per_image"] > 5e10
+
+
+def test_validate_table_cli(cli):
+    result = cli("validate", "tiny_biggan_deep")
+    assert result.code == 0, result.err
+    for text in ("generator", "discriminator", "up_to_attn[3]", "biggan_deep_up", "3x32x32", "total"):
+        assert text in result.out
+
+
+def test_schema_cli(cli, tmp_path):
+    out = tmp_path / "spec.schema.json"
+    assert cli("schema", "-o", out).code == 0
+    schema = json.loads(out.read_text())
+    assert {"generator", "discriminator", "data", "latent", "train", "compile"} <= set(schema["properties"])
+    text = out.read_text()
+    assert "biggan_deep_up" in text and "Spectral norm" in text
+
+
+def test_tiny_spec_builds_and_runs_on_cpu():
+    loaded = load_spec("tiny_biggan_deep")
+    torch.manual_seed(0)
+    g = build_network(loaded, "generator")
+    d = build_network(loaded, "discriminator")
+    z, y = torch.randn(4, loaded.spec.latent.z_dim), torch.randint(0, 10, (4,))
+    img = g(z, y)
+    assert img.shape == (4, 3, 32, 32) and img.abs().max() <= 1
+    assert d(img, y).shape == (4, 1)
+    # the state-dict keys are the node names of the YAML
+    assert {k.split(".")[0] for k in g.state_dict()} == {"shared", "fc", "up_to_attn", "attn", "up_from_attn", "rgb"}
+    # orthogonal init of the linear (rows orthonormal) beneath spectral norm
+    w = g["fc"].parametrizations.weight.original
+    gram = w.T @ w  # 256 x 256: columns orthonormal since out_features > in_features
+    assert torch.allclose(gram, torch.eye(gram.shape[0]), atol=1e-4)
