@@ -20,9 +20,9 @@ class EqualizedLR(nn.Module):
     """ProGAN's equalized learning rate: weights stored ~ N(0, 1), scaled at run time by the
     He constant sqrt(2 / fan_in), so every layer learns at the same speed under Adam."""
 
-    def __init__(self, fan_in: int, gain: float = 2.0):
+    def __init__(self, fan_in: int, gain: float = math.sqrt(2.0)):
         super().__init__()
-        self.scale = math.sqrt(gain / fan_in)
+        self.scale = gain / math.sqrt(fan_in)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.scale
@@ -32,8 +32,9 @@ class SpectralNorm(nn.Module):
     """Spectral normalization (Miyato et al. 2018) as a parametrization: weight / sigma, with sigma
     estimated by one power iteration per training forward (u, v are buffers, not parameters).
 
-    The same estimator as torch.nn.utils.parametrizations.spectral_norm; ours skips the 15
-    warm-up iterations on the meta device, where they cost 0.1 s a layer and mean nothing."""
+    As in BigGAN-PyTorch, u is the state: each iteration derives v from u, then u from v. Unlike
+    torch.nn.utils.parametrizations.spectral_norm, this skips the 15 warm-up iterations on the
+    meta device, where they cost 0.1 s a layer and mean nothing."""
 
     def __init__(self, weight: torch.Tensor, *, eps: float, dim: int = 0, init_iterations: int = 15):
         super().__init__()
@@ -89,7 +90,8 @@ class BuildContext:
         return replace(self, **changes) if changes else self
 
     # ----- weighted layers -----
-    def _finish(self, layer: nn.Module, fan_in: int, sn: bool | None) -> nn.Module:
+    def _finish(self, layer: nn.Module, fan_in: int, sn: bool | None, gain: float = math.sqrt(2.0)) -> nn.Module:
+        """Init, then equalized LR (with `gain`, the He constant by default), then spectral norm."""
         sn = self.sn if sn is None else sn
         if not self.meta:
             w = layer.weight
@@ -104,21 +106,23 @@ class BuildContext:
             if self.init in ("normal", "equalized_lr") and getattr(layer, "bias", None) is not None:
                 nn.init.zeros_(layer.bias)
         if self.init == "equalized_lr":
-            parametrize.register_parametrization(layer, "weight", EqualizedLR(fan_in), unsafe=True)
+            parametrize.register_parametrization(layer, "weight", EqualizedLR(fan_in, gain), unsafe=True)
         if sn:
             dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
             parametrize.register_parametrization(
                 layer, "weight", SpectralNorm(layer.weight, eps=self.sn_eps, dim=dim), unsafe=True)
         return layer
 
-    def linear(self, in_features: int, out_features: int, *, bias: bool = True, sn: bool | None = None) -> nn.Module:
-        return self._finish(nn.Linear(in_features, out_features, bias=bias), in_features, sn)
+    def linear(self, in_features: int, out_features: int, *, bias: bool = True, sn: bool | None = None,
+               gain: float = math.sqrt(2.0)) -> nn.Module:
+        return self._finish(nn.Linear(in_features, out_features, bias=bias), in_features, sn, gain)
 
     def conv(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
-             padding: int | None = None, bias: bool = True, sn: bool | None = None) -> nn.Module:
+             padding: int | None = None, bias: bool = True, sn: bool | None = None,
+             gain: float = math.sqrt(2.0)) -> nn.Module:
         padding = kernel_size // 2 if padding is None else padding
         layer = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
-        return self._finish(layer, in_channels * kernel_size * kernel_size, sn)
+        return self._finish(layer, in_channels * kernel_size * kernel_size, sn, gain)
 
     def conv_transpose(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int,
                        padding: int, bias: bool = True, sn: bool | None = None) -> nn.Module:

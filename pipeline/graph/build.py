@@ -343,9 +343,11 @@ def instantiate(loaded, plan: NetworkPlan, device: str | torch.device = "cpu") -
 def build_network(loaded, which: str, device: str | torch.device = "cpu") -> GraphModule:
     """Analyze, instantiate and, when the spec's `compile.enabled` says so, torch.compile a network.
 
-    Compiling with `nn.Module.compile()` keeps the module's own state-dict keys (no `_orig_mod.`)."""
+    Compiling with `nn.Module.compile()` keeps the module's own state-dict keys (no `_orig_mod.`).
+    Shapes are static: G and D share `GraphModule.forward`'s code object, and without
+    `dynamic=False` the second network would look like a shape change and recompile dynamically."""
     module = instantiate(loaded, analyze_network(loaded, which), device)
     settings = loaded.spec.compile
     if settings.enabled:
-        module.compile(mode=settings.mode, fullgraph=settings.fullgraph)
+        module.compile(mode=settings.mode, fullgraph=settings.fullgraph, dynamic=False)
     return module

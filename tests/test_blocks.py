@@ -1,0 +1,193 @@
+"""Core block kinds: forward shapes on real tensors, the formulas behind them, and the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.blocks import REGISTRY, BlockError
+from pipeline.blocks.layers import BuildContext, SpectralNorm
+from pipeline.blocks.registry import Node, register
+
+from test_family_blocks import FEATURE_MAP_CASES as FAMILY_CASES
+
+
+def build(params: dict, inputs: dict, **ctx_changes):
+    node = REGISTRY[params["kind"]].model_validate(params)
+    ctx = BuildContext(num_classes=10, image_channels=3, meta=False, **ctx_changes)
+    return node.build(inputs, ctx.for_node(node))
+
+
+
+X = (4, 16, 8, 8)  # a feature map with its batch
+Z = (4, 32)  # a feature vector
+Y = ()  # labels
+# kind -> (params, inputs as {key: per-sample shape or list of them}, expected output shape with batch 4)
+CASES = [
+    ({"kind": "linear", "in": "z", "out_features": 7}, {"in": (32,)}, (4, 7)),
+    ({"kind": "conv", "in": "x", "out_channels": 8}, {"in": X[1:]}, (4, 8, 8, 8)),
+    ({"kind": "conv", "in": "x", "out_channels": 8, "kernel_size": 4, "stride": 2, "padding": 1}, {"in": X[1:]}, (4, 8, 4, 4)),
+    ({"kind": "conv_transpose", "in": "x", "out_channels": 8}, {"in": X[1:]}, (4, 8, 16, 16)),
+    ({"kind": "embedding", "in": "y", "embedding_dim": 5}, {"in": Y}, (4, 5)),
+    ({"kind": "concat", "in": ["a", "b"]}, {"in": [X[1:], (4, 8, 8)]}, (4, 20, 8, 8)),
+    ({"kind": "add", "in": ["a", "b"]}, {"in": [X[1:], X[1:]]}, X),
+    ({"kind": "reshape", "in": "z", "shape": [2, 4, 4]}, {"in": (32,)}, (4, 2, 4, 4)),
+    ({"kind": "reshape", "in": "x", "shape": [-1]}, {"in": X[1:]}, (4, 1024)),
+    ({"kind": "batch_norm", "in": "x"}, {"in": X[1:]}, X),
+    ({"kind": "batch_norm", "in": "z"}, {"in": (32,)}, Z),
+    ({"kind": "cond_batch_norm", "in": "x", "cond": "c"}, {"in": X[1:], "cond": (6,)}, X),
+    ({"kind": "pixel_norm", "in": "x"}, {"in": X[1:]}, X),
+    ({"kind": "relu", "in": "x"}, {"in": X[1:]}, X),
+    ({"kind": "leaky_relu", "in": "x"}, {"in": X[1:]}, X),
+    ({"kind": "tanh", "in": "x"}, {"in": X[1:]}, X),
+    ({"kind": "upsample", "in": "x"}, {"in": X[1:]}, (4, 16, 16, 16)),
+    ({"kind": "avg_pool", "in": "x"}, {"in": X[1:]}, (4, 16, 4, 4)),
+    ({"kind": "sum_pool", "in": "x"}, {"in": X[1:]}, (4, 16)),
+    ({"kind": "attention", "in": "x", "resolution": 8}, {"in": X[1:]}, X),
+    ({"kind": "biggan_up", "in": "x", "cond": "c", "out_channels": 8}, {"in": X[1:], "cond": (6,)}, (4, 8, 16, 16)),
+    ({"kind": "biggan_up", "in": "x", "out_channels": 8, "norm": "none", "upsample": False}, {"in": X[1:]}, (4, 8, 8, 8)),
+    ({"kind": "biggan_deep_up", "in": "x", "cond": "c", "out_channels": 8}, {"in": X[1:], "cond": (6,)}, (4, 8, 16, 16)),
+    ({"kind": "biggan_deep_up", "in": "x", "cond": "c", "out_channels": 16, "upsample": False},
+     {"in": X[1:], "cond": (6,)}, X),
+    ({"kind": "biggan_down", "in": "x", "out_channels": 32}, {"in": X[1:]}, (4, 32, 4, 4)),
+    ({"kind": "biggan_down", "in": "x", "out_channels": 16, "downsample": False, "preactivation": False},
+     {"in": X[1:]}, X),
+    ({"kind": "biggan_deep_down", "in": "x", "out_channels": 32}, {"in": X[1:]}, (4, 32, 4, 4)),
+    ({"kind": "g_output", "in": "x"}, {"in": X[1:]}, (4, 3, 8, 8)),
+    ({"kind": "d_head", "in": "x", "y": "y"}, {"in": X[1:], "y": Y}, (4, 1)),
+    ({"kind": "d_head", "in": "x"}, {"in": X[1:]}, (4, 1)),
+]
+
+
+def make_args(node_params: dict, inputs: dict):
+    node = REGISTRY[node_params["kind"]].model_validate(node_params)
+    args = []
+    for _, key, mode in node.ref_fields():
+        shape = inputs.get(key)
+        if shape is None:
+            args.append(None)
+        elif mode == "many":
+            args.append([torch.randn((4,) + s) for s in shape])
+        elif shape == ():
+            args.append(torch.randint(0, 10, (4,)))
+        else:
+            args.append(torch.randn((4,) + shape))
+    return args
+
+
+@pytest.mark.parametrize("params, inputs, out_shape", CASES, ids=[f"{c[0]['kind']}-{i}" for i, c in enumerate(CASES)])
+def test_forward_shape(params, inputs, out_shape):
+    module = build(params, inputs, sn=True)
+    out = module(*make_args(params, inputs))
+    assert tuple(out.shape) == out_shape
+    assert torch.isfinite(out).all()
+
+
+def test_every_registered_kind_has_a_forward_test():
+    covered = {c[0]["kind"] for c in CASES} | {c[0]["kind"] for c in FAMILY_CASES} | {"split"}
+    assert set(REGISTRY) - covered == set()
+
+
+def test_split_outputs_chunks():
+    module = build({"kind": "split", "in": "z", "num_chunks": 4}, {"in": (32,)})
+    z = torch.randn(4, 32)
+    chunks = module(z)
+    assert len(chunks) == 4 and all(c.shape == (4, 8) for c in chunks)
+    assert torch.equal(torch.cat(chunks, 1), z)
+
+
+def test_registry_rejects_duplicates():
+    from typing import Literal
+
+    with pytest.raises(KeyError, match="registered twice"):
+        @register
+        class Again(Node):
+            kind: Literal["conv"]
+
+
+def test_cond_batch_norm_formula():
+    module = build({"kind": "cond_batch_norm", "in": "x", "cond": "c"}, {"in": X[1:], "cond": (6,)})
+    x, c = torch.randn(X), torch.randn(4, 6)
+    normed = F.batch_norm(x, None, None, training=True, eps=1e-5)
+    expected = normed * (1 + module.gain(c))[:, :, None, None] + module.bias(c)[:, :, None, None]
+    assert torch.allclose(module(x, c), expected, atol=1e-5)
+
+
+def test_attention_starts_as_identity_then_mixes():
+    module = build({"kind": "attention", "in": "x"}, {"in": X[1:]})
+    x = torch.randn(X)
+    assert torch.equal(module(x), x)  # gamma starts at 0
+    with torch.no_grad():
+        module.gamma.fill_(1.0)
+    # moving one pixel changes the output at other pixels: attention is non-local
+    x2 = x.clone()
+    x2[:, :, 0, 0] += 5
+    diff = (module(x2) - module(x)).abs().sum(1)
+    assert diff[:, 7, 7].min() > 0
+
+
+def test_biggan_deep_up_skip_drops_channels():
+    module = build({"kind": "biggan_deep_up", "in": "x", "cond": "c", "out_channels": 8}, {"in": X[1:], "cond": (6,)})
+    with torch.no_grad():
+        module.conv4.weight.zero_()
+        module.conv4.bias.zero_()
+    x = torch.randn(X)
+    assert torch.equal(module(x, torch.randn(4, 6)), F.interpolate(x[:, :8], scale_factor=2))
+
+
+def test_biggan_deep_down_skip_concatenates():
+    module = build({"kind": "biggan_deep_down", "in": "x", "out_channels": 32}, {"in": X[1:]})
+    with torch.no_grad():
+        module.conv4.weight.zero_()
+        module.conv4.bias.zero_()
+    x = torch.randn(X)
+    pooled = F.avg_pool2d(x, 2)
+    assert torch.allclose(module(x), torch.cat([pooled, module.conv_sc(pooled)], 1), atol=1e-6)
+
+
+def test_d_head_projection_formula():
+    module = build({"kind": "d_head", "in": "x", "y": "y"}, {"in": X[1:], "y": Y})
+    x, y = torch.randn(X), torch.randint(0, 10, (4,))
+    h = F.relu(x).sum((2, 3))
+    expected = module.linear(h) + (module.embed(y) * h).sum(1, keepdim=True)
+    assert torch.allclose(module(x, y), expected, atol=1e-5)
+
+
+def test_spectral_norm_converges_to_unit_sigma():
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 30)
+    w = layer.weight.detach().clone()
+    sn = SpectralNorm(w, eps=1e-6)
+    for _ in range(50):
+        effective = sn(w)
+    assert abs(torch.linalg.matrix_norm(effective, ord=2).item() - 1) < 1e-3
+    sn.eval()
+    u = sn._u.clone()
+    sn(w)
+    assert torch.equal(u, sn._u)  # no power iteration in eval mode
+
+
+def test_spectral_norm_one_training_iteration_formula():
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3)
+    sn = SpectralNorm(w, eps=1e-12)
+    u0 = sn._u.clone()
+    mat = w.flatten(1)
+    v = F.normalize(mat.T @ u0, dim=0)  # BigGAN-PyTorch's order: v from the stored u, then u from v
+    u = F.normalize(mat @ v, dim=0)
+    assert torch.allclose(sn(w), w / (u @ mat @ v), atol=1e-6)
+    assert torch.allclose(sn._u, u, atol=1e-6)
+
+
+def test_block_errors_name_the_field():
+    with pytest.raises(BlockError) as info:
+        build({"kind": "attention", "in": "x"}, {"in": (12, 8, 8)})
+    assert "divisible by 8" in info.value.message
+    with pytest.raises(BlockError) as info:
+        build({"kind": "avg_pool", "in": "x", "size": 3}, {"in": X[1:]})
+    assert info.value.field == "size"
+    with pytest.raises(BlockError) as info:
+        build({"kind": "reshape", "in": "z", "shape": [3, 3]}, {"in": (32,)})
+    assert "cannot reshape" in info.value.message
