@@ -11,16 +11,16 @@ default:
 
 # check a spec and report shapes, parameters and FLOPs per node (no weights are allocated)
 validate *args:
-    {{python}} -m pipeline validate "$@"
+    @{{python}} -m pipeline validate "$@"
 
 # write the JSON Schema of specs (editors can complete and check spec YAML with it)
 schema *args:
-    {{python}} -m pipeline schema "$@"
+    @{{python}} -m pipeline schema "$@"
 
 # run the test suite (CPU; GPU-only tests skip themselves)
 test *args:
-    DS_ACCELERATOR=cpu {{python}} -m pytest -q "$@"
+    @DS_ACCELERATOR=cpu {{python}} -m pytest -q "$@"
 
 # time `validate` of the largest shipped spec (recorded in BENCHMARKS.md)
 bench-validate spec="spec=biggan_deep_512":
-    {{python}} benchmarks/validate.py "{{spec}}"
+    @{{python}} benchmarks/validate.py "{{spec}}"
