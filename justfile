@@ -24,3 +24,15 @@ test *args:
 # time `validate` of the largest shipped spec (recorded in BENCHMARKS.md)
 bench-validate spec="spec=biggan_deep_512":
     @{{python}} benchmarks/validate.py "{{spec}}"
+
+# write the embedded demo shards (scikit-learn's handwritten digits at 32x32) to shards/demo
+demo-data *args:
+    @{{python}} -m pipeline demo-data "$@"
+
+# turn an image folder into WebDataset shards: just shards build SRC OUT [--resolution 256]; also check, index
+shards *args:
+    @{{python}} -m pipeline shards "$@"
+
+# images/s of the DALI pipeline against a webdataset + PIL DataLoader on the same shards
+bench-data *args:
+    @{{python}} benchmarks/data.py "$@"

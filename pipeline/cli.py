@@ -71,6 +71,56 @@ def cmd_schema(ns) -> int:
     return 0
 
 
+def cmd_shards_build(ns) -> int:
+    from pipeline.data.shards import build_shards
+
+    manifest = build_shards(ns.src, ns.out, csv=ns.csv, shard_size=ns.shard_size, resolution=ns.resolution,
+                            seed=ns.seed, quality=ns.quality, overwrite=ns.overwrite, log=print)
+    skipped = manifest.get("skipped", [])
+    print(f"{ns.out}: {manifest['num_samples']:,} samples in {len(manifest['shards'])} shards, "
+          f"{manifest['num_classes']} classes; {len(skipped)} image(s) skipped")
+    for item in skipped[:20]:
+        print(f"  skipped {item['path']}: {item['reason']}")
+    return 0
+
+
+def cmd_shards_check(ns) -> int:
+    from pipeline.data.check import check_shards, print_report
+
+    report = check_shards(ns.dir)
+    if ns.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print_report(report)
+    return 0 if report.ok else 2
+
+
+def cmd_shards_index(ns) -> int:
+    from pathlib import Path
+
+    from pipeline.data.shards import write_index
+
+    tars = sorted(Path(ns.dir).glob("*.tar"))
+    if not tars:
+        raise user_error(f"no .tar files in {ns.dir}")
+    made = [t for t in tars if not t.with_suffix(".idx").exists()]
+    for tar in made:
+        write_index(tar)
+    print(f"{ns.dir}: wrote {len(made)} index file(s); {len(tars) - len(made)} already there")
+    return 0
+
+
+def cmd_demo_data(ns) -> int:
+    from pipeline.data.demo import build_demo_shards, demo_shards_ready
+
+    if demo_shards_ready(ns.out) and not ns.force:
+        print(f"{ns.out}: demo shards already there")
+        return 0
+    manifest = build_demo_shards(ns.out, overwrite=ns.force)
+    print(f"{ns.out}: {manifest['num_samples']:,} demo samples in {len(manifest['shards'])} shards")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="SPEC|key=value", help="spec=NAME or a path, then overrides")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=cmd_validate)
+    shards = sub.add_parser("shards", help="write, check and index WebDataset shards").add_subparsers(
+        dest="shards_command", required=True)
+    p = shards.add_parser("build", help="turn an image folder (one sub-folder per class, or a CSV) into shards")
+    p.add_argument("src", help="ImageNet-style folder: one sub-folder per class (or any folder with --csv)")
+    p.add_argument("out", help="directory to write shards, index files and manifest.json to")
+    p.add_argument("--csv", help="CSV of path,label (paths relative to SRC) instead of class sub-folders")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--resolution", type=int, help="downscale so the shorter side is this many pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default 0)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier build in OUT")
+    p.set_defaults(func=cmd_shards_build)
+    p = shards.add_parser("check", help="read every sample back through DALI and compare with the manifest")
+    p.add_argument("dir", help="a directory written by shards build")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_shards_check)
+    p = shards.add_parser("index", help="write missing DALI index files (.idx) beside .tar shards")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_shards_index)
+    p = sub.add_parser("demo-data", help="write the embedded demo shards (scikit-learn's digits at 32x32)")
+    p.add_argument("--out", default="shards/demo", help="output directory (default shards/demo)")
+    p.add_argument("--force", action="store_true", help="rebuild even if complete shards are there")
+    p.set_defaults(func=cmd_demo_data)
     p = sub.add_parser("schema", help="write the JSON Schema of specs (for editor completion)")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
     p.set_defaults(func=cmd_schema)

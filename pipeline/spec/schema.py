@@ -48,6 +48,7 @@ class LatentSpec(Section):
 class AugmentSpec(Section):
     crop: Literal["random_resized", "center", "random"] = Field(
         "center", description="random_resized crop, or resize of the shorter side then a center/random crop.")
+    area: tuple[float, float] = Field((0.08, 1.0), description="Range of the image area a random_resized crop keeps.")
     flip: bool = Field(True, description="Random horizontal flips.")
 
 
@@ -57,6 +58,12 @@ class DataSpec(Section):
     num_classes: PositiveInt = Field(description="Number of classes; labels are 0 .. num_classes - 1.")
     shards: str | None = Field(None, description="WebDataset shards: a directory, a file or a glob of .tar files.")
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    shuffle_buffer: PositiveInt = Field(1024, description="Samples in DALI's shuffle buffer (shards are shuffled "
+                                        "when written; this only mixes neighbours).")
+    num_threads: PositiveInt | None = Field(None, description="DALI CPU threads per rank; default: all cores.")
+    on_bad_sample: Literal["error", "skip"] = Field("error", description=(
+        "A sample missing its .cls, with a non-integer label or one outside num_classes: stop with an error "
+        "naming its shard and key, or skip it (counted)."))
 
 
 class OptimizerSpec(Section):

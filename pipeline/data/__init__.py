@@ -1,0 +1,6 @@
+"""Data: WebDataset shards (`shards`), the embedded demo data (`demo`), the DALI input pipeline
+(`dali`) and the shard checker (`check`).
+
+Submodules are imported where they are used: DALI and torch are heavy, PIL and scikit-learn are
+not needed to validate a spec.
+"""
