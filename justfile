@@ -9,6 +9,10 @@ python := if path_exists(".venv/bin/python") == "true" { ".venv/bin/python" } el
 default:
     @just --list
 
+# train (or resume) a run: just train [spec=NAME] [key=value ...] [procs=N | gpus=N]; default: the demo
+train *args:
+    @{{python}} -m pipeline train "$@"
+
 # check a spec and report shapes, parameters and FLOPs per node (no weights are allocated)
 validate *args:
     @{{python}} -m pipeline validate "$@"

@@ -58,6 +58,60 @@ def cmd_validate(ns) -> int:
     return 0
 
 
+DEMO_SHARDS = "shards/demo"
+
+
+def launch(num: int, argv: list[str]) -> int:
+    """Run `num` ranks of `python -m pipeline train` on this machine (the environment DeepSpeed's
+    launcher would set). Several machines: use `deepspeed --hostfile FILE -m pipeline train ...`."""
+    import os
+    import subprocess
+
+    from pipeline.dist.engines import _free_port
+
+    port = str(_free_port())
+    procs = []
+    for rank in range(num):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", "train", *argv], env=env))
+    codes = [p.wait() for p in procs]
+    return max(codes, key=abs)
+
+
+def cmd_train(ns) -> int:
+    from pipeline.spec import load_spec
+
+    ranks = [a for a in ns.args if a.split("=")[0] in ("procs", "gpus")]
+    rest = [a for a in ns.args if a not in ranks]
+    if ranks:
+        key, _, value = ranks[-1].partition("=")
+        if not value.isdigit() or int(value) < 1:
+            raise user_error(f"{key}={value}: give a number of processes, e.g. {key}=2")
+        if int(value) > 1:
+            return launch(int(value), rest + (["device=cpu"] if key == "procs" else []))
+    device = None
+    overrides = []
+    for arg in rest:
+        if arg.startswith("device="):
+            device = arg.partition("=")[2]
+        else:
+            overrides.append(arg)
+    spec_arg, overrides = split_spec_args(overrides, default="demo")
+    loaded = load_spec(spec_arg, overrides)
+    if loaded.spec.data.shards == DEMO_SHARDS:
+        from pipeline.data.demo import build_demo_shards, demo_shards_ready
+
+        if not demo_shards_ready(DEMO_SHARDS):
+            print(f"writing the demo shards to {DEMO_SHARDS}", file=sys.stderr)
+            build_demo_shards(DEMO_SHARDS)
+    from pipeline.train.loop import train
+
+    run_dir = train(loaded, device=device)
+    print(f"run written to {run_dir}", file=sys.stderr)
+    return 0
+
+
 def cmd_schema(ns) -> int:
     from pipeline.spec import Spec
 
@@ -128,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="SPEC|key=value", help="spec=NAME or a path, then overrides")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("train", help="train (or resume) the run a spec describes; default: the demo")
+    p.add_argument("args", nargs="*", metavar="SPEC|key=value",
+                   help="spec=NAME (default demo), overrides, procs=N (CPU ranks) or gpus=N, device=cpu|cuda")
+    p.set_defaults(func=cmd_train)
     shards = sub.add_parser("shards", help="write, check and index WebDataset shards").add_subparsers(
         dest="shards_command", required=True)
     p = shards.add_parser("build", help="turn an image folder (one sub-folder per class, or a CSV) into shards")
@@ -168,4 +226,5 @@ def main(argv: list[str] | None = None) -> int:
             print("  " + issue.format().replace("\n", "\n  "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
         return 130

@@ -24,7 +24,7 @@ class SelfAttention(nn.Module):
         self.phi = ctx.conv(channels, channels // 8, 1, bias=False)
         self.g = ctx.conv(channels, channels // 2, 1, bias=False)
         self.o = ctx.conv(channels // 2, channels, 1, bias=False)
-        self.gamma = nn.Parameter(torch.zeros(()))
+        self.gamma = nn.Parameter(torch.zeros(1))  # not 0-d: DeepSpeed cannot broadcast 0-d parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2:]

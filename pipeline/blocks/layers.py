@@ -144,18 +144,50 @@ class BuildContext:
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over (N, C) or (N, C, H, W) with a cross-replica switch.
 
-    `cross_replica` asks for statistics over the global batch of all data-parallel ranks; on a
-    single process the local batch is the global batch, so this is plain BatchNorm. The
-    synchronized implementation for several ranks comes with the training engine (issue 4).
+    With `cross_replica`, training-mode statistics are those of the global batch of all
+    data-parallel ranks: the mean and variance over the concatenation of every rank's local batch,
+    gathered by one differentiable all-reduce (`pipeline.dist.sync_bn.sync_batch_norm`, which
+    works on gloo and NCCL and compiles). The running statistics are updated from the global
+    statistics, identically on every rank. This applies only while training, under an
+    initialised process group of more than one rank; otherwise (a single process, eval mode,
+    shape inference on the meta device) it is plain BatchNorm, since there the local batch is the
+    global batch. `process_group` (None: the default group) restricts synchronisation to a group.
+
+    Every rank of the group must run the forward together: a train-mode forward on one rank only
+    (sampling, standing statistics) waits forever for the others; use eval mode there, or set
+    `cross_replica = False` for the duration.
     """
 
     def __init__(self, channels: int, *, eps: float, momentum: float, affine: bool, cross_replica: bool):
         super().__init__(channels, eps=eps, momentum=momentum, affine=affine)
         self.cross_replica = cross_replica
+        self.process_group = None
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() not in (2, 4):
             raise ValueError(f"BatchNorm expects (N, C) or (N, C, H, W) input, got {tuple(x.shape)}")
+
+    def _synchronized(self, x: torch.Tensor) -> bool:
+        dist = torch.distributed
+        return (self.training and self.cross_replica and x.device.type != "meta"
+                and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._synchronized(x):
+            return super().forward(x)
+        from pipeline.dist.sync_bn import sync_batch_norm  # torch.distributed only, no DeepSpeed
+
+        self._check_input_dim(x)
+        momentum = self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as in _BatchNorm (a tensor: no recompiles)
+                momentum = 1.0 / self.num_batches_tracked
+        tracked = self.track_running_stats
+        return sync_batch_norm(x, self.running_mean if tracked else None, self.running_var if tracked else None,
+                               self.weight, self.bias, momentum if momentum is not None else 0.0, self.eps,
+                               self.process_group)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", cross_replica={self.cross_replica}"

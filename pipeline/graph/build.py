@@ -347,7 +347,11 @@ def build_network(loaded, which: str, device: str | torch.device = "cpu") -> Gra
     Shapes are static: G and D share `GraphModule.forward`'s code object, and without
     `dynamic=False` the second network would look like a shape change and recompile dynamically."""
     module = instantiate(loaded, analyze_network(loaded, which), device)
-    settings = loaded.spec.compile
+    return compile_network(module, loaded.spec.compile)
+
+
+def compile_network(module: GraphModule, settings) -> GraphModule:
+    """torch.compile in place when `settings.enabled` (state-dict keys unchanged)."""
     if settings.enabled:
         module.compile(mode=settings.mode, fullgraph=settings.fullgraph, dynamic=False)
     return module

@@ -86,9 +86,20 @@ class TrainSpec(Section):
     d_opt: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=4e-4))
     ema: EmaSpec | None = Field(default_factory=EmaSpec, description="EMA of G; null for none.")
     ortho_reg: float = Field(0.0, ge=0, description="BigGAN's modified orthogonal regularization beta (0: off).")
+    r1_gamma: float = Field(0.0, ge=0, description="R1 penalty weight on real images (Mescheder et al. 2018; 0: off).")
+    gp_weight: float = Field(0.0, ge=0, description="WGAN-GP gradient penalty weight (10 in Gulrajani et al.; 0: off).")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision.")
     zero_stage: Literal[0, 1, 2] = Field(0, description="DeepSpeed ZeRO stage.")
     max_steps: PositiveInt = Field(100_000, description="Generator steps of the run.")
+    log_every: PositiveInt = Field(10, description="Generator steps between lines of metrics.jsonl.")
+    sample_every: PositiveInt = Field(500, description="Generator steps between sample grids.")
+    checkpoint_every: PositiveInt = Field(1000, description="Generator steps between checkpoints (one is also "
+                                          "written at the end and on Ctrl-C).")
+    keep_checkpoints: PositiveInt = Field(3, description="Checkpoints kept; older ones are deleted.")
+
+
+class RunSpec(Section):
+    dir: str | None = Field(None, description="Run directory; default runs/NAME. Re-running resumes from it.")
 
 
 class CompileSpec(Section):
@@ -114,6 +125,7 @@ class Spec(Section):
     latent: LatentSpec
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
     compile: Annotated[CompileSpec, BeforeValidator(_compile_shorthand)] = Field(
         default_factory=CompileSpec, description="torch.compile settings; `compile: true` is short for enabled.")
     generator: NetworkSpec

@@ -1,0 +1,92 @@
+"""Everything that touches DeepSpeed: process setup and one engine per network.
+
+Rules verified on this stack (shared/NOTES.md): gradient clipping is set explicitly (DeepSpeed
+0.19 clips at 1.0 by default); each network has its own engine, optimizer and checkpoint
+directory; one backward per micro-batch per engine; bf16 rather than fp16 with two engines.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(device: str | None = None) -> World:
+    """Join (or, for a single process, create) the process group DeepSpeed's launcher describes
+    in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT."""
+    gpu = torch.cuda.is_available() and device != "cpu"
+    if not gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    backend = "nccl" if gpu else "gloo"
+    if not torch.distributed.is_initialized() and "RANK" not in os.environ:
+        # A single process: a group of one on a free port, without RANK / MASTER_PORT in the
+        # environment, which child processes would inherit.
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                             world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it is set
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)  # wraps an existing group
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if gpu:
+        torch.cuda.set_device(local)
+    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), local,
+                 torch.device("cuda", local) if gpu else torch.device("cpu"))
+
+
+def engine_config(train, micro_batch: int, accumulation: int, world_size: int) -> dict:
+    return {
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": 0.0,  # explicit: DeepSpeed >= 0.19 would clip at 1.0
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_engine(module: torch.nn.Module, opt, config: dict):
+    """A DeepSpeed engine around `module` with Adam (lr, betas, eps from the spec)."""
+    import deepspeed
+
+    optimizer = torch.optim.Adam(module.parameters(), lr=opt.lr, betas=tuple(float(b) for b in opt.betas),
+                                 eps=opt.eps)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    return engine
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_mean(values: dict[str, float], device) -> dict[str, float]:
+    """Average scalar metrics over ranks (one collective)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(values, (t / torch.distributed.get_world_size()).tolist()))

@@ -1,0 +1,103 @@
+"""Checkpoints that can always be resumed from and are never half-written.
+
+Layout of run_dir/checkpoints/step-NNNNNNNN/: G/ and D/ (each DeepSpeed engine in its own
+directory: model, optimizer and ZeRO partitions), ema.safetensors, rank-NNNNN.pt per rank (RNG
+states and the data reader's position) and state.json (counters and the resolved spec), written
+last. Everything is written under a `.tmp` name that is renamed when all ranks are done, so a
+crash or a full disk leaves the previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.dist.engines import barrier
+from pipeline.errors import user_error
+
+TAG = "ckpt"
+# Settings a resumed run may change: they steer the run, not the model or its optimisation.
+MAY_DIFFER = ("description", "run", "compile", "train.max_steps", "train.log_every", "train.sample_every",
+              "train.checkpoint_every", "train.keep_checkpoints", "data.shards", "data.num_threads")
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+
+def latest(run_dir: Path) -> Path | None:
+    done = [p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")
+            and (p / "state.json").exists()]
+    return max(done, key=lambda p: p.name) if done else None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= _flat(value, path + ".")
+        else:
+            out[path] = value
+    return out
+
+
+def spec_differences(saved: dict, current: dict) -> list[str]:
+    a, b = _flat(saved), _flat(current)
+    keep = [k for k in sorted(set(a) | set(b)) if not any(k == m or k.startswith(m + ".") for m in MAY_DIFFER)]
+    return [f"{k}: {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now" for k in keep
+            if a.get(k) != b.get(k)]
+
+
+def save(run_dir: Path, step: int, *, g_engine, d_engine, ema, world, loader_state: str, state: dict,
+         keep: int) -> Path:
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    g_engine.save_checkpoint(str(tmp / "G"), tag=TAG)
+    d_engine.save_checkpoint(str(tmp / "D"), tag=TAG)
+    rng = {"cpu": torch.get_rng_state(), "latents": state.pop("latent_rng")}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save({"rng": rng, "loader": loader_state}, tmp / f"rank-{world.rank:05d}.pt")
+    barrier()
+    if world.is_main:
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load(path: Path, *, g_engine, d_engine, ema, world, spec_dict: dict) -> tuple[dict, dict]:
+    """Restore engines and EMA; return (state.json, this rank's RNG and loader state)."""
+    state = json.loads((path / "state.json").read_text())
+    differences = spec_differences(state["spec"], spec_dict)
+    if differences:
+        raise user_error(f"the checkpoint {path} was written by a different spec:\n      "
+                         + "\n      ".join(differences),
+                         hint="use the spec the run was started with, or start a new run with run.dir=PATH")
+    if state["world_size"] != world.size:
+        raise user_error(f"the checkpoint {path} was written by {state['world_size']} rank(s), this run has "
+                         f"{world.size}", hint="resume with the same number of processes")
+    for engine, sub in ((g_engine, "G"), (d_engine, "D")):
+        loaded, _ = engine.load_checkpoint(str(path / sub), tag=TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        if loaded is None:
+            raise user_error(f"cannot load {path / sub}")
+    if ema is not None:
+        ema.load_state_dict(load_file(path / "ema.safetensors"))
+    local = torch.load(path / f"rank-{world.rank:05d}.pt", weights_only=True)
+    return state, local

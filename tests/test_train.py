@@ -1,0 +1,138 @@
+"""The training engine on CPU: the demo through the CLI, resume, Ctrl-C, NaN, spec changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.data.demo import build_demo_shards
+from pipeline.errors import SpecError
+from pipeline.graph import build_network
+from pipeline.spec import load_spec
+from pipeline.train import loop
+from pipeline.train.losses import get_loss
+
+from conftest import ROOT
+
+FAST = ["train.batch_size=16", "train.log_every=1", "train.sample_every=2", "train.checkpoint_every=2",
+        "train.keep_checkpoints=2"]
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    build_demo_shards(out)
+    return out
+
+
+def overrides(demo_shards, run_dir, *extra):
+    return [f"data.shards={demo_shards}", f"run.dir={run_dir}", *FAST, *extra]
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_demo_trains_through_the_cli(cli, demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    result = cli("train", "spec=demo", *overrides(demo_shards, run_dir, "train.max_steps=3"))
+    assert result.code == 0, result.err
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["images_seen"] == 3 * 2 * 16  # d_steps 2, batch 16: real images through D
+    assert all({"loss_d", "loss_g", "d_real", "d_fake", "images_per_s"} <= set(r) for r in rows)
+    assert (run_dir / "samples" / "step-00000002.png").exists()
+    assert (run_dir / "spec.resolved.yaml").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    exported = load_file(run_dir / "export" / "generator.safetensors")
+    g = build_network(load_spec("demo"), "generator")
+    assert set(exported) == set(g.state_dict())
+    g.load_state_dict(exported)  # loadable as is
+
+
+def test_resume_continues_exactly(demo_shards, tmp_path):
+    """A run stopped after step 3 (checkpoint at 2) and resumed matches an uninterrupted run, bitwise."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    loop.train(load_spec("demo", overrides(demo_shards, straight, "train.max_steps=5")))
+    loop.train(load_spec("demo", overrides(demo_shards, broken, "train.max_steps=5")), stop_after=3)
+    assert [r["step"] for r in metrics(broken)] == [1, 2, 3]
+    loop.train(load_spec("demo", overrides(demo_shards, broken, "train.max_steps=5")))
+    a, b = metrics(straight), metrics(broken)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]  # step 3, logged before the stop, was redone
+    for ra, rb in zip(a, b):
+        assert (ra["loss_d"], ra["loss_g"], ra["d_real"], ra["images_seen"]) == \
+               (rb["loss_d"], rb["loss_g"], rb["d_real"], rb["images_seen"])
+
+
+def test_checkpoint_of_another_spec_is_refused(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=2")))
+    with pytest.raises(SpecError) as info:
+        loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=4", "train.d_opt.lr=0.001")))
+    assert "train.d_opt.lr: 0.0002 in the checkpoint, 0.001 now" in str(info.value)
+
+
+def test_nan_stops_with_the_last_good_checkpoint_intact(demo_shards, tmp_path, monkeypatch):
+    hinge = get_loss("hinge")
+    calls = {"n": 0}
+
+    class Exploding:
+        def d(self, real, fake):
+            return hinge.d(real, fake)
+
+        def g(self, fake):
+            calls["n"] += 1
+            return hinge.g(fake) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    monkeypatch.setattr(loop, "get_loss", lambda name: Exploding())
+    run_dir = tmp_path / "run"
+    with pytest.raises(loop.TrainingStopped) as info:
+        loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=6")))
+    assert "loss_g became nan at step 3" in str(info.value)
+    assert "step-00000002" in str(info.value)
+    state = json.loads((run_dir / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["step"] == 2 and not (run_dir / "checkpoints" / "step-00000003").exists()
+
+
+def test_frozen_discriminator_gets_no_gradient_from_the_generator_step():
+    loaded = load_spec("tiny_biggan")
+    g, d = build_network(loaded, "generator"), build_network(loaded, "discriminator")
+    z, y = torch.randn(4, 120), torch.randint(0, 10, (4,))
+    with loop.frozen(d):
+        get_loss("hinge").g(d(g(z, y), y)).backward()
+    assert all(p.grad is None for p in d.parameters())
+    assert all(p.requires_grad for p in d.parameters())  # unfrozen afterwards
+    assert all(p.grad is not None for p in g.parameters() if p.requires_grad)
+
+
+def test_batch_plan():
+    spec = load_spec("demo", ["train.batch_size=64", "train.batch_per_rank=8"]).spec
+    assert loop.batch_plan(spec.train, 2) == (8, 4)
+    with pytest.raises(SpecError, match="not a multiple of batch_per_rank 8 x 3"):
+        loop.batch_plan(spec.train, 3)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides(demo_shards, run_dir, "train.max_steps=1000", "train.checkpoint_every=1000")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "spec=demo", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    saved = sorted((run_dir / "checkpoints").iterdir())
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "state.json").read_text())["step"]
+    assert step >= 2 and step == metrics(run_dir)[-1]["step"]
