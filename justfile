@@ -40,3 +40,7 @@ shards *args:
 # images/s of the DALI pipeline against a webdataset + PIL DataLoader on the same shards
 bench-data *args:
     @{{python}} benchmarks/data.py "$@"
+
+# time training iterations of a spec, eager and compiled (default: biggan_deep_128 at ch 32, batch 4)
+bench-train *args:
+    @{{python}} benchmarks/train.py "$@"

@@ -99,7 +99,7 @@ def cmd_train(ns) -> int:
             overrides.append(arg)
     spec_arg, overrides = split_spec_args(overrides, default="demo")
     loaded = load_spec(spec_arg, overrides)
-    if loaded.spec.data.shards == DEMO_SHARDS:
+    if loaded.spec.data.shards == DEMO_SHARDS and not loaded.spec.data.synthetic:
         from pipeline.data.demo import build_demo_shards, demo_shards_ready
 
         if not demo_shards_ready(DEMO_SHARDS):

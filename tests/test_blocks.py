@@ -191,3 +191,11 @@ def test_block_errors_name_the_field():
     with pytest.raises(BlockError) as info:
         build({"kind": "reshape", "in": "z", "shape": [3, 3]}, {"in": (32,)})
     assert "cannot reshape" in info.value.message
+
+
+def test_spectral_norm_of_bf16_weights_keeps_fp32_state():
+    w = torch.randn(16, 8)
+    sn = SpectralNorm(w, eps=1e-6)
+    out = sn(w.to(torch.bfloat16))  # DeepSpeed's bf16 casts parameters, not the u/v buffers
+    assert out.dtype == torch.bfloat16 and sn._u.dtype == torch.float32
+    assert torch.allclose(out.float(), sn(w), atol=2e-2)

@@ -64,11 +64,13 @@ class SpectralNorm(nn.Module):
             self._u.copy_(F.normalize(torch.mv(mat, self._v), dim=0, eps=self.eps))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        mat = self._matrix(weight)
+        # sigma in the buffers' precision (fp32) also when the weights are bf16 (DeepSpeed's bf16
+        # casts parameters, not buffers)
+        mat = self._matrix(weight).to(self._u.dtype)
         if self.training:
             self._power_iteration(mat.detach(), 1)
         u, v = self._u.clone(), self._v.clone()  # autograd must not see the in-place updates
-        return weight / torch.dot(u, torch.mv(mat, v))
+        return weight / torch.dot(u, torch.mv(mat, v)).to(weight.dtype)
 
 
 @dataclass(frozen=True)

@@ -232,9 +232,17 @@ class DaliLoader:
 
 
 def loader_from_spec(spec, *, batch_size: int | None = None, device="cpu", rank: int = 0, world_size: int = 1,
-                     state: str | None = None, dtype: torch.dtype | None = None) -> DaliLoader:
+                     state=None, dtype: torch.dtype | None = None):
     """The training loader a spec describes: its `data:` section and `train` batch and precision."""
     d = spec.data
+    if dtype is None:
+        dtype = torch.bfloat16 if spec.train.precision == "bf16" else torch.float32
+    batch_size = batch_size or spec.train.batch_per_rank or spec.train.batch_size
+    if d.synthetic:
+        from pipeline.data.synthetic import SyntheticLoader
+
+        return SyntheticLoader(batch_size, d.resolution, d.num_classes, d.channels, device, dtype, rank, world_size,
+                               spec.seed, state)
     if d.channels != 3:
         raise user_error(f"the DALI pipeline decodes RGB images; data.channels is {d.channels}", path="data.channels")
     if not d.shards:
@@ -245,9 +253,7 @@ def loader_from_spec(spec, *, batch_size: int | None = None, device="cpu", rank:
     if stored and stored < d.resolution:
         warnings.warn(f"data.resolution {d.resolution} is larger than the shards' stored resolution {stored} "
                       f"({shards.root}): images will be upscaled", stacklevel=2)
-    if dtype is None:
-        dtype = torch.bfloat16 if spec.train.precision == "bf16" else torch.float32
-    return DaliLoader(shards, batch_size or spec.train.batch_per_rank or spec.train.batch_size, d.resolution,
+    return DaliLoader(shards, batch_size, d.resolution,
                       d.num_classes, crop=d.augment.crop, area=tuple(d.augment.area), flip=d.augment.flip,
                       device=device, dtype=dtype, rank=rank, world_size=world_size, seed=spec.seed,
                       shuffle_buffer=d.shuffle_buffer, num_threads=d.num_threads, on_bad_sample=d.on_bad_sample,

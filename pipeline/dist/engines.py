@@ -2,7 +2,7 @@
 
 Rules verified on this stack (shared/NOTES.md): gradient clipping is set explicitly (DeepSpeed
 0.19 clips at 1.0 by default); each network has its own engine, optimizer and checkpoint
-directory; one backward per micro-batch per engine; bf16 rather than fp16 with two engines.
+directory; one backward per micro-batch per engine; bf16 (as autocast) rather than fp16 with two engines.
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ def engine_config(train, micro_batch: int, accumulation: int, world_size: int) -
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": 0.0,  # explicit: DeepSpeed >= 0.19 would clip at 1.0
         "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.precision == "bf16"},
+        # bf16 is torch.autocast, not DeepSpeed's bf16 mode: that one casts parameters but not
+        # buffers, which breaks BatchNorm (bf16 weight, fp32 running stats) and spectral norm. The
+        # engine's forward switches an outer autocast off unless its own torch_autocast is on.
+        "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": train.precision == "bf16", "dtype": "bfloat16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

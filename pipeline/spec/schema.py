@@ -57,6 +57,8 @@ class DataSpec(Section):
     channels: PositiveInt = Field(3, description="Image channels.")
     num_classes: PositiveInt = Field(description="Number of classes; labels are 0 .. num_classes - 1.")
     shards: str | None = Field(None, description="WebDataset shards: a directory, a file or a glob of .tar files.")
+    synthetic: bool = Field(False, description="Random images and labels instead of shards (measuring the model "
+                            "alone; checking distributed training).")
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     shuffle_buffer: PositiveInt = Field(1024, description="Samples in DALI's shuffle buffer (shards are shuffled "
                                         "when written; this only mixes neighbours).")
@@ -85,10 +87,18 @@ class TrainSpec(Section):
     g_opt: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=1e-4))
     d_opt: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=4e-4))
     ema: EmaSpec | None = Field(default_factory=EmaSpec, description="EMA of G; null for none.")
-    ortho_reg: float = Field(0.0, ge=0, description="BigGAN's modified orthogonal regularization beta (0: off).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="non_saturating: one-sided label smoothing of "
+                                   "D's real targets (1 - smoothing; Salimans et al. 2016).")
+    label_flip: float = Field(0.0, ge=0, le=1, description="non_saturating: probability of flipping each of D's "
+                              "real/fake targets.")
+    ortho_reg: float = Field(0.0, ge=0, description=(
+        "BigGAN's modified orthogonal regularization beta * ||W W^T * (1 - I)||_F^2 (0: off); BigGAN-PyTorch's "
+        "--G_ortho strength s corresponds to beta = s / 2."))
     r1_gamma: float = Field(0.0, ge=0, description="R1 penalty weight on real images (Mescheder et al. 2018; 0: off).")
     gp_weight: float = Field(0.0, ge=0, description="WGAN-GP gradient penalty weight (10 in Gulrajani et al.; 0: off).")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description=(
+        "bf16: torch.autocast (convolutions and matrix products in bf16; norms, losses, master weights and "
+        "optimizer states in fp32) and bf16 images from the loader."))
     zero_stage: Literal[0, 1, 2] = Field(0, description="DeepSpeed ZeRO stage.")
     max_steps: PositiveInt = Field(100_000, description="Generator steps of the run.")
     log_every: PositiveInt = Field(10, description="Generator steps between lines of metrics.jsonl.")

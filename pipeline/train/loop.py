@@ -51,6 +51,24 @@ class Phase:
     run: Callable[[], dict]
 
 
+def make_loss(train):
+    """The spec's loss with its options (label smoothing and flipping belong to non_saturating)."""
+    options = {"label_smoothing": train.label_smoothing, "flip_prob": train.label_flip}
+    if train.loss != "non_saturating" and any(options.values()):
+        raise user_error(f"label_smoothing and label_flip apply to the non_saturating loss, not {train.loss}",
+                         path="train.loss")
+    return get_loss(train.loss, **(options if train.loss == "non_saturating" else {}))
+
+
+def grad_norm(engine) -> float | None:
+    """L2 norm of the accumulated gradient at an optimizer step (None between accumulation steps,
+    and under ZeRO 1/2, where gradients live in DeepSpeed's partitions rather than in .grad)."""
+    if not engine.is_gradient_accumulation_boundary():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).item() if grads else None
+
+
 def batch_plan(train, world_size: int) -> tuple[int, int]:
     """(micro-batch per rank, accumulation steps) with batch = micro x accumulation x world size."""
     micro = train.batch_per_rank or max(1, train.batch_size // world_size)
@@ -92,8 +110,12 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
     compile_network(G, spec.compile)
     config = dist.engine_config(t, micro, accum, world.size)
     g_engine, d_engine = dist.make_engine(G, t.g_opt, config), dist.make_engine(D, t.d_opt, config)
-    loss = get_loss(t.loss)
+    loss = make_loss(t)
+    # bf16: convolutions and matrix products in bf16, norms, losses and master weights in fp32
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+
+    def mixed():
+        return torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
 
     # ----- latents: one generator for the global batch, each rank takes its slice, so that a run
     # on N ranks draws the same z as a run on one
@@ -103,7 +125,7 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
         z = torch.randn(n * world.size, spec.latent.z_dim, generator=latent_rng)
         y = torch.randint(0, spec.data.num_classes, (n * world.size,), generator=latent_rng)
         part = slice(world.rank * n, (world.rank + 1) * n)
-        return z[part].to(world.device, dtype), y[part].to(world.device)
+        return z[part].to(world.device), y[part].to(world.device)
 
     # ----- resume
     step, images_seen, loader_state = 0, 0, None
@@ -128,38 +150,43 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
         for _ in range(accum):
             real, y_real = next(loader)
             z, y_fake = latents(micro)
-            with torch.no_grad():
+            with torch.no_grad(), mixed():
                 fake = g_engine.module(z, y_fake)
             if t.r1_gamma:
                 real = real.detach().requires_grad_(True)
-            logits = d_engine(torch.cat([real, fake]), torch.cat([y_real, y_fake])).float()
-            real_logits, fake_logits = logits[:micro], logits[micro:]
-            d_loss = loss.d(real_logits, fake_logits)
-            if t.r1_gamma:
-                d_loss = d_loss + t.r1_gamma / 2 * r1_penalty(real_logits, real)
-            if t.gp_weight:
-                d_loss = d_loss + t.gp_weight * gradient_penalty(d_engine.module, real, fake, y_real)
+            with mixed():
+                logits = d_engine(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake])).float()
+                real_logits, fake_logits = logits[:micro], logits[micro:]
+                d_loss = loss.d(real_logits, fake_logits)
+                if t.r1_gamma:
+                    d_loss = d_loss + t.r1_gamma / 2 * r1_penalty(real_logits, real)
+                if t.gp_weight:
+                    d_loss = d_loss + t.gp_weight * gradient_penalty(d_engine.module, real, fake, y_real)
             d_engine.backward(d_loss)
+            norm = grad_norm(d_engine)
             d_engine.step()
-        return {"loss_d": d_loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
+        return {"loss_d": d_loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item(),
+                **({"grad_norm_d": norm} if norm is not None else {})}
 
     def g_step() -> dict:
         with frozen(D):
             for _ in range(accum):
                 z, y = latents(micro)
-                g_loss = loss.g(d_engine.module(g_engine(z, y), y).float())  # D's raw module: no engine hooks
+                with mixed():
+                    g_loss = loss.g(d_engine.module(g_engine(z, y), y).float())  # D's raw module: no engine hooks
                 if t.ortho_reg:
                     g_loss = g_loss + ortho_penalty(g_engine.module, t.ortho_reg)
                 g_engine.backward(g_loss)
+                norm = grad_norm(g_engine)
                 g_engine.step()
-        return {"loss_g": g_loss.item()}
+        return {"loss_g": g_loss.item(), **({"grad_norm_g": norm} if norm is not None else {})}
 
     phases = [Phase("D", t.d_steps, d_step), Phase("G", 1, g_step)]
 
     # ----- fixed latents for sample grids: rows are classes, columns samples
     rows = min(10, spec.data.num_classes)
     sample_gen = torch.Generator().manual_seed(spec.seed + 1)
-    sample_z = torch.randn(rows * 8, spec.latent.z_dim, generator=sample_gen).to(world.device, dtype)
+    sample_z = torch.randn(rows * 8, spec.latent.z_dim, generator=sample_gen).to(world.device)
     sample_y = torch.linspace(0, spec.data.num_classes - 1, rows).long().repeat_interleave(8).to(world.device)
 
     def write_samples(at: int) -> None:
