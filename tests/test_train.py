@@ -204,3 +204,31 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(demo_shards, tmp_path):
     a, b = metrics(tmp_path / "straight"), metrics(killed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [(r["loss_d"], r["loss_g"]) for r in a] == [(r["loss_d"], r["loss_g"]) for r in b]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_train_and_resume(demo_shards, tmp_path, stage):
+    run_dir = tmp_path / f"zero{stage}"
+    args = ["train.max_steps=2", f"train.zero_stage={stage}"]
+    loop.train(load_spec("demo", overrides(demo_shards, run_dir, *args)))
+    loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=3", f"train.zero_stage={stage}")))
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(demo_shards, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=2")))
+    before = {p.relative_to(run_dir): p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pipeline.train.checkpoint.save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=4")))
+    after = {p.relative_to(run_dir): p.read_bytes() for p in (run_dir / "checkpoints").rglob("*")
+             if p.is_file() and ".tmp" not in str(p)}
+    assert after == before  # the step-2 checkpoint is byte for byte what it was
+    monkeypatch.undo()
+    loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=4")))  # resumes from step 2
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]

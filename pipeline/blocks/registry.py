@@ -143,7 +143,7 @@ class Node(BaseModel):
     def build(self, inputs: dict[str, Any], ctx) -> Any:
         """Return the nn.Module for this node; `inputs` maps each reference key to its input
         shape (a list of shapes for a `many` reference). Raise `BlockError` for a mismatch."""
-        raise NotImplementedError(f"{type(self).__name__}.build")
+        raise TypeError(f"block kind {type(self).__name__} defines no build(); every registered kind must")
 
 
 class Weighted(Node):

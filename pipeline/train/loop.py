@@ -21,7 +21,7 @@ import yaml
 
 from pipeline.data.dali import loader_from_spec
 from pipeline.dist import engines as dist
-from pipeline.errors import SpecError, user_error
+from pipeline.errors import Issue, SpecError, user_error
 from pipeline.graph import build_network, compile_network
 from pipeline.train import checkpoint
 from pipeline.train.ema import EMA
@@ -224,10 +224,10 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
             bad = [k for k in ("loss_d", "loss_g") if not math.isfinite(values[k])]
             if bad:
                 last = checkpoint.latest(run_dir)
-                raise TrainingStopped([_issue(f"{' and '.join(bad)} became {values[bad[0]]} at step {step}; "
-                                              f"stopped. The last good checkpoint is {last or '(none yet)'}",
-                                              "lower the learning rates, use fp32, or resume from that checkpoint "
-                                              "with different settings in a new run.dir")])
+                raise TrainingStopped([Issue(f"{' and '.join(bad)} became {values[bad[0]]} at step {step}; stopped. "
+                                             f"The last good checkpoint is {last or '(none yet)'}",
+                                             hint="lower the learning rates, use fp32, or resume from that checkpoint "
+                                                  "with different settings in a new run.dir")])
             if step % t.log_every == 0 or step == t.max_steps:
                 now = time.perf_counter()
                 values = dist.all_mean(values, world.device)
@@ -273,12 +273,6 @@ def export(run_dir: Path, generator: torch.nn.Module, spec_dict: dict) -> Path:
               out / "generator.safetensors")
     (out / "spec.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
     return out
-
-
-def _issue(message: str, hint: str):
-    from pipeline.errors import Issue
-
-    return Issue(message, hint=hint)
 
 
 def _tensorboard(run_dir: Path):

@@ -11,6 +11,8 @@ Nothing here calls backward() or holds module state; the loop owns both. Half-pr
 
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
@@ -28,16 +30,16 @@ def _promote(logits: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class GanLoss:
+class GanLoss(abc.ABC):
     """A GAN loss: the discriminator's and the generator's objective, both to be minimised."""
 
     name: ClassVar[str] = "base"  # the spec's train.loss value
 
-    def d(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def d(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor: ...
 
-    def g(self, fake_logits: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def g(self, fake_logits: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
