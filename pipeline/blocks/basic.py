@@ -12,7 +12,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from pipeline.blocks.layers import PixelNorm
-from pipeline.blocks.registry import BlockError, Joined, Node, Ref, Refs, Shape, Weighted, register
+from pipeline.blocks.registry import BlockError, InChannels, Joined, Node, Ref, Refs, Shape, Weighted, register
 
 
 # ----- shape helpers shared by the block families -----
@@ -77,7 +77,7 @@ class ConvNode(Weighted):
     kind: Literal["conv"]
     in_: Ref = Field(alias="in")
     out_channels: PositiveInt
-    in_channels: PositiveInt | None = Field(None, description="If set, checked against the input.")
+    in_channels: InChannels = None
     kernel_size: PositiveInt = 3
     stride: PositiveInt = 1
     padding: int | None = Field(None, ge=0, description="Default: kernel_size // 2 ('same' at stride 1).")
@@ -99,7 +99,7 @@ class ConvTransposeNode(Weighted):
     kind: Literal["conv_transpose"]
     in_: Ref = Field(alias="in")
     out_channels: PositiveInt
-    in_channels: PositiveInt | None = None
+    in_channels: InChannels = None
     kernel_size: PositiveInt = 4
     stride: PositiveInt = 2
     padding: int = Field(1, ge=0)

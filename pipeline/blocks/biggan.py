@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.blocks.basic import check_even, check_in_channels, feature_map, features
 from pipeline.blocks.layers import avgpool2, upsample2
-from pipeline.blocks.registry import BlockError, Joined, Ref, Weighted, register
+from pipeline.blocks.registry import BlockError, InChannels, Joined, Ref, Weighted, register
 
 
 class _Norm(nn.Module):
@@ -37,7 +37,7 @@ class _UpBlockNode(Weighted):
     in_: Ref = Field(alias="in")
     cond: Joined | None = Field(None, description="Conditioning vector(s) for conditional BN, concatenated.")
     out_channels: PositiveInt
-    in_channels: PositiveInt | None = Field(None, description="If set, checked against the input.")
+    in_channels: InChannels = None
     upsample: bool = Field(True, description="Double the resolution (nearest neighbour).")
     norm: Literal["cbn", "bn", "none"] | None = Field(None, description="Default: cbn with `cond`, else bn.")
 
@@ -141,7 +141,7 @@ class BigGANDeepUpNode(_UpBlockNode):
 class _DownBlockNode(Weighted):
     in_: Ref = Field(alias="in")
     out_channels: PositiveInt
-    in_channels: PositiveInt | None = Field(None, description="If set, checked against the input.")
+    in_channels: InChannels = None
     downsample: bool = Field(True, description="Halve the resolution (2x2 average pooling).")
 
     def shapes(self, inputs):

@@ -9,7 +9,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from pipeline.blocks.basic import check_in_channels, feature_map
-from pipeline.blocks.registry import BlockError, Ref, Weighted, register
+from pipeline.blocks.registry import BlockError, InChannels, Ref, Weighted, register
 
 
 def dcgan_batch_norm(channels: int, ctx) -> nn.Module:
@@ -40,7 +40,7 @@ class DCGANUpNode(Weighted):
     kind: Literal["dcgan_up"]
     in_: Ref = Field(alias="in")
     out_channels: PositiveInt
-    in_channels: PositiveInt | None = Field(None, description="If set, checked against the input.")
+    in_channels: InChannels = None
     kernel_size: PositiveInt = 4
     stride: PositiveInt = 2
     padding: int = Field(1, ge=0)
@@ -74,7 +74,7 @@ class DCGANDownNode(Weighted):
     kind: Literal["dcgan_down"]
     in_: Ref = Field(alias="in")
     out_channels: PositiveInt
-    in_channels: PositiveInt | None = Field(None, description="If set, checked against the input.")
+    in_channels: InChannels = None
     kernel_size: PositiveInt = 4
     stride: PositiveInt = 2
     padding: int = Field(1, ge=0)

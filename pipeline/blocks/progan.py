@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.blocks.basic import check_even, check_in_channels, feature_map, features
 from pipeline.blocks.layers import PixelNorm, avgpool2, upsample2
-from pipeline.blocks.registry import BlockError, Node, Ref, Weighted, register
+from pipeline.blocks.registry import BlockError, InChannels, Node, Ref, Weighted, register
 
 SLOPE = 0.2  # ProGAN's LeakyReLU slope everywhere
 
@@ -136,7 +136,7 @@ class ProGANUpNode(Weighted):
     kind: Literal["progan_up"]
     in_: Ref = Field(alias="in")
     out_channels: PositiveInt
-    in_channels: PositiveInt | None = Field(None, description="If set, checked against the input.")
+    in_channels: InChannels = None
     upsample: bool = Field(True, description="Double the resolution (nearest neighbour) first.")
 
     def build(self, inputs, ctx):
@@ -200,7 +200,7 @@ class ProGANDownNode(Weighted):
     kind: Literal["progan_down"]
     in_: Ref = Field(alias="in")
     out_channels: PositiveInt
-    in_channels: PositiveInt | None = Field(None, description="If set, checked against the input.")
+    in_channels: InChannels = None
     hidden_channels: PositiveInt | None = Field(None, description=(
         "Output channels of the first conv; default: the input's channels."))
     downsample: bool = Field(True, description="Halve the resolution (2x2 average pooling) last.")

@@ -12,8 +12,16 @@ import re
 import typing
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from pipeline.errors import did_you_mean
 
@@ -51,6 +59,8 @@ Refs = Annotated[list[str], BeforeValidator(_check_refs), Field(min_length=1), _
 Joined = Annotated[list[str], BeforeValidator(_check_refs), Field(min_length=1), _RefField("joined")]
 
 Init = Literal["orthogonal", "normal", "xavier", "equalized_lr", "default"]
+# Input channels are inferred from the graph; a node may state them, and then they are checked.
+InChannels = Annotated[PositiveInt | None, Field(description="If set, checked against the input's channels.")]
 
 
 class BlockError(Exception):

@@ -15,7 +15,6 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from pipeline.data.dali import ShardSet, build_pipeline, parse_labels
 from pipeline.errors import user_error
 

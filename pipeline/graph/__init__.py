@@ -1,2 +1,9 @@
-from pipeline.graph.build import (GraphModule, NetworkPlan, analyze_network, analyze_spec,  # noqa: F401
-                                  build_network, compile_network, instantiate)
+from pipeline.graph.build import (  # noqa: F401
+                                  GraphModule,
+                                  NetworkPlan,
+                                  analyze_network,
+                                  analyze_spec,
+                                  build_network,
+                                  compile_network,
+                                  instantiate,
+)

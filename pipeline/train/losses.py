@@ -12,7 +12,6 @@ Nothing here calls backward() or holds module state; the loop owns both. Half-pr
 from __future__ import annotations
 
 import abc
-
 import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
