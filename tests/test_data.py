@@ -47,6 +47,13 @@ def shard_dir(tmp_path_factory):
     return out
 
 
+def copy_shards(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
 def expected_labels(root) -> dict[str, int]:
     labels = {}
     for sidecar in sorted(root.glob("*.json")):
@@ -198,10 +205,7 @@ def test_loader_from_spec_and_resolution_warning(shard_dir, tmp_path):
         warnings.simplefilter("error")
         x, y = next(loader_from_spec(spec))
     assert x.shape == (4, 3, 32, 32)
-    small = tmp_path / "small"
-    small.mkdir()
-    for f in shard_dir.iterdir():
-        (small / f.name).write_bytes(f.read_bytes())
+    small = copy_shards(shard_dir, tmp_path / "small")
     manifest["options"]["resolution"] = 16
     (small / "manifest.json").write_text(json.dumps(manifest))
     spec = load_spec("tiny_biggan", [f"data.shards={small}", "data.num_classes=3", "train.batch_size=4"]).spec
@@ -220,10 +224,7 @@ def test_check_passes_on_good_shards(shard_dir, cli):
 
 
 def test_check_names_corrupt_shard_and_key(shard_dir, tmp_path, cli):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in shard_dir.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_shards(shard_dir, tmp_path / "bad")
     first = json.loads((bad / "manifest.json").read_text())["shards"][0]["file"]
     samples = json.loads((bad / first.replace(".tar", ".json")).read_text())
     victim = samples["samples"][2][0]
@@ -242,10 +243,7 @@ def test_check_names_corrupt_shard_and_key(shard_dir, tmp_path, cli):
 
 
 def test_check_names_wrong_labels(shard_dir, tmp_path, cli):
-    bad = tmp_path / "labels"
-    bad.mkdir()
-    for f in shard_dir.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_shards(shard_dir, tmp_path / "labels")
     first = json.loads((bad / "manifest.json").read_text())["shards"][0]["file"]
     sidecar = bad / first.replace(".tar", ".json")
     samples = json.loads(sidecar.read_text())

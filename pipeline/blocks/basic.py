@@ -36,6 +36,12 @@ def check_in_channels(node, got: int) -> None:
                          "fix in_channels or the out_channels of the node feeding this one")
 
 
+def check_kernel_fits(shape: Shape, kernel_size: int, padding: int) -> None:
+    _, h, w = shape
+    if min(h, w) + 2 * padding < kernel_size:
+        raise BlockError(f"kernel {kernel_size} does not fit the {h}x{w} input with padding {padding}", "kernel_size")
+
+
 def check_even(shape: Shape, why: str) -> None:
     _, h, w = shape
     if h % 2 or w % 2:
@@ -87,8 +93,7 @@ class ConvNode(Weighted):
         c, h, w = feature_map(inputs["in"])
         check_in_channels(self, c)
         pad = self.kernel_size // 2 if self.padding is None else self.padding
-        if h + 2 * pad < self.kernel_size or w + 2 * pad < self.kernel_size:
-            raise BlockError(f"kernel {self.kernel_size} does not fit the {h}x{w} input with padding {pad}", "kernel_size")
+        check_kernel_fits(inputs["in"], self.kernel_size, pad)
         return ctx.conv(c, self.out_channels, self.kernel_size, stride=self.stride, padding=pad, bias=self.bias)
 
 

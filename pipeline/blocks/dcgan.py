@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from pipeline.blocks.basic import check_in_channels, feature_map
+from pipeline.blocks.basic import check_in_channels, check_kernel_fits, feature_map
 from pipeline.blocks.registry import BlockError, InChannels, Ref, Weighted, register
 
 
@@ -82,10 +82,8 @@ class DCGANDownNode(Weighted):
     negative_slope: float = Field(0.2, ge=0)
 
     def build(self, inputs, ctx):
-        c, h, w = feature_map(inputs["in"])
+        c, _, _ = feature_map(inputs["in"])
         check_in_channels(self, c)
-        if min(h, w) + 2 * self.padding < self.kernel_size:
-            raise BlockError(f"kernel {self.kernel_size} does not fit the {h}x{w} input with padding "
-                             f"{self.padding}", "kernel_size")
+        check_kernel_fits(inputs["in"], self.kernel_size, self.padding)
         return DCGANDown(c, self.out_channels, self.kernel_size, self.stride, self.padding, self.norm,
                          self.negative_slope, ctx)
