@@ -17,6 +17,10 @@ train *args:
 validate *args:
     @{{python}} -m pipeline validate "$@"
 
+# sample a trained generator: just sample RUN_OR_WEIGHTS [--classes 0,3,7] [--num N] [--truncation T] [--interpolate latent|class] [--gif]
+sample *args:
+    @{{python}} -m pipeline sample "$@"
+
 # write the JSON Schema of specs (editors can complete and check spec YAML with it)
 schema *args:
     @{{python}} -m pipeline schema "$@"
@@ -44,3 +48,11 @@ bench-data *args:
 # time training iterations of a spec, eager and compiled (default: biggan_deep_128 at ch 32, batch 4)
 bench-train *args:
     @{{python}} benchmarks/train.py "$@"
+
+# where a training step's time goes: just profile spec=NAME [key=value ...] [--steps N] [--data synthetic] [procs=2]
+profile *args:
+    @{{python}} -m pipeline profile "$@"
+
+# FID / KID / IS / class accuracy of a run: just eval runs/demo [--truncation 0.25,0.5,1,none] [--features inception:PATH]
+eval *args:
+    @{{python}} -m pipeline eval "$@"

@@ -61,8 +61,8 @@ def cmd_validate(ns) -> int:
 DEMO_SHARDS = "shards/demo"
 
 
-def launch(num: int, argv: list[str]) -> int:
-    """Run `num` ranks of `python -m pipeline train` on this machine (the environment DeepSpeed's
+def launch(num: int, command: str, argv: list[str]) -> int:
+    """Run `num` ranks of `python -m pipeline COMMAND` on this machine (the environment DeepSpeed's
     launcher would set). Several machines: use `deepspeed --hostfile FILE -m pipeline train ...`."""
     import os
     import subprocess
@@ -74,41 +74,141 @@ def launch(num: int, argv: list[str]) -> int:
     for rank in range(num):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", "train", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", command, *argv], env=env))
     codes = [p.wait() for p in procs]
     return max(codes, key=abs)
 
 
-def cmd_train(ns) -> int:
-    from pipeline.spec import load_spec
-
-    ranks = [a for a in ns.args if a.split("=")[0] in ("procs", "gpus")]
-    rest = [a for a in ns.args if a not in ranks]
-    if ranks:
-        key, _, value = ranks[-1].partition("=")
-        if not value.isdigit() or int(value) < 1:
-            raise user_error(f"{key}={value}: give a number of processes, e.g. {key}=2")
-        if int(value) > 1:
-            return launch(int(value), rest + (["device=cpu"] if key == "procs" else []))
-    device = None
-    overrides = []
-    for arg in rest:
-        if arg.startswith("device="):
-            device = arg.partition("=")[2]
+def split_run_args(args: list[str]) -> tuple[int, str | None, list[str]]:
+    """(number of local ranks, device, the rest) from `procs=N` (CPU ranks), `gpus=N`, `device=`."""
+    ranks, device, rest = 1, None, []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in ("procs", "gpus"):
+            if not value.isdigit() or int(value) < 1:
+                raise user_error(f"{key}={value}: give a number of processes, e.g. {key}=2")
+            ranks, device = int(value), ("cpu" if key == "procs" else device)
+        elif key == "device":
+            device = value
         else:
-            overrides.append(arg)
-    spec_arg, overrides = split_spec_args(overrides, default="demo")
-    loaded = load_spec(spec_arg, overrides)
+            rest.append(arg)
+    return ranks, device, rest
+
+
+def ensure_demo_shards(loaded) -> None:
     if loaded.spec.data.shards == DEMO_SHARDS and not loaded.spec.data.synthetic:
         from pipeline.data.demo import build_demo_shards, demo_shards_ready
 
         if not demo_shards_ready(DEMO_SHARDS):
             print(f"writing the demo shards to {DEMO_SHARDS}", file=sys.stderr)
             build_demo_shards(DEMO_SHARDS)
+
+
+def cmd_train(ns) -> int:
+    from pipeline.spec import load_spec
+
+    ranks, device, rest = split_run_args(ns.args)
+    if ranks > 1:
+        return launch(ranks, "train", rest + ([f"device={device}"] if device else []))
+    spec_arg, overrides = split_spec_args(rest, default="demo")
+    loaded = load_spec(spec_arg, overrides)
+    ensure_demo_shards(loaded)
     from pipeline.train.loop import train
 
     run_dir = train(loaded, device=device)
     print(f"run written to {run_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_profile(ns) -> int:
+    from pipeline.spec import load_spec
+
+    ranks, device, rest = split_run_args(ns.args)
+    if ranks > 1:
+        options = ["--steps", str(ns.steps), "--warmup", str(ns.warmup), "--data", ns.data, "--model", ns.model,
+                   "--trace-steps", str(ns.trace_steps)]
+        return launch(ranks, "profile", rest + ([f"device={device}"] if device else []) + options)
+    if ns.steps < 1 or ns.warmup < 0 or ns.trace_steps < 0:
+        raise user_error("--steps must be at least 1, --warmup and --trace-steps at least 0")
+    spec_arg, overrides = split_spec_args(rest, default="demo")
+    loaded = load_spec(spec_arg, overrides + (["data.synthetic=true"] if ns.data == "synthetic" else []))
+    ensure_demo_shards(loaded)
+    from pipeline.profile.run import profile, profile_loader_only
+
+    if ns.model == "none":
+        profile_loader_only(loaded, steps=ns.steps, warmup=ns.warmup, device=device)
+    else:
+        profile(loaded, steps=ns.steps, warmup=ns.warmup, trace_steps=ns.trace_steps, device=device)
+    return 0
+
+
+def cmd_sample(ns) -> int:
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from pipeline.eval.sampling import load_generator, write_samples
+
+    classes = None
+    if ns.classes is not None and ns.classes != "all":
+        words = [w.strip() for w in ns.classes.split(",") if w.strip()]
+        if not words or not all(w.isdigit() for w in words):
+            raise user_error(f"--classes {ns.classes!r} is not a list of class numbers",
+                             hint="e.g. --classes 0,3,7, or --classes all")
+        classes = [int(w) for w in words]
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gen = load_generator(ns.source, device=device)
+    if ns.classes == "all":
+        classes = list(range(gen.num_classes))
+    out = Path(ns.out) if ns.out else gen.home / "samples" / f"sample-{time.strftime('%Y%m%d-%H%M%S')}-seed{ns.seed}"
+    record = write_samples(gen, out, classes=classes, num_per_class=ns.num, truncation=ns.truncation,
+                           mode=ns.truncation_mode, standing_passes=ns.standing_stats, batch_size=ns.batch_size,
+                           seed=ns.seed, interpolate=ns.interpolate, num_steps=ns.steps, gif=ns.gif)
+    print(f"{gen.source}: {len(record['classes'])} classes x {ns.num} images written to {out}")
+    for name in record["files"].values():
+        print(f"  {name}")
+    return 0
+
+
+def parse_truncations(text: str) -> list[float | None]:
+    """`0.5` or a sweep `0.25,0.5,1,none` (none: no truncation)."""
+    values = []
+    for word in (w.strip() for w in text.split(",")):
+        try:
+            value = None if word.lower() == "none" else float(word)
+        except ValueError:
+            value = -1.0
+        if value is not None and value <= 0:
+            raise user_error(f"--truncation {text!r}: {word!r} is not a positive number or none",
+                             hint="e.g. --truncation 0.5, or a sweep --truncation 0.25,0.5,1,2,none")
+        values.append(value)
+    return values
+
+
+def cmd_eval(ns) -> int:
+    import torch
+
+    from pipeline.eval.evaluate import evaluate
+
+    if ns.num < 2 or ns.standing_stats < 0 or ns.batch_size < 2:
+        raise user_error("--num and --batch-size must be at least 2, --standing-stats at least 0")
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    record = evaluate(ns.source, features=ns.features, num=ns.num, truncations=parse_truncations(ns.truncation),
+                      mode=ns.truncation_mode, standing_passes=ns.standing_stats, seed=ns.seed,
+                      batch_size=ns.batch_size, device=device, shards=ns.shards, out_dir=ns.out)
+    if ns.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    first = record["results"][0]["protocol"]
+    print(f"{record['source']}: {first['num_samples']} samples, {first['feature_net']} features "
+          f"(sha256 {first['feature_net_sha256'][:12]}), standing stats: {first['standing_stats_passes']} passes")
+    print(f"{'truncation':>10}  {'FID':>9}  {'KID':>9}  {'IS':>7}  {'class acc':>9}")
+    for r in record["results"]:
+        t = r["protocol"]["truncation"]
+        acc = f"{r['class_accuracy']:.1%}" if r["class_accuracy"] is not None else "-"
+        print(f"{'none' if t is None else t:>10}  {r['fid']:9.3f}  {r['kid_mean']:9.4f}  {r['is_mean']:7.3f}  {acc:>9}")
+    print(f"written to {record['json']}" + (f" and {record['plot']}" if "plot" in record else ""))
     return 0
 
 
@@ -166,12 +266,19 @@ def cmd_shards_index(ns) -> int:
 
 def cmd_demo_data(ns) -> int:
     from pipeline.data.demo import build_demo_shards, demo_shards_ready
+    from pipeline.eval.classifier import demo_classifier_ready, train_demo_classifier
 
     if demo_shards_ready(ns.out) and not ns.force:
         print(f"{ns.out}: demo shards already there")
-        return 0
-    manifest = build_demo_shards(ns.out, overwrite=ns.force)
-    print(f"{ns.out}: {manifest['num_samples']:,} demo samples in {len(manifest['shards'])} shards")
+    else:
+        manifest = build_demo_shards(ns.out, overwrite=ns.force)
+        print(f"{ns.out}: {manifest['num_samples']:,} demo samples in {len(manifest['shards'])} shards")
+    if demo_classifier_ready(ns.out) and not ns.force:
+        print(f"{ns.out}: demo classifier already there")
+    else:
+        record = train_demo_classifier(ns.out)
+        print(f"{ns.out}: demo classifier trained in {record['train_seconds']:.1f} s, held-out accuracy "
+              f"{record['held_out_accuracy']:.1%} ({record['num_held_out']} samples)")
     return 0
 
 
@@ -186,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="SPEC|key=value",
                    help="spec=NAME (default demo), overrides, procs=N (CPU ranks) or gpus=N, device=cpu|cuda")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("profile", help="time training steps of a spec: images/s, phases, FLOPs, MFU, a trace")
+    p.add_argument("args", nargs="*", metavar="SPEC|key=value",
+                   help="spec=NAME (default demo), overrides, procs=N (CPU ranks) or gpus=N, device=cpu|cuda")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
+    p.add_argument("--data", choices=("real", "synthetic"), default="real",
+                   help="synthetic: random tensors on the device instead of the loader")
+    p.add_argument("--model", choices=("full", "none"), default="full", help="none: time the loader alone")
+    p.add_argument("--trace-steps", type=int, default=2, help="steps traced by torch.profiler (default 2)")
+    p.set_defaults(func=cmd_profile)
     shards = sub.add_parser("shards", help="write, check and index WebDataset shards").add_subparsers(
         dest="shards_command", required=True)
     p = shards.add_parser("build", help="turn an image folder (one sub-folder per class, or a CSV) into shards")
@@ -205,10 +322,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = shards.add_parser("index", help="write missing DALI index files (.idx) beside .tar shards")
     p.add_argument("dir")
     p.set_defaults(func=cmd_shards_index)
-    p = sub.add_parser("demo-data", help="write the embedded demo shards (scikit-learn's digits at 32x32)")
+    p = sub.add_parser("demo-data", help="write the embedded demo shards (scikit-learn's digits at 32x32) and train "
+                                         "the demo classifier beside them")
     p.add_argument("--out", default="shards/demo", help="output directory (default shards/demo)")
-    p.add_argument("--force", action="store_true", help="rebuild even if complete shards are there")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild the shards and retrain the classifier even if complete ones are there")
     p.set_defaults(func=cmd_demo_data)
+    p = sub.add_parser("sample", help="write sample grids, per-image PNGs and interpolations of a trained generator")
+    p.add_argument("source", metavar="RUN_OR_WEIGHTS",
+                   help="a run directory (its latest checkpoint; the EMA when there is one), a checkpoint, an "
+                        "export directory or a generator.safetensors file")
+    p.add_argument("--classes", help="class numbers, e.g. 0,3,7, or all (default: all classes, up to 10 spread "
+                                     "over the range)")
+    p.add_argument("--num", type=int, default=8, help="images per class (default 8)")
+    p.add_argument("--truncation", type=float, help="truncation threshold (or scale); default: none, z ~ N(0, 1)")
+    p.add_argument("--truncation-mode", choices=("truncate", "scale"), default="truncate",
+                   help="truncate: redraw values beyond the threshold (the BigGAN paper); scale: multiply the "
+                        "standard deviation (BigGAN-PyTorch's code). Default truncate")
+    p.add_argument("--standing-stats", type=int, default=8, metavar="N",
+                   help="forward passes of standing BatchNorm statistics before sampling; 0: off (default 8)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
+    p.add_argument("--out", help="output directory (default RUN/samples/sample-TIME-seedS, or beside the weights)")
+    p.add_argument("--interpolate", choices=("latent", "class"),
+                   help="also write an interpolation strip: latent (slerp, one row per class) or class (the "
+                        "class embedding from one --classes entry to the next, --num rows)")
+    p.add_argument("--steps", type=int, default=8, help="interpolation steps (default 8)")
+    p.add_argument("--gif", action="store_true", help="also write the interpolation as an animated GIF")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("eval", help="FID, KID, IS and class accuracy of a run's generator (or exported weights)")
+    p.add_argument("source", help="a run directory, an export directory or a generator.safetensors file")
+    p.add_argument("--num", type=int, default=1000, help="generated images, classes balanced (default 1000; "
+                   "published FIDs use 50,000)")
+    p.add_argument("--truncation", default="none", help="threshold, or a sweep: 0.25,0.5,1,none (default none)")
+    p.add_argument("--truncation-mode", choices=("truncate", "scale"), default="truncate",
+                   help="truncate: resample values beyond the threshold (BigGAN); scale: scale z's std")
+    p.add_argument("--standing-stats", type=int, default=0, help="passes of standing BN statistics (default 0: off)")
+    p.add_argument("--features", default="demo", help="demo (the classifier beside the shards), demo:PATH or "
+                   "inception:PATH (the FID Inception weights file; nothing is downloaded)")
+    p.add_argument("--shards", help="real data to compare with (default: the spec's data.shards)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--out", help="directory for the JSON and plot (default RUN/eval)")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("schema", help="write the JSON Schema of specs (for editor completion)")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
     p.set_defaults(func=cmd_schema)
@@ -216,7 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    # spec words may follow options (`profile --steps 5 spec=x`): argparse leaves them over
+    ns, extra = parser.parse_known_args(argv)
+    if extra and hasattr(ns, "args") and not any(a.startswith("-") for a in extra):
+        ns.args += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return ns.func(ns)
     except SpecError as exc:

@@ -23,7 +23,7 @@ from pipeline.train.losses import get_loss
 from conftest import ROOT
 
 FAST = ["train.batch_size=16", "train.log_every=1", "train.sample_every=2", "train.checkpoint_every=2",
-        "train.keep_checkpoints=2"]
+        "train.keep_checkpoints=2", "eval.every=null"]  # evaluation has its own tests (test_evaluate.py)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
     # without hiding a wrong reduction, which shows at once at step 1 (checked tighter below).
     common = ["spec=demo", "data.synthetic=true", "train.batch_size=8", "train.max_steps=4", "train.log_every=1",
               "train.sample_every=100", "train.checkpoint_every=100", "generator.cross_replica_bn=true",
-              "train.g_opt.eps=1e-4", "train.d_opt.eps=1e-4"]
+              "train.g_opt.eps=1e-4", "train.d_opt.eps=1e-4", "eval.every=null"]
     for name, extra in (("one", []), ("two", ["procs=2"])):
         done = subprocess.run([sys.executable, "-m", "pipeline", "train", *common, *extra, f"run.dir={tmp_path / name}"],
                               cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)

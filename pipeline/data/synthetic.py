@@ -2,7 +2,9 @@
 
 For measuring a model without its loader, and for checking distributed training: every rank draws
 the same global batch from one seeded generator and keeps its own slice, so a run on N ranks sees
-exactly the data of a run on one.
+exactly the data of a run on one. The batch is drawn on the device itself: drawn on the CPU and
+copied, a 64 x 3 x 256 x 256 batch cost 0.14 s on the H100 machine, 17% of a BigGAN-deep step
+(`profile`), which is loader time that synthetic data exists to remove.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class SyntheticLoader:
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self):
-        self.generator = torch.Generator().manual_seed(self.seed + 12345)
+        self.generator = torch.Generator(self.device).manual_seed(self.seed + 12345)
         if self.state is not None:
             self.generator.set_state(self.state)
 
@@ -36,10 +38,11 @@ class SyntheticLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         total = self.batch_size * self.world_size
-        images = torch.rand(total, self.channels, self.resolution, self.resolution, generator=self.generator) * 2 - 1
-        labels = torch.randint(0, self.num_classes, (total,), generator=self.generator)
+        shape = (total, self.channels, self.resolution, self.resolution)
+        images = torch.rand(shape, generator=self.generator, device=self.device) * 2 - 1
+        labels = torch.randint(0, self.num_classes, (total,), generator=self.generator, device=self.device)
         part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return images[part].to(self.device, self.dtype), labels[part].to(self.device)
+        return images[part].to(self.dtype), labels[part]
 
     def state_dict(self) -> torch.Tensor:
         return self.generator.get_state()

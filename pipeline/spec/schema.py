@@ -108,6 +108,19 @@ class TrainSpec(Section):
     keep_checkpoints: PositiveInt = Field(3, description="Checkpoints kept; older ones are deleted.")
 
 
+class EvalSpec(Section):
+    every: PositiveInt | None = Field(None, description=(
+        "Evaluate FID, KID, IS and class accuracy of the generator (the EMA's when there is one) every "
+        "this many steps and at the end, logged to metrics.jsonl; null: never during training."))
+    num_samples: int = Field(1000, ge=2, description="Generated images per evaluation (classes balanced).")
+    features: str = Field("demo", description=(
+        "Feature network: demo (the classifier beside the spec's shards, trained on demand), demo:PATH, "
+        "or inception:PATH (the standard FID Inception weights, a local file)."))
+    truncation: float | None = Field(None, gt=0, description="Truncation threshold of z; null: none.")
+    standing_stats: int = Field(0, ge=0, description=(
+        "Forward passes of standing BatchNorm statistics before sampling; 0: the running statistics."))
+
+
 class RunSpec(Section):
     dir: str | None = Field(None, description="Run directory; default runs/NAME. Re-running resumes from it.")
 
@@ -135,8 +148,14 @@ class Spec(Section):
     latent: LatentSpec
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     compile: Annotated[CompileSpec, BeforeValidator(_compile_shorthand)] = Field(
         default_factory=CompileSpec, description="torch.compile settings; `compile: true` is short for enabled.")
     generator: NetworkSpec
     discriminator: NetworkSpec
+
+    def resolved(self) -> dict:
+        """The spec as stored in runs, checkpoints and exports: plain data with YAML's key names
+        (`in`, not `in_`) and its bases already merged, so `load_spec` reads it back as it is."""
+        return self.model_dump(mode="json", by_alias=True) | {"base": None}

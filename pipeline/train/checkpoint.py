@@ -21,7 +21,7 @@ from pipeline.errors import user_error
 
 TAG = "ckpt"
 # Settings a resumed run may change: they steer the run, not the model or its optimisation.
-MAY_DIFFER = ("description", "run", "compile", "train.max_steps", "train.log_every", "train.sample_every",
+MAY_DIFFER = ("description", "run", "compile", "eval", "train.max_steps", "train.log_every", "train.sample_every",
               "train.checkpoint_every", "train.keep_checkpoints", "data.shards", "data.num_threads")
 
 

@@ -23,6 +23,7 @@ from pipeline.data.dali import loader_from_spec
 from pipeline.dist import engines as dist
 from pipeline.errors import Issue, SpecError, user_error
 from pipeline.graph import build_network, compile_network
+from pipeline.profile.regions import region
 from pipeline.train import checkpoint
 from pipeline.train.ema import EMA
 from pipeline.train.losses import get_loss
@@ -89,99 +90,145 @@ def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
     Image.fromarray(grid.squeeze(-1).numpy() if grid.shape[-1] == 1 else grid.numpy()).save(path)
 
 
+class Trainer:
+    """Everything a run builds: process group, networks, EMA, engines, data, and the phases of one
+    step (`d_steps` discriminator steps, then one generator step). `train` and `profile` both build
+    it, so a profile measures exactly what training runs. Named regions (`D_fwd`, `opt_G`, ...) are
+    free unless a profile switches them on."""
+
+    def __init__(self, loaded, *, device: str | None = None, resume: bool = True):
+        spec, t = loaded.spec, loaded.spec.train
+        self.spec, self.t = spec, t
+        self.world = world = dist.setup(device)
+        self.micro, self.accum = batch_plan(t, world.size)
+        self.run_dir = Path(spec.run.dir or f"runs/{spec.name}")
+        self.spec_dict = spec.resolved()
+
+        # ----- networks, EMA and engines: identical initial weights on every rank
+        torch.manual_seed(spec.seed)
+        self.G = build_network(loaded, "generator", world.device)  # compiled below, after the EMA copy
+        self.D = build_network(loaded, "discriminator", world.device)
+        # the EMA is kept in fp32 even under bf16
+        self.ema = EMA(self.G, t.ema.decay, t.ema.start_images, dtype=torch.float32) if t.ema else None
+        compile_network(self.G, spec.compile)
+        config = dist.engine_config(t, self.micro, self.accum, world.size)
+        self.g_engine = dist.make_engine(self.G, t.g_opt, config)
+        self.d_engine = dist.make_engine(self.D, t.d_opt, config)
+        self.loss = make_loss(t)
+        # bf16: convolutions and matrix products in bf16, norms, losses and master weights in fp32
+        self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+
+        # ----- latents: one generator for the global batch, each rank takes its slice, so that a
+        # run on N ranks draws the same z as a run on one
+        self.latent_rng = torch.Generator().manual_seed(spec.seed)
+
+        # ----- resume
+        self.step, self.images_seen, loader_state = 0, 0, None
+        last = checkpoint.latest(self.run_dir) if resume else None
+        if last is not None:
+            state, local = checkpoint.load(last, g_engine=self.g_engine, d_engine=self.d_engine, ema=self.ema,
+                                           world=world, spec_dict=self.spec_dict)
+            self.step, self.images_seen, loader_state = state["step"], state["images_seen"], local["loader"]
+            torch.set_rng_state(local["rng"]["cpu"])
+            self.latent_rng.set_state(local["rng"]["latents"])
+            if "cuda" in local["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state(local["rng"]["cuda"])
+        self.loader = loader_from_spec(spec, batch_size=self.micro, device=world.device, rank=world.rank,
+                                       world_size=world.size, state=loader_state, dtype=self.dtype)
+        self.phases = [Phase("D", t.d_steps, self.d_step), Phase("G", 1, self.g_step)]
+
+    def mixed(self):
+        return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.t.precision == "bf16")
+
+    def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        world = self.world
+        z = torch.randn(n * world.size, self.spec.latent.z_dim, generator=self.latent_rng)
+        y = torch.randint(0, self.spec.data.num_classes, (n * world.size,), generator=self.latent_rng)
+        part = slice(world.rank * n, (world.rank + 1) * n)
+        return z[part].to(world.device), y[part].to(world.device)
+
+    # ----- the phases of one step
+    def d_step(self) -> dict:
+        t, micro, mixed = self.t, self.micro, self.mixed
+        for _ in range(self.accum):
+            with region("data_wait"):
+                real, y_real = next(self.loader)
+            with region("G_fwd"), torch.no_grad(), mixed():
+                z, y_fake = self.latents(micro)
+                fake = self.g_engine.module(z, y_fake)
+            if t.r1_gamma:
+                real = real.detach().requires_grad_(True)
+            with region("D_fwd"), mixed():
+                # D's raw module, as in the G step: the engine's forward adds output hooks that make
+                # R1's torch.autograd.grad fail ("direct calls to backward"); engine.backward below
+                # still scales by the accumulation steps and reduces the gradients
+                logits = self.d_engine.module(torch.cat([real, fake.to(real.dtype)]),
+                                              torch.cat([y_real, y_fake])).float()
+                real_logits, fake_logits = logits[:micro], logits[micro:]
+                d_loss = self.loss.d(real_logits, fake_logits)
+                if t.r1_gamma:
+                    d_loss = d_loss + t.r1_gamma / 2 * r1_penalty(real_logits, real)
+                if t.gp_weight:
+                    d_loss = d_loss + t.gp_weight * gradient_penalty(self.d_engine.module, real, fake, y_real)
+            with region("D_bwd"):
+                self.d_engine.backward(d_loss)
+            with region("opt_D"):
+                norm = grad_norm(self.d_engine)
+                self.d_engine.step()
+        return {"loss_d": d_loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item(),
+                **({"grad_norm_d": norm} if norm is not None else {})}
+
+    def g_step(self) -> dict:
+        with frozen(self.D):
+            for _ in range(self.accum):
+                with region("G_fwd"), self.mixed():
+                    z, y = self.latents(self.micro)
+                    fake = self.g_engine(z, y)
+                with region("D_fwd"), self.mixed():
+                    g_loss = self.loss.g(self.d_engine.module(fake, y).float())  # D's raw module: no engine hooks
+                if self.t.ortho_reg:
+                    with region("G_fwd"):
+                        g_loss = g_loss + ortho_penalty(self.g_engine.module, self.t.ortho_reg)
+                with region("G_bwd"):
+                    self.g_engine.backward(g_loss)
+                with region("opt_G"):
+                    norm = grad_norm(self.g_engine)
+                    self.g_engine.step()
+        return {"loss_g": g_loss.item(), **({"grad_norm_g": norm} if norm is not None else {})}
+
+    def run_step(self) -> dict:
+        """One step: every phase, then the EMA. Returns this rank's values to log."""
+        values: dict[str, float] = {}
+        for phase in self.phases:
+            for _ in range(phase.repeat):
+                values |= phase.run()
+                if phase.name == "D":
+                    self.images_seen += self.micro * self.accum * self.world.size
+        if self.ema is not None:
+            with region("ema"):
+                self.ema.update(self.g_engine.module, self.images_seen)
+        self.step += 1
+        return values
+
+    @property
+    def images_per_step(self) -> int:
+        """Real images through D per step, all ranks together."""
+        return self.t.d_steps * self.t.batch_size
+
+
 def train(loaded, *, device: str | None = None, stop_after: int | None = None) -> Path:
     """Train (or resume) the run a spec describes; return the run directory.
     `stop_after` ends the process's work after that many steps without a final checkpoint (tests
     use it to stand in for a killed run)."""
-    spec, t = loaded.spec, loaded.spec.train
-    world = dist.setup(device)
-    micro, accum = batch_plan(t, world.size)
-    run_dir = Path(spec.run.dir or f"runs/{spec.name}")
-    spec_dict = spec.model_dump(mode="json")
+    tr = Trainer(loaded, device=device)
+    spec, t, world, run_dir = tr.spec, tr.t, tr.world, tr.run_dir
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "spec.resolved.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
-
-    # ----- networks, EMA and engines: identical initial weights on every rank
-    torch.manual_seed(spec.seed)
-    G = build_network(loaded, "generator", world.device)  # compiled below, after the EMA copy
-    D = build_network(loaded, "discriminator", world.device)
-    ema = EMA(G, t.ema.decay, t.ema.start_images, dtype=torch.float32) if t.ema else None  # fp32 even under bf16
-    compile_network(G, spec.compile)
-    config = dist.engine_config(t, micro, accum, world.size)
-    g_engine, d_engine = dist.make_engine(G, t.g_opt, config), dist.make_engine(D, t.d_opt, config)
-    loss = make_loss(t)
-    # bf16: convolutions and matrix products in bf16, norms, losses and master weights in fp32
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-
-    def mixed():
-        return torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-
-    # ----- latents: one generator for the global batch, each rank takes its slice, so that a run
-    # on N ranks draws the same z as a run on one
-    latent_rng = torch.Generator().manual_seed(spec.seed)
-
-    def latents(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.randn(n * world.size, spec.latent.z_dim, generator=latent_rng)
-        y = torch.randint(0, spec.data.num_classes, (n * world.size,), generator=latent_rng)
-        part = slice(world.rank * n, (world.rank + 1) * n)
-        return z[part].to(world.device), y[part].to(world.device)
-
-    # ----- resume
-    step, images_seen, loader_state = 0, 0, None
-    last = checkpoint.latest(run_dir)
-    if last is not None:
-        state, local = checkpoint.load(last, g_engine=g_engine, d_engine=d_engine, ema=ema, world=world,
-                                       spec_dict=spec_dict)
-        step, images_seen, loader_state = state["step"], state["images_seen"], local["loader"]
-        torch.set_rng_state(local["rng"]["cpu"])
-        latent_rng.set_state(local["rng"]["latents"])
-        if "cuda" in local["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(local["rng"]["cuda"])
-    loader = loader_from_spec(spec, batch_size=micro, device=world.device, rank=world.rank, world_size=world.size,
-                              state=loader_state, dtype=dtype)
+        (run_dir / "spec.resolved.yaml").write_text(yaml.safe_dump(tr.spec_dict, sort_keys=False))
     metrics_path = run_dir / "metrics.jsonl"
     if world.is_main and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= tr.step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
-
-    # ----- the phases of one step
-    def d_step() -> dict:
-        for _ in range(accum):
-            real, y_real = next(loader)
-            z, y_fake = latents(micro)
-            with torch.no_grad(), mixed():
-                fake = g_engine.module(z, y_fake)
-            if t.r1_gamma:
-                real = real.detach().requires_grad_(True)
-            with mixed():
-                logits = d_engine(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake])).float()
-                real_logits, fake_logits = logits[:micro], logits[micro:]
-                d_loss = loss.d(real_logits, fake_logits)
-                if t.r1_gamma:
-                    d_loss = d_loss + t.r1_gamma / 2 * r1_penalty(real_logits, real)
-                if t.gp_weight:
-                    d_loss = d_loss + t.gp_weight * gradient_penalty(d_engine.module, real, fake, y_real)
-            d_engine.backward(d_loss)
-            norm = grad_norm(d_engine)
-            d_engine.step()
-        return {"loss_d": d_loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item(),
-                **({"grad_norm_d": norm} if norm is not None else {})}
-
-    def g_step() -> dict:
-        with frozen(D):
-            for _ in range(accum):
-                z, y = latents(micro)
-                with mixed():
-                    g_loss = loss.g(d_engine.module(g_engine(z, y), y).float())  # D's raw module: no engine hooks
-                if t.ortho_reg:
-                    g_loss = g_loss + ortho_penalty(g_engine.module, t.ortho_reg)
-                g_engine.backward(g_loss)
-                norm = grad_norm(g_engine)
-                g_engine.step()
-        return {"loss_g": g_loss.item(), **({"grad_norm_g": norm} if norm is not None else {})}
-
-    phases = [Phase("D", t.d_steps, d_step), Phase("G", 1, g_step)]
 
     # ----- fixed latents for sample grids: rows are classes, columns samples
     rows = min(10, spec.data.num_classes)
@@ -190,37 +237,54 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
     sample_y = torch.linspace(0, spec.data.num_classes - 1, rows).long().repeat_interleave(8).to(world.device)
 
     def write_samples(at: int) -> None:
-        net = ema.module if ema is not None else g_engine.module
+        net = tr.ema.module if tr.ema is not None else tr.g_engine.module
         was_training = net.training
         net.eval()
         with torch.no_grad():
             save_grid(net(sample_z, sample_y), rows, run_dir / "samples" / f"step-{at:08d}.png")
         net.train(was_training)
 
+    # ----- periodic evaluation (main rank; the scorer and real statistics are made once)
+    scorer = None
+
+    def write_eval(at: int) -> None:
+        nonlocal scorer
+        from pipeline.eval.evaluate import evaluate_module, make_scorer
+
+        e = spec.eval
+        scorer = scorer or make_scorer(spec, e.features, world.device)
+        net = tr.ema.module if tr.ema is not None else tr.g_engine.module
+        result = evaluate_module(net, spec, scorer, num=e.num_samples, truncation=e.truncation,
+                                 standing_passes=e.standing_stats, seed=spec.seed)
+        result["protocol"]["ema"] = tr.ema is not None
+        record = {"step": at, "images_seen": tr.images_seen, **{k: v for k, v in result.items() if k != "protocol"},
+                  "eval_protocol": result["protocol"]}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key in ("fid", "kid_mean", "is_mean", "class_accuracy"):
+                if record.get(key) is not None:
+                    writer.add_scalar(f"eval/{key}", record[key], tr.images_seen)
+
     def save_checkpoint(at: int) -> Path:
-        return checkpoint.save(run_dir, at, g_engine=g_engine, d_engine=d_engine, ema=ema, world=world,
-                               loader_state=loader.state_dict(), keep=t.keep_checkpoints,
-                               state={"step": at, "images_seen": images_seen, "world_size": world.size,
-                                      "spec": spec_dict, "latent_rng": latent_rng.get_state()})
+        return checkpoint.save(run_dir, at, g_engine=tr.g_engine, d_engine=tr.d_engine, ema=tr.ema, world=world,
+                               loader_state=tr.loader.state_dict(), keep=t.keep_checkpoints,
+                               state={"step": at, "images_seen": tr.images_seen, "world_size": world.size,
+                                      "spec": tr.spec_dict, "latent_rng": tr.latent_rng.get_state()})
 
     # ----- Ctrl-C / SIGTERM: finish the step, save, stop
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
     writer = _tensorboard(run_dir) if world.is_main else None
-    progress = _Progress(t.max_steps, step, enabled=world.is_main)
-    tick, tick_images, done = time.perf_counter(), images_seen, 0
+    progress = _Progress(t.max_steps, tr.step, enabled=world.is_main)
+    tick, tick_images, done = time.perf_counter(), tr.images_seen, 0
     try:
-        while step < t.max_steps:
-            values: dict[str, float] = {}
-            for phase in phases:
-                for _ in range(phase.repeat):
-                    values |= phase.run()
-                    if phase.name == "D":
-                        images_seen += micro * accum * world.size
-            if ema is not None:
-                ema.update(g_engine.module, images_seen)
-            step += 1
+        if world.is_main and spec.eval.every and tr.step == 0:
+            write_eval(0)  # the untrained generator: the baseline the scores fall from
+        while tr.step < t.max_steps:
+            values = tr.run_step()
+            step = tr.step
             bad = [k for k in ("loss_d", "loss_g") if not math.isfinite(values[k])]
             if bad:
                 last = checkpoint.latest(run_dir)
@@ -231,19 +295,21 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
             if step % t.log_every == 0 or step == t.max_steps:
                 now = time.perf_counter()
                 values = dist.all_mean(values, world.device)
-                record = {"step": step, "images_seen": images_seen, **values, "lr_g": t.g_opt.lr, "lr_d": t.d_opt.lr,
-                          "images_per_s": (images_seen - tick_images) / (now - tick)}
-                tick, tick_images = now, images_seen
+                record = {"step": step, "images_seen": tr.images_seen, **values, "lr_g": t.g_opt.lr,
+                          "lr_d": t.d_opt.lr, "images_per_s": (tr.images_seen - tick_images) / (now - tick)}
+                tick, tick_images = now, tr.images_seen
                 if world.is_main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     if writer is not None:
                         for key, value in record.items():
                             if key != "step":
-                                writer.add_scalar(key, value, images_seen)
+                                writer.add_scalar(key, value, tr.images_seen)
                 progress.update(step, record)
             if world.is_main and (step % t.sample_every == 0 or step == t.max_steps):
                 write_samples(step)
+            if world.is_main and spec.eval.every and (step % spec.eval.every == 0 or step == t.max_steps):
+                write_eval(step)
             done += 1
             if stop_after is not None and done >= stop_after:
                 return run_dir
@@ -258,7 +324,7 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
         if writer is not None:
             writer.close()
     if world.is_main:
-        export(run_dir, ema.module if ema is not None else g_engine.module, spec_dict)
+        export(run_dir, tr.ema.module if tr.ema is not None else tr.g_engine.module, tr.spec_dict)
     dist.barrier()
     return run_dir
 

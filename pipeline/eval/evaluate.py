@@ -1,0 +1,121 @@
+"""`python -m pipeline eval RUN`: FID, KID, IS and class accuracy of a trained generator, at one
+truncation or a sweep of them, each score recorded with the protocol that produced it; and the
+same evaluation every `eval.every` steps during training."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import user_error
+from pipeline.eval.features import FeatureNet, load_feature_net
+from pipeline.eval.metrics import Scorer, reference_stats, to_uint8
+from pipeline.eval.sampling import sample_latents, standing_stats
+
+
+def feature_net_for(spec, features: str, device) -> FeatureNet:
+    """The feature network `features` names. Plain `demo` is the classifier beside the spec's
+    shards, trained there first (seconds) if those are the demo shards and it is missing."""
+    if features == "demo":
+        from pipeline.data.demo import DEMO_SOURCE
+        from pipeline.data.shards import read_manifest
+        from pipeline.eval.classifier import WEIGHTS_FILE, demo_classifier_ready, train_demo_classifier
+
+        shards = Path(spec.data.shards or "shards/demo")
+        manifest = read_manifest(shards)
+        if not demo_classifier_ready(shards) and manifest is not None and manifest["source"] == DEMO_SOURCE:
+            train_demo_classifier(shards)
+        features = f"demo:{shards / WEIGHTS_FILE}"
+    return load_feature_net(features, device, what="eval.features")
+
+
+def make_scorer(spec, features: str, device, *, shards: str | None = None) -> Scorer:
+    """A scorer against the real statistics of the spec's shards (computed once, cached there)."""
+    shards = shards or spec.data.shards
+    if not shards or spec.data.synthetic:
+        raise user_error("evaluation compares with real images, and the spec has no shards", path="data.shards",
+                         hint="give --shards DIR (the shards the model was trained on)")
+    net = feature_net_for(spec, features, device)
+    return Scorer(net, reference_stats(shards, net, resolution=spec.data.resolution))
+
+
+def fake_batches(module, *, num: int, z_dim: int, num_classes: int, truncation: float | None, mode: str,
+                 seed: int, batch_size: int):
+    """`num` generated images as uint8 batches with their labels, classes in turn (balanced)."""
+    device = next(module.parameters()).device
+    rng = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num) % num_classes
+    for start in range(0, num, batch_size):
+        y = labels[start:start + batch_size]
+        z = sample_latents(len(y), z_dim, truncation, mode=mode, generator=rng, device=device)
+        with torch.no_grad():
+            yield to_uint8(module(z, y.to(device))), y
+
+
+def evaluate_module(module, spec, scorer: Scorer, *, num: int, truncation: float | None = None,
+                    mode: str = "truncate", standing_passes: int = 0, seed: int = 0, batch_size: int = 100) -> dict:
+    """Scores of `module`'s samples. Standing statistics are taken on a copy: `module` is unchanged."""
+    was_training = module.training
+    net = copy.deepcopy(module) if standing_passes else module
+    if standing_passes:
+        standing_stats(net, num_passes=standing_passes, batch_size=batch_size, z_dim=spec.latent.z_dim,
+                       num_classes=spec.data.num_classes, truncation=truncation, mode=mode,
+                       generator=torch.Generator().manual_seed(seed + 1))
+    net.eval()
+    try:
+        result = scorer(fake_batches(net, num=num, z_dim=spec.latent.z_dim, num_classes=spec.data.num_classes,
+                                     truncation=truncation, mode=mode, seed=seed, batch_size=batch_size))
+    finally:
+        module.train(was_training)
+    result["protocol"] |= {"truncation": truncation, "truncation_mode": mode if truncation else None,
+                           "standing_stats_passes": standing_passes, "classes": "balanced"}
+    return result
+
+
+def evaluate(source: str, *, features: str = "demo", num: int = 1000, truncations=(None,), mode: str = "truncate",
+             standing_passes: int = 0, seed: int = 0, batch_size: int = 100, device: str = "cpu",
+             shards: str | None = None, out_dir: str | None = None) -> dict:
+    """Evaluate a run's generator (its EMA when it has one) or exported weights at each
+    truncation; write eval JSON (and a FID-vs-IS plot for a sweep) and return the record."""
+    from pipeline.eval.sampling import load_generator
+
+    gen = load_generator(source, device)
+    scorer = make_scorer(gen.spec, features, device, shards=shards)
+    results = []
+    for truncation in truncations:
+        result = evaluate_module(gen.module, gen.spec, scorer, num=num, truncation=truncation, mode=mode,
+                                 standing_passes=standing_passes, seed=seed, batch_size=batch_size)
+        result["protocol"] |= {"generator": gen.source, "ema": gen.ema, "step": gen.step}
+        results.append(result)
+    out = Path(out_dir) if out_dir else gen.home / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"step-{gen.step:08d}" if gen.step is not None else "weights"
+    record = {"source": gen.source, "results": results, "json": str(out / f"{stem}.json")}
+    if len(results) > 1:
+        record["plot"] = str(out / f"{stem}-fid-is.png")
+        plot_sweep(results, Path(record["plot"]), title=gen.source)
+    Path(record["json"]).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def plot_sweep(results: list[dict], path: Path, *, title: str) -> None:
+    """FID against IS over the truncation sweep, as in the BigGAN paper's trade-off curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([r["is_mean"] for r in results], [r["fid"] for r in results], "o-", color="#4c72b0")
+    for r in results:
+        t = r["protocol"]["truncation"]
+        ax.annotate(f" {t if t is not None else 'none'}", (r["is_mean"], r["fid"]), fontsize=8)
+    ax.set_xlabel("IS (higher is better)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(f"{title}\ntruncation sweep ({results[0]['protocol']['feature_net']} features)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,127 @@
+"""Pluggable feature networks for FID, KID, IS and the class accuracy of conditional samples.
+
+A `FeatureNet` maps uint8 images (N, 3, H, W) in 0..255 to pooled features (for FID and KID)
+and class logits (for IS and the class accuracy) in one forward pass. What it is, its weights'
+sha256 and how it resizes its input are recorded next to every score (`protocol()`).
+
+`load_feature_net` takes one of:
+  demo            the demo classifier at shards/demo/classifier.safetensors (`just demo-data` trains it)
+  demo:PATH       a demo classifier saved elsewhere
+  inception:PATH  the standard FID Inception-v3 (TensorFlow 2015-12-05 weights as torch-fidelity converts
+                  them), from a local weights file; nothing is downloaded at run time
+  inception       the same, from where torch-fidelity itself caches the file (torch hub's checkpoints)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import user_error
+from pipeline.eval.classifier import DEMO_SHARDS, INPUT_SIZE, WEIGHTS_FILE, file_sha256, load_demo_classifier
+
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS}"
+KINDS = ("demo", "inception")
+
+
+class FeatureNet(nn.Module):
+    """uint8 images (N, 3, H, W) -> (features (N, num_features), logits (N, num_classes)); never trains."""
+
+    name: str
+    checksum: str  # sha256 of the weights file
+    input_size: int  # images are resized to input_size x input_size before the network sees them
+    resize_filter: str
+    num_features: int
+    num_classes: int
+    # {class name: logit index} of the dataset it was trained on; None when its classes are not a dataset's
+    classes: dict[str, int] | None = None
+
+    def train(self, mode: bool = True) -> FeatureNet:
+        return super().train(False)
+
+    def protocol(self) -> dict:
+        return {"feature_net": self.name, "feature_net_sha256": self.checksum,
+                "feature_net_input_size": self.input_size, "resize_filter": self.resize_filter}
+
+
+class DemoFeatureNet(FeatureNet):
+    name = "demo-classifier"
+    input_size = INPUT_SIZE
+    resize_filter = "bilinear with antialiasing (torch), only when the input is not 32x32"
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.net, self.classes = load_demo_classifier(path)
+        self.checksum = file_sha256(path)
+        self.num_features, self.num_classes = self.net.num_features, self.net.num_classes
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.float() / 127.5 - 1
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return self.net(x)
+
+
+class InceptionFeatureNet(FeatureNet):
+    """torch-fidelity's Inception-v3: pool3 (2048) features and the unbiased logits that IS uses."""
+
+    name = "inception-v3-compat"
+    input_size = 299
+    # the resize the published TensorFlow FID and IS numbers used (torchmetrics' default antialias differs)
+    resize_filter = "bilinear as TensorFlow 1.x, no antialiasing (torch-fidelity)"
+    num_features, num_classes = 2048, 1008
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.net = FeatureExtractorInceptionV3(self.name, ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=str(path))
+        self.checksum = file_sha256(path)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, logits = self.net(images)
+        return features, logits
+
+
+def default_inception_path() -> Path:
+    """Where torch-fidelity caches the weights when it downloads them itself."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+
+
+def load_feature_net(spec: str, device: str | torch.device = "cpu", *, what: str = "features") -> FeatureNet:
+    """The feature network SPEC names (`demo`, `demo:PATH`, `inception:PATH`, `inception`), on DEVICE.
+
+    `what` is the setting the user gave SPEC as, named in errors."""
+    kind, _, path = spec.partition(":")
+    if kind not in KINDS:
+        raise user_error(f"unknown feature network {spec!r}", path=what,
+                         hint="give demo, demo:PATH, inception:PATH or inception")
+    if kind == "demo":
+        path = Path(path or Path(DEMO_SHARDS) / WEIGHTS_FILE).expanduser()
+        if not path.is_file():
+            raise user_error(f"the demo classifier {path} does not exist", path=what, file=str(path),
+                             hint="train it with `just demo-data` (it is written beside the demo shards), or give "
+                                  "demo:PATH")
+        net: FeatureNet = DemoFeatureNet(path)
+    else:
+        path = Path(path).expanduser() if path else default_inception_path()
+        if not path.is_file():
+            raise user_error(f"the Inception weights file {path} does not exist", path=what, file=str(path),
+                             hint=f"download {INCEPTION_WEIGHTS} once from {INCEPTION_URL} and give its path as "
+                                  f"inception:PATH (or put it at {default_inception_path()}); nothing is downloaded "
+                                  "at run time")
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError:
+            raise user_error("the Inception feature network needs torch-fidelity, which is not installed", path=what,
+                             hint="install the `inception` extra: pip install -e '.[inception]' (it needs the "
+                                  "torchvision that matches your torch)") from None
+        net = InceptionFeatureNet(path)
+    return net.to(device).eval().requires_grad_(False)

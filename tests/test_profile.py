@@ -1,0 +1,122 @@
+"""Profiling runs on CPU: FLOPs against flop_counter, phases against the step time, the files,
+the loader alone, 2 ranks, the verdict and the peak table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.data.demo import build_demo_shards
+from pipeline.profile.flops import step_flops
+from pipeline.profile.peak import gpu_peak
+from pipeline.profile.run import verdict
+from pipeline.spec import load_spec
+from pipeline.train.loop import Trainer
+
+TINY = ["data.synthetic=true", "train.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    build_demo_shards(out)
+    return out
+
+
+@pytest.mark.parametrize("extra", [
+    [],  # BigGAN: hinge, ortho_reg in G, 1 D step
+    ["train.d_steps=2", "train.batch_per_rank=2", "train.r1_gamma=1.0", "train.ortho_reg=0"],  # accumulation, R1
+], ids=["biggan", "accumulation_r1"])
+def test_flops_per_step_match_flop_counter_over_a_real_step(tmp_path, extra):
+    loaded = load_spec("tiny_biggan", TINY + extra + [f"run.dir={tmp_path}"])
+    trainer = Trainer(loaded, resume=False)
+    trainer.run_step()  # first step outside the count (lazy initialisation)
+    with FlopCounterMode(display=False) as counter:
+        trainer.run_step()
+    counted = counter.get_total_flops()
+    planned = step_flops(loaded, trainer.micro, trainer.accum)
+    assert sum(v for k, v in planned.items() if k != "sn") == pytest.approx(counted, rel=0.02)
+    assert planned["D_bwd"] > planned["D_fwd"] > 0 and planned["G_bwd"] > 0
+
+
+def test_profile_writes_report_trace_and_plot(cli, tmp_path):
+    result = cli("profile", "tiny_biggan", *TINY, f"run.dir={tmp_path}", "--steps", "2", "--warmup", "1",
+                 "--trace-steps", "1")
+    assert result.code == 0, result.err
+    out = tmp_path / "profile"
+    report = json.loads((out / "report.json").read_text())
+    phases = report["phases_s"]
+    named = sum(v for k, v in phases.items() if k != "other")
+    assert named == pytest.approx(report["iteration_s"], rel=0.05)  # the phases add up to the step
+    for name in ("G_fwd", "D_fwd", "D_bwd", "G_bwd", "opt_D", "opt_G", "ema", "comm"):
+        assert phases[name] > 0, name
+    assert report["images_per_s"] == pytest.approx(report["images_per_step"] / report["iteration_s"])
+    assert report["images_per_step"] == 4 and report["world_size"] == 1 and report["batch_per_rank"] == 4
+    assert report["recompiles"] == 0 and 0 < report["mfu"] < 1
+    assert report["flops_per_iteration"] == pytest.approx(sum(report["flops_per_iteration_by_phase"].values()))
+    text = (out / "report.md").read_text()
+    assert "Verdict: compute-bound" in text and text.strip().endswith("**")
+    assert "Verdict: compute-bound" in result.out
+    assert (out / "phases.png").read_bytes()[:4] == b"\x89PNG"
+    trace = json.loads((out / "trace.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"data_wait", "G_fwd", "D_fwd", "D_bwd", "G_bwd", "opt_D", "opt_G", "ema"} <= names
+
+
+def test_loader_alone_and_real_data(cli, demo_shards, tmp_path):
+    common = [f"data.shards={demo_shards}", f"run.dir={tmp_path}", "train.batch_size=16", "--steps", "2",
+              "--warmup", "1"]
+    result = cli("profile", "demo", *common, "--model", "none")
+    assert result.code == 0, result.err
+    alone = json.loads((tmp_path / "profile" / "report.json").read_text())
+    assert alone["model"] == "none" and alone["loader_images_per_s"] > 0 and alone["batches_per_rank"] == 4
+    result = cli("profile", "demo", *common, "--trace-steps", "0", "train.d_steps=1")
+    assert result.code == 0, result.err
+    full = json.loads((tmp_path / "profile" / "report.json").read_text())
+    assert full["data"] == "real" and full["loader_images_per_s"] > 0 and full["phases_s"]["data_wait"] > 0
+    assert full["verdict"].startswith(("data-bound", "compute-bound"))
+
+
+@pytest.mark.slow
+def test_two_ranks_report_per_rank_and_total(tmp_path):
+    from test_train import clean_env
+
+    done = subprocess.run([sys.executable, "-m", "pipeline", "profile", "tiny_biggan", *TINY, "procs=2",
+                           f"run.dir={tmp_path}", "--steps", "2", "--warmup", "1", "--trace-steps", "0"],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "profile" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["batch_per_rank"] == 2
+    assert len(report["images_per_s_per_rank"]) == 2
+    assert report["images_per_s"] == pytest.approx(sum(report["images_per_s_per_rank"]))
+    assert report["phases_s"]["comm"] > 0 and 0 < report["comm_share"] < 1
+
+
+def test_bad_arguments_are_user_errors(cli):
+    result = cli("profile", "tiny_biggan", *TINY, "--steps", "0")
+    assert result.code == 2 and "--steps" in result.err
+
+
+def test_verdict_names_the_bound_and_the_largest_phase():
+    report = {"phases_s": {"data_wait": 0.5, "D_fwd": 0.2, "D_bwd": 0.1, "other": 0.0}, "iteration_s": 0.8,
+              "loader_images_per_s": 100.0, "model_images_per_s": 300.0}
+    assert verdict(report).startswith("data-bound") and "D_fwd" in verdict(report)
+    report["loader_images_per_s"] = 1000.0
+    assert verdict(report).startswith("compute-bound")
+
+
+def test_gpu_peak_table():
+    sxm, what = gpu_peak("NVIDIA H100 80GB HBM3", "bf16")
+    assert sxm == pytest.approx(989.4e12) and "H100" in what
+    assert gpu_peak("NVIDIA H100 PCIe", "bf16")[0] == pytest.approx(756e12)
+    assert gpu_peak("NVIDIA A100-SXM4-80GB", "bf16")[0] == pytest.approx(312e12)
+    assert gpu_peak("NVIDIA A10", "bf16")[0] == pytest.approx(125e12)
+    assert gpu_peak("Some Future GPU", "bf16") is None
+    assert torch.backends.cudnn.allow_tf32 is True  # fp32 training then runs convolutions in TF32
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "fp32")[0] == pytest.approx(494.7e12)
