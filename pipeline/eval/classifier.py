@@ -9,7 +9,6 @@ class accuracy of conditional samples.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.check import sha256
 from pipeline.data.shards import read_manifest
 from pipeline.errors import user_error
 
@@ -56,21 +56,13 @@ class DigitClassifier(nn.Module):
         return features, self.head(features)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def demo_classifier_ready(shards_dir: str | os.PathLike = DEMO_SHARDS) -> bool:
     """Whether SHARDS_DIR holds a classifier trained on exactly the shards there now (and intact)."""
     shards_dir = Path(shards_dir)
     try:
         record = json.loads((shards_dir / RECORD_FILE).read_text())
-        return (record["manifest_sha256"] == file_sha256(shards_dir / "manifest.json")
-                and record["weights_sha256"] == file_sha256(shards_dir / WEIGHTS_FILE))
+        return (record["manifest_sha256"] == sha256(shards_dir / "manifest.json")
+                and record["weights_sha256"] == sha256(shards_dir / WEIGHTS_FILE))
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -130,8 +122,8 @@ def train_demo_classifier(shards_dir: str | os.PathLike = DEMO_SHARDS, *, seed: 
         "seed": seed,
         "num_epochs": num_epochs,
         "train_seconds": round(train_seconds, 2),
-        "weights_sha256": file_sha256(weights),
-        "manifest_sha256": file_sha256(shards_dir / "manifest.json"),
+        "weights_sha256": sha256(weights),
+        "manifest_sha256": sha256(shards_dir / "manifest.json"),
         # positions in the stored order of the shards, as DALI reads them with shuffling off
         "held_out_positions": held_out.tolist(),
     }

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.check import sha256
 from pipeline.errors import user_error
-from pipeline.eval.classifier import DEMO_SHARDS, INPUT_SIZE, WEIGHTS_FILE, file_sha256, load_demo_classifier
+from pipeline.eval.classifier import DEMO_SHARDS, INPUT_SIZE, WEIGHTS_FILE, load_demo_classifier
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS}"
@@ -57,7 +58,7 @@ class DemoFeatureNet(FeatureNet):
     def __init__(self, path: str | os.PathLike):
         super().__init__()
         self.net, self.classes = load_demo_classifier(path)
-        self.checksum = file_sha256(path)
+        self.checksum = sha256(path)
         self.num_features, self.num_classes = self.net.num_features, self.net.num_classes
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +84,7 @@ class InceptionFeatureNet(FeatureNet):
 
         self.net = FeatureExtractorInceptionV3(self.name, ["2048", "logits_unbiased"],
                                                feature_extractor_weights_path=str(path))
-        self.checksum = file_sha256(path)
+        self.checksum = sha256(path)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, logits = self.net(images)

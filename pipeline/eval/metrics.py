@@ -29,20 +29,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.data.check import sha256
 from pipeline.data.shards import read_manifest
 from pipeline.errors import user_error
-from pipeline.eval.classifier import file_sha256
 from pipeline.eval.features import FeatureNet
+from pipeline.eval.sampling import to_uint8
 
 CACHE_VERSION = 1
 MAX_KID_FEATURES = 10_000
 # (uint8 images (N, 3, R, R), class labels (N,) or None)
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images -> uint8 0..255, quantized as a saved PNG would be: real and generated images alike."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def real_images(shards_dir: str | os.PathLike, *, resolution: int, batch_size: int = 250,
@@ -155,7 +151,7 @@ def reference_stats(shards_dir: str | os.PathLike, feature_net: FeatureNet, *, r
     if not resolution:
         raise user_error(f"the shards in {shards_dir} keep each image's own size", path="resolution",
                          hint="give the resolution to compare at: the generator's")
-    key = {"version": CACHE_VERSION, "manifest_sha256": file_sha256(shards_dir / "manifest.json"),
+    key = {"version": CACHE_VERSION, "manifest_sha256": sha256(shards_dir / "manifest.json"),
            "feature_net": feature_net.name, "feature_net_sha256": feature_net.checksum, "resolution": resolution,
            "max_kid_features": max_kid_features, "seed": seed}
     path = shards_dir / f"fid-stats-{feature_net.name}-{feature_net.checksum[:12]}-{resolution}px.safetensors"

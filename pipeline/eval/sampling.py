@@ -408,9 +408,14 @@ def class_interpolation(module: nn.Module, classes: list[int], num_rows: int, nu
     return torch.cat(images).unflatten(0, (num_rows, num_cols))
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> uint8 0..255, quantized as a saved PNG would be: real and generated images alike."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images (..., C, H, W) -> uint8 (..., H, W, C)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1)
+    return to_uint8(images).movedim(-3, -1)
 
 
 def _pil(pixels: torch.Tensor):

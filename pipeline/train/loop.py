@@ -22,6 +22,7 @@ import yaml
 from pipeline.data.dali import loader_from_spec
 from pipeline.dist import engines as dist
 from pipeline.errors import Issue, SpecError, user_error
+from pipeline.eval.sampling import save_png
 from pipeline.graph import build_network, compile_network
 from pipeline.profile.regions import region
 from pipeline.train import checkpoint
@@ -78,16 +79,6 @@ def batch_plan(train, world_size: int) -> tuple[int, int]:
                          f"{world_size} rank(s)", path="train.batch_size",
                          hint="choose batch_size = batch_per_rank x gradient accumulation x number of ranks")
     return micro, train.batch_size // (micro * world_size)
-
-
-def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
-    from einops import rearrange
-    from PIL import Image
-
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    grid = rearrange(pixels, "(r c) ch h w -> (r h) (c w) ch", r=rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.squeeze(-1).numpy() if grid.shape[-1] == 1 else grid.numpy()).save(path)
 
 
 class Trainer:
@@ -241,7 +232,7 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
         was_training = net.training
         net.eval()
         with torch.no_grad():
-            save_grid(net(sample_z, sample_y), rows, run_dir / "samples" / f"step-{at:08d}.png")
+            save_png(net(sample_z, sample_y).unflatten(0, (rows, -1)), run_dir / "samples" / f"step-{at:08d}.png")
         net.train(was_training)
 
     # ----- periodic evaluation (main rank; the scorer and real statistics are made once)
