@@ -29,6 +29,11 @@ schema *args:
 test *args:
     @DS_ACCELERATOR=cpu {{python}} -m pytest -q "$@"
 
+# lint and format check (ruff, configured in pyproject.toml); `just lint --fix` fixes what it can
+lint *args:
+    @{{python}} -m ruff check "$@" .
+    @{{python}} -m ruff format --check .
+
 # time `validate` of the largest shipped spec (recorded in BENCHMARKS.md)
 bench-validate spec="spec=biggan_deep_512":
     @{{python}} benchmarks/validate.py "{{spec}}"

@@ -35,7 +35,7 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
         photo = photos[i % 2]
         h, w = int(rng.integers(330, 400)), int(rng.integers(380, 460))
         y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
-        crop = photo[y:y + h, x:x + w].astype(np.float32) * rng.uniform(0.6, 1.2, 3) + rng.normal(0, 9, (h, w, 3))
+        crop = photo[y : y + h, x : x + w].astype(np.float32) * rng.uniform(0.6, 1.2, 3) + rng.normal(0, 9, (h, w, 3))
         out = folder / f"c{i % 10}"
         out.mkdir(parents=True, exist_ok=True)
         Image.fromarray(crop.clip(0, 255).astype(np.uint8)).save(out / f"{i:06d}.jpg", quality=95)
@@ -51,8 +51,11 @@ class PilLoader:
         def transform(sample):
             img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
             scale = resolution / min(img.size)
-            img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
-                             Image.BILINEAR, reducing_gap=None)
+            img = img.resize(
+                (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
+                Image.BILINEAR,
+                reducing_gap=None,
+            )
             left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
             img = img.crop((left, top, left + resolution, top + resolution))
             if np.random.rand() < 0.5:
@@ -60,9 +63,12 @@ class PilLoader:
             x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
             return x, int(sample["cls"])
 
-        dataset = wds.WebDataset([str(t) for t in shards.tars], shardshuffle=False, empty_check=False).repeat().map(transform)
-        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
-                                                  persistent_workers=True, prefetch_factor=4)
+        dataset = (
+            wds.WebDataset([str(t) for t in shards.tars], shardshuffle=False, empty_check=False).repeat().map(transform)
+        )
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch, num_workers=workers, persistent_workers=True, prefetch_factor=4
+        )
         self.it = iter(self.loader)
 
     def __next__(self):
@@ -105,10 +111,13 @@ def main() -> None:
     shards = find_shards(shard_dir)
     sizes = [p.stat().st_size for p in shards.tars]
     n = shards.num_samples or 0
-    print(f"{n} images in {len(shards.tars)} shards, {sum(sizes) / max(n, 1) / 1e3:.0f} KB/image on average; "
-          f"batch {args.batch}, resolution {args.resolution}, {args.workers} workers, device {args.device}")
-    dali = DaliLoader(shards, args.batch, args.resolution, 10 ** 6, flip=True, device=args.device,
-                      num_threads=args.workers)
+    print(
+        f"{n} images in {len(shards.tars)} shards, {sum(sizes) / max(n, 1) / 1e3:.0f} KB/image on average; "
+        f"batch {args.batch}, resolution {args.resolution}, {args.workers} workers, device {args.device}"
+    )
+    dali = DaliLoader(
+        shards, args.batch, args.resolution, 10**6, flip=True, device=args.device, num_threads=args.workers
+    )
     pil = PilLoader(shards, args.batch, args.resolution, args.workers)
     results = {"dali": [], "pil": []}
     for _ in range(args.rounds):  # interleaved rounds, so that machine load hits both alike

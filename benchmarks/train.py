@@ -24,9 +24,19 @@ from pipeline.train.loop import train  # noqa: E402
 
 def run(spec_arg: str, overrides: list[str], compiled: bool, steps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_spec(spec_arg, overrides + [
-            "data.synthetic=true", f"run.dir={tmp}", f"train.max_steps={warmup + steps}", "train.log_every=1",
-            f"train.sample_every={10 ** 9}", f"train.checkpoint_every={10 ** 9}", f"compile.enabled={compiled}"])
+        loaded = load_spec(
+            spec_arg,
+            overrides
+            + [
+                "data.synthetic=true",
+                f"run.dir={tmp}",
+                f"train.max_steps={warmup + steps}",
+                "train.log_every=1",
+                f"train.sample_every={10**9}",
+                f"train.checkpoint_every={10**9}",
+                f"compile.enabled={compiled}",
+            ],
+        )
         start = time.perf_counter()
         train(loaded)
         total = time.perf_counter() - start
@@ -35,8 +45,12 @@ def run(spec_arg: str, overrides: list[str], compiled: bool, steps: int, warmup:
     per_iteration = t.batch_size * t.d_steps  # real images through D per iteration
     rates = [r["images_per_s"] for r in rows[warmup:]]
     warm = [per_iteration / r["images_per_s"] for r in rows[:warmup]]
-    return {"images_per_s": statistics.median(rates), "s_per_iteration": per_iteration / statistics.median(rates),
-            "first_iteration_s": warm[0] if warm else None, "total_s": total}
+    return {
+        "images_per_s": statistics.median(rates),
+        "s_per_iteration": per_iteration / statistics.median(rates),
+        "first_iteration_s": warm[0] if warm else None,
+        "total_s": total,
+    }
 
 
 def main() -> None:
@@ -48,15 +62,22 @@ def main() -> None:
     ns = ap.parse_args()
     spec_arg, overrides = split_spec_args(ns.args, default="biggan_deep_128_ch32")
     spec = load_spec(spec_arg, overrides).spec
-    print(f"{spec.name}: batch {spec.train.batch_size}, {spec.train.d_steps} D steps + 1 G step per iteration, "
-          f"{spec.train.precision}, {ns.steps} timed iterations after {ns.warmup} warm-up", flush=True)
+    print(
+        f"{spec.name}: batch {spec.train.batch_size}, {spec.train.d_steps} D steps + 1 G step per iteration, "
+        f"{spec.train.precision}, {ns.steps} timed iterations after {ns.warmup} warm-up",
+        flush=True,
+    )
     results = {}
     for name in ("eager",) if ns.eager_only else ("eager", "compiled"):
         r = results[name] = run(spec_arg, overrides, name == "compiled", ns.steps, ns.warmup)
-        print(f"  {name:9s} {r['s_per_iteration']:7.3f} s/iteration  {r['images_per_s']:8.2f} images/s  "
-              f"(first iteration {r['first_iteration_s']:.1f} s)", flush=True)
+        print(
+            f"  {name:9s} {r['s_per_iteration']:7.3f} s/iteration  {r['images_per_s']:8.2f} images/s  "
+            f"(first iteration {r['first_iteration_s']:.1f} s)",
+            flush=True,
+        )
     if "compiled" in results:
-        print(f"  compiled / eager speed: {results['eager']['s_per_iteration'] / results['compiled']['s_per_iteration']:.2f}x")
+        speedup = results["eager"]["s_per_iteration"] / results["compiled"]["s_per_iteration"]
+        print(f"  compiled / eager speed: {speedup:.2f}x")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def main() -> None:
         "import time, torch; from pipeline.spec import load_spec; from pipeline.graph import analyze_spec\n"
         "torch.relu(torch.empty(1, device='meta'))\n"
         f"ts = []\nfor _ in range({runs}):\n"
-        f"    t = time.perf_counter(); analyze_spec(load_spec({spec!r}, check_graphs=False)); ts.append(time.perf_counter() - t)\n"
+        "    t = time.perf_counter()\n"
+        f"    analyze_spec(load_spec({spec!r}, check_graphs=False))\n"
+        "    ts.append(time.perf_counter() - t)\n"
         "print(sorted(ts)[len(ts) // 2], min(ts))"
     )
     med, low = map(float, subprocess.run([py, "-c", code], check=True, capture_output=True, text=True).stdout.split())

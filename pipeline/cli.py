@@ -36,8 +36,10 @@ def _network_json(plan) -> dict:
         "sn_flops_per_forward": plan.sn_flops_per_forward,
         "output_shape": list(plan.output_shapes[0]),
         "output_shapes": [list(s) for s in plan.output_shapes],
-        "nodes": [{"name": r.name, "kind": r.kind, "output_shape": r.shape, "params": r.params,
-                   "flops_per_image": r.flops} for r in plan.rows],
+        "nodes": [
+            {"name": r.name, "kind": r.kind, "output_shape": r.shape, "params": r.params, "flops_per_image": r.flops}
+            for r in plan.rows
+        ],
     }
 
 
@@ -49,11 +51,15 @@ def cmd_validate(ns) -> int:
     loaded = load_spec(spec_arg, overrides, check_graphs=False)
     plans = analyze_spec(loaded)
     if ns.json:
-        out = {"name": loaded.spec.name, "file": str(loaded.path),
-               **{which: _network_json(plan) for which, plan in plans.items()}}
+        out = {
+            "name": loaded.spec.name,
+            "file": str(loaded.path),
+            **{which: _network_json(plan) for which, plan in plans.items()},
+        }
         print(json.dumps(out, indent=2))
         return 0
     from pipeline.graph.report import print_report
+
     print_report(loaded, plans)
     return 0
 
@@ -67,13 +73,19 @@ def launch(num: int, command: str, argv: list[str]) -> int:
     import os
     import subprocess
 
-    from pipeline.dist.engines import _free_port
+    from pipeline.distributed.engines import _free_port
 
     port = str(_free_port())
     procs = []
     for rank in range(num):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(num),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
         procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", command, *argv], env=env))
     codes = [p.wait() for p in procs]
     return max(codes, key=abs)
@@ -125,8 +137,18 @@ def cmd_profile(ns) -> int:
 
     ranks, device, rest = split_run_args(ns.args)
     if ranks > 1:
-        options = ["--steps", str(ns.steps), "--warmup", str(ns.warmup), "--data", ns.data, "--model", ns.model,
-                   "--trace-steps", str(ns.trace_steps)]
+        options = [
+            "--steps",
+            str(ns.steps),
+            "--warmup",
+            str(ns.warmup),
+            "--data",
+            ns.data,
+            "--model",
+            ns.model,
+            "--trace-steps",
+            str(ns.trace_steps),
+        ]
         return launch(ranks, "profile", rest + ([f"device={device}"] if device else []) + options)
     if ns.steps < 1 or ns.warmup < 0 or ns.trace_steps < 0:
         raise user_error("--steps must be at least 1, --warmup and --trace-steps at least 0")
@@ -154,17 +176,30 @@ def cmd_sample(ns) -> int:
     if ns.classes is not None and ns.classes != "all":
         words = [w.strip() for w in ns.classes.split(",") if w.strip()]
         if not words or not all(w.isdigit() for w in words):
-            raise user_error(f"--classes {ns.classes!r} is not a list of class numbers",
-                             hint="e.g. --classes 0,3,7, or --classes all")
+            raise user_error(
+                f"--classes {ns.classes!r} is not a list of class numbers",
+                hint="e.g. --classes 0,3,7, or --classes all",
+            )
         classes = [int(w) for w in words]
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = load_generator(ns.source, device=device)
     if ns.classes == "all":
         classes = list(range(gen.num_classes))
     out = Path(ns.out) if ns.out else gen.home / "samples" / f"sample-{time.strftime('%Y%m%d-%H%M%S')}-seed{ns.seed}"
-    record = write_samples(gen, out, classes=classes, num_per_class=ns.num, truncation=ns.truncation,
-                           mode=ns.truncation_mode, standing_passes=ns.standing_stats, batch_size=ns.batch_size,
-                           seed=ns.seed, interpolate=ns.interpolate, num_steps=ns.steps, gif=ns.gif)
+    record = write_samples(
+        gen,
+        out,
+        classes=classes,
+        num_per_class=ns.num,
+        truncation=ns.truncation,
+        mode=ns.truncation_mode,
+        standing_passes=ns.standing_stats,
+        batch_size=ns.batch_size,
+        seed=ns.seed,
+        interpolate=ns.interpolate,
+        num_steps=ns.steps,
+        gif=ns.gif,
+    )
     print(f"{gen.source}: {len(record['classes'])} classes x {ns.num} images written to {out}")
     for name in record["files"].values():
         print(f"  {name}")
@@ -180,8 +215,10 @@ def parse_truncations(text: str) -> list[float | None]:
         except ValueError:
             value = -1.0
         if value is not None and value <= 0:
-            raise user_error(f"--truncation {text!r}: {word!r} is not a positive number or none",
-                             hint="e.g. --truncation 0.5, or a sweep --truncation 0.25,0.5,1,2,none")
+            raise user_error(
+                f"--truncation {text!r}: {word!r} is not a positive number or none",
+                hint="e.g. --truncation 0.5, or a sweep --truncation 0.25,0.5,1,2,none",
+            )
         values.append(value)
     return values
 
@@ -194,15 +231,27 @@ def cmd_eval(ns) -> int:
     if ns.num < 2 or ns.standing_stats < 0 or ns.batch_size < 2:
         raise user_error("--num and --batch-size must be at least 2, --standing-stats at least 0")
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    record = evaluate(ns.source, features=ns.features, num=ns.num, truncations=parse_truncations(ns.truncation),
-                      mode=ns.truncation_mode, standing_passes=ns.standing_stats, seed=ns.seed,
-                      batch_size=ns.batch_size, device=device, shards=ns.shards, out_dir=ns.out)
+    record = evaluate(
+        ns.source,
+        features=ns.features,
+        num=ns.num,
+        truncations=parse_truncations(ns.truncation),
+        mode=ns.truncation_mode,
+        standing_passes=ns.standing_stats,
+        seed=ns.seed,
+        batch_size=ns.batch_size,
+        device=device,
+        shards=ns.shards,
+        out_dir=ns.out,
+    )
     if ns.json:
         print(json.dumps(record, indent=2))
         return 0
     first = record["results"][0]["protocol"]
-    print(f"{record['source']}: {first['num_samples']} samples, {first['feature_net']} features "
-          f"(sha256 {first['feature_net_sha256'][:12]}), standing stats: {first['standing_stats_passes']} passes")
+    print(
+        f"{record['source']}: {first['num_samples']} samples, {first['feature_net']} features "
+        f"(sha256 {first['feature_net_sha256'][:12]}), standing stats: {first['standing_stats_passes']} passes"
+    )
     print(f"{'truncation':>10}  {'FID':>9}  {'KID':>9}  {'IS':>7}  {'class acc':>9}")
     for r in record["results"]:
         t = r["protocol"]["truncation"]
@@ -228,11 +277,22 @@ def cmd_schema(ns) -> int:
 def cmd_shards_build(ns) -> int:
     from pipeline.data.shards import build_shards
 
-    manifest = build_shards(ns.src, ns.out, csv=ns.csv, shard_size=ns.shard_size, resolution=ns.resolution,
-                            seed=ns.seed, quality=ns.quality, overwrite=ns.overwrite, log=print)
+    manifest = build_shards(
+        ns.src,
+        ns.out,
+        csv=ns.csv,
+        shard_size=ns.shard_size,
+        resolution=ns.resolution,
+        seed=ns.seed,
+        quality=ns.quality,
+        overwrite=ns.overwrite,
+        log=print,
+    )
     skipped = manifest.get("skipped", [])
-    print(f"{ns.out}: {manifest['num_samples']:,} samples in {len(manifest['shards'])} shards, "
-          f"{manifest['num_classes']} classes; {len(skipped)} image(s) skipped")
+    print(
+        f"{ns.out}: {manifest['num_samples']:,} samples in {len(manifest['shards'])} shards, "
+        f"{manifest['num_classes']} classes; {len(skipped)} image(s) skipped"
+    )
     for item in skipped[:20]:
         print(f"  skipped {item['path']}: {item['reason']}")
     return 0
@@ -277,8 +337,10 @@ def cmd_demo_data(ns) -> int:
         print(f"{ns.out}: demo classifier already there")
     else:
         record = train_demo_classifier(ns.out)
-        print(f"{ns.out}: demo classifier trained in {record['train_seconds']:.1f} s, held-out accuracy "
-              f"{record['held_out_accuracy']:.1%} ({record['num_held_out']} samples)")
+        print(
+            f"{ns.out}: demo classifier trained in {record['train_seconds']:.1f} s, held-out accuracy "
+            f"{record['held_out_accuracy']:.1%} ({record['num_held_out']} samples)"
+        )
     return 0
 
 
@@ -290,21 +352,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("train", help="train (or resume) the run a spec describes; default: the demo")
-    p.add_argument("args", nargs="*", metavar="SPEC|key=value",
-                   help="spec=NAME (default demo), overrides, procs=N (CPU ranks) or gpus=N, device=cpu|cuda")
+    p.add_argument(
+        "args",
+        nargs="*",
+        metavar="SPEC|key=value",
+        help="spec=NAME (default demo), overrides, procs=N (CPU ranks) or gpus=N, device=cpu|cuda",
+    )
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("profile", help="time training steps of a spec: images/s, phases, FLOPs, MFU, a trace")
-    p.add_argument("args", nargs="*", metavar="SPEC|key=value",
-                   help="spec=NAME (default demo), overrides, procs=N (CPU ranks) or gpus=N, device=cpu|cuda")
+    p.add_argument(
+        "args",
+        nargs="*",
+        metavar="SPEC|key=value",
+        help="spec=NAME (default demo), overrides, procs=N (CPU ranks) or gpus=N, device=cpu|cuda",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
-    p.add_argument("--data", choices=("real", "synthetic"), default="real",
-                   help="synthetic: random tensors on the device instead of the loader")
+    p.add_argument(
+        "--data",
+        choices=("real", "synthetic"),
+        default="real",
+        help="synthetic: random tensors on the device instead of the loader",
+    )
     p.add_argument("--model", choices=("full", "none"), default="full", help="none: time the loader alone")
     p.add_argument("--trace-steps", type=int, default=2, help="steps traced by torch.profiler (default 2)")
     p.set_defaults(func=cmd_profile)
     shards = sub.add_parser("shards", help="write, check and index WebDataset shards").add_subparsers(
-        dest="shards_command", required=True)
+        dest="shards_command", required=True
+    )
     p = shards.add_parser("build", help="turn an image folder (one sub-folder per class, or a CSV) into shards")
     p.add_argument("src", help="ImageNet-style folder: one sub-folder per class (or any folder with --csv)")
     p.add_argument("out", help="directory to write shards, index files and manifest.json to")
@@ -322,45 +397,79 @@ def build_parser() -> argparse.ArgumentParser:
     p = shards.add_parser("index", help="write missing DALI index files (.idx) beside .tar shards")
     p.add_argument("dir")
     p.set_defaults(func=cmd_shards_index)
-    p = sub.add_parser("demo-data", help="write the embedded demo shards (scikit-learn's digits at 32x32) and train "
-                                         "the demo classifier beside them")
+    p = sub.add_parser(
+        "demo-data",
+        help="write the embedded demo shards (scikit-learn's digits at 32x32) and train "
+        "the demo classifier beside them",
+    )
     p.add_argument("--out", default="shards/demo", help="output directory (default shards/demo)")
-    p.add_argument("--force", action="store_true",
-                   help="rebuild the shards and retrain the classifier even if complete ones are there")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild the shards and retrain the classifier even if complete ones are there",
+    )
     p.set_defaults(func=cmd_demo_data)
     p = sub.add_parser("sample", help="write sample grids, per-image PNGs and interpolations of a trained generator")
-    p.add_argument("source", metavar="RUN_OR_WEIGHTS",
-                   help="a run directory (its latest checkpoint; the EMA when there is one), a checkpoint, an "
-                        "export directory or a generator.safetensors file")
-    p.add_argument("--classes", help="class numbers, e.g. 0,3,7, or all (default: all classes, up to 10 spread "
-                                     "over the range)")
+    p.add_argument(
+        "source",
+        metavar="RUN_OR_WEIGHTS",
+        help="a run directory (its latest checkpoint; the EMA when there is one), a checkpoint, an "
+        "export directory or a generator.safetensors file",
+    )
+    p.add_argument(
+        "--classes", help="class numbers, e.g. 0,3,7, or all (default: all classes, up to 10 spread over the range)"
+    )
     p.add_argument("--num", type=int, default=8, help="images per class (default 8)")
     p.add_argument("--truncation", type=float, help="truncation threshold (or scale); default: none, z ~ N(0, 1)")
-    p.add_argument("--truncation-mode", choices=("truncate", "scale"), default="truncate",
-                   help="truncate: redraw values beyond the threshold (the BigGAN paper); scale: multiply the "
-                        "standard deviation (BigGAN-PyTorch's code). Default truncate")
-    p.add_argument("--standing-stats", type=int, default=8, metavar="N",
-                   help="forward passes of standing BatchNorm statistics before sampling; 0: off (default 8)")
+    p.add_argument(
+        "--truncation-mode",
+        choices=("truncate", "scale"),
+        default="truncate",
+        help="truncate: redraw values beyond the threshold (the BigGAN paper); scale: multiply the "
+        "standard deviation (BigGAN-PyTorch's code). Default truncate",
+    )
+    p.add_argument(
+        "--standing-stats",
+        type=int,
+        default=8,
+        metavar="N",
+        help="forward passes of standing BatchNorm statistics before sampling; 0: off (default 8)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
     p.add_argument("--out", help="output directory (default RUN/samples/sample-TIME-seedS, or beside the weights)")
-    p.add_argument("--interpolate", choices=("latent", "class"),
-                   help="also write an interpolation strip: latent (slerp, one row per class) or class (the "
-                        "class embedding from one --classes entry to the next, --num rows)")
+    p.add_argument(
+        "--interpolate",
+        choices=("latent", "class"),
+        help="also write an interpolation strip: latent (slerp, one row per class) or class (the "
+        "class embedding from one --classes entry to the next, --num rows)",
+    )
     p.add_argument("--steps", type=int, default=8, help="interpolation steps (default 8)")
     p.add_argument("--gif", action="store_true", help="also write the interpolation as an animated GIF")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("eval", help="FID, KID, IS and class accuracy of a run's generator (or exported weights)")
     p.add_argument("source", help="a run directory, an export directory or a generator.safetensors file")
-    p.add_argument("--num", type=int, default=1000, help="generated images, classes balanced (default 1000; "
-                   "published FIDs use 50,000)")
+    p.add_argument(
+        "--num",
+        type=int,
+        default=1000,
+        help="generated images, classes balanced (default 1000; published FIDs use 50,000)",
+    )
     p.add_argument("--truncation", default="none", help="threshold, or a sweep: 0.25,0.5,1,none (default none)")
-    p.add_argument("--truncation-mode", choices=("truncate", "scale"), default="truncate",
-                   help="truncate: resample values beyond the threshold (BigGAN); scale: scale z's std")
+    p.add_argument(
+        "--truncation-mode",
+        choices=("truncate", "scale"),
+        default="truncate",
+        help="truncate: resample values beyond the threshold (BigGAN); scale: scale z's std",
+    )
     p.add_argument("--standing-stats", type=int, default=0, help="passes of standing BN statistics (default 0: off)")
-    p.add_argument("--features", default="demo", help="demo (the classifier beside the shards), demo:PATH or "
-                   "inception:PATH (the FID Inception weights file; nothing is downloaded)")
+    p.add_argument(
+        "--features",
+        default="demo",
+        help="demo (the classifier beside the shards), demo:PATH or "
+        "inception:PATH (the FID Inception weights file; nothing is downloaded)",
+    )
     p.add_argument("--shards", help="real data to compare with (default: the spec's data.shards)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)

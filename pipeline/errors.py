@@ -36,8 +36,9 @@ class SpecError(Exception):
         return "\n".join(i.format() for i in self.issues)
 
 
-def user_error(message: str, *, path: str = "", file: str | None = None,
-               line: int | None = None, hint: str | None = None) -> SpecError:
+def user_error(
+    message: str, *, path: str = "", file: str | None = None, line: int | None = None, hint: str | None = None
+) -> SpecError:
     return SpecError([Issue(message, path, file, line, hint)])
 
 

@@ -5,20 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_family_blocks import FEATURE_MAP_CASES as FAMILY_CASES
 from torch import nn
 
 from pipeline.blocks import REGISTRY, BlockError
 from pipeline.blocks.layers import BuildContext, SpectralNorm
 from pipeline.blocks.registry import Node, register
 
-from test_family_blocks import FEATURE_MAP_CASES as FAMILY_CASES
-
 
 def build(params: dict, inputs: dict, **ctx_changes):
     node = REGISTRY[params["kind"]].model_validate(params)
     ctx = BuildContext(num_classes=10, image_channels=3, meta=False, **ctx_changes)
     return node.build(inputs, ctx.for_node(node))
-
 
 
 X = (4, 16, 8, 8)  # a feature map with its batch
@@ -28,7 +26,11 @@ Y = ()  # labels
 CASES = [
     ({"kind": "linear", "in": "z", "out_features": 7}, {"in": (32,)}, (4, 7)),
     ({"kind": "conv", "in": "x", "out_channels": 8}, {"in": X[1:]}, (4, 8, 8, 8)),
-    ({"kind": "conv", "in": "x", "out_channels": 8, "kernel_size": 4, "stride": 2, "padding": 1}, {"in": X[1:]}, (4, 8, 4, 4)),
+    (
+        {"kind": "conv", "in": "x", "out_channels": 8, "kernel_size": 4, "stride": 2, "padding": 1},
+        {"in": X[1:]},
+        (4, 8, 4, 4),
+    ),
     ({"kind": "conv_transpose", "in": "x", "out_channels": 8}, {"in": X[1:]}, (4, 8, 16, 16)),
     ({"kind": "embedding", "in": "y", "embedding_dim": 5}, {"in": Y}, (4, 5)),
     ({"kind": "concat", "in": ["a", "b"]}, {"in": [X[1:], (4, 8, 8)]}, (4, 20, 8, 8)),
@@ -47,13 +49,27 @@ CASES = [
     ({"kind": "sum_pool", "in": "x"}, {"in": X[1:]}, (4, 16)),
     ({"kind": "attention", "in": "x", "resolution": 8}, {"in": X[1:]}, X),
     ({"kind": "biggan_up", "in": "x", "cond": "c", "out_channels": 8}, {"in": X[1:], "cond": (6,)}, (4, 8, 16, 16)),
-    ({"kind": "biggan_up", "in": "x", "out_channels": 8, "norm": "none", "upsample": False}, {"in": X[1:]}, (4, 8, 8, 8)),
-    ({"kind": "biggan_deep_up", "in": "x", "cond": "c", "out_channels": 8}, {"in": X[1:], "cond": (6,)}, (4, 8, 16, 16)),
-    ({"kind": "biggan_deep_up", "in": "x", "cond": "c", "out_channels": 16, "upsample": False},
-     {"in": X[1:], "cond": (6,)}, X),
+    (
+        {"kind": "biggan_up", "in": "x", "out_channels": 8, "norm": "none", "upsample": False},
+        {"in": X[1:]},
+        (4, 8, 8, 8),
+    ),
+    (
+        {"kind": "biggan_deep_up", "in": "x", "cond": "c", "out_channels": 8},
+        {"in": X[1:], "cond": (6,)},
+        (4, 8, 16, 16),
+    ),
+    (
+        {"kind": "biggan_deep_up", "in": "x", "cond": "c", "out_channels": 16, "upsample": False},
+        {"in": X[1:], "cond": (6,)},
+        X,
+    ),
     ({"kind": "biggan_down", "in": "x", "out_channels": 32}, {"in": X[1:]}, (4, 32, 4, 4)),
-    ({"kind": "biggan_down", "in": "x", "out_channels": 16, "downsample": False, "preactivation": False},
-     {"in": X[1:]}, X),
+    (
+        {"kind": "biggan_down", "in": "x", "out_channels": 16, "downsample": False, "preactivation": False},
+        {"in": X[1:]},
+        X,
+    ),
     ({"kind": "biggan_deep_down", "in": "x", "out_channels": 32}, {"in": X[1:]}, (4, 32, 4, 4)),
     ({"kind": "g_output", "in": "x"}, {"in": X[1:]}, (4, 3, 8, 8)),
     ({"kind": "d_head", "in": "x", "y": "y"}, {"in": X[1:], "y": Y}, (4, 1)),
@@ -102,6 +118,7 @@ def test_registry_rejects_duplicates():
     from typing import Literal
 
     with pytest.raises(KeyError, match="registered twice"):
+
         @register
         class Again(Node):
             kind: Literal["conv"]

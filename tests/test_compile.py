@@ -25,5 +25,5 @@ def test_compiled_tiny_spec_equals_eager():
     logits, logits_ref = d(img.detach(), y), d_ref(img_ref.detach(), y)
     assert torch.allclose(logits, logits_ref, atol=1e-4)
     # the buffers the forward updated (BN running stats, SN vectors) agree too
-    for (name, a), b in zip(g.state_dict().items(), g_ref.state_dict().values()):
+    for (name, a), b in zip(g.state_dict().items(), g_ref.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-4), name

@@ -90,8 +90,9 @@ def test_round_trip_labels_counts_and_values(shard_dir):
 
 
 def test_bf16_output(shard_dir):
-    loader = DaliLoader(find_shards(shard_dir), batch_size=4, resolution=16, num_classes=NUM_CLASSES,
-                        dtype=torch.bfloat16)
+    loader = DaliLoader(
+        find_shards(shard_dir), batch_size=4, resolution=16, num_classes=NUM_CLASSES, dtype=torch.bfloat16
+    )
     assert next(loader)[0].dtype == torch.bfloat16
 
 
@@ -105,13 +106,14 @@ def test_deterministic_by_seed(shard_dir):
     shards = find_shards(shard_dir)
 
     def batches(seed):
-        loader = DaliLoader(shards, batch_size=6, resolution=16, num_classes=NUM_CLASSES, flip=True, seed=seed,
-                            shuffle_buffer=16)
+        loader = DaliLoader(
+            shards, batch_size=6, resolution=16, num_classes=NUM_CLASSES, flip=True, seed=seed, shuffle_buffer=16
+        )
         return [next(loader) for _ in range(4)]
 
     a, b, c = batches(3), batches(3), batches(4)
-    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
-    assert not all(torch.equal(p[1], q[1]) for p, q in zip(a, c))
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b, strict=True))
+    assert not all(torch.equal(p[1], q[1]) for p, q in zip(a, c, strict=True))
 
 
 def test_two_ranks_see_disjoint_parts_covering_the_dataset(shard_dir):
@@ -128,15 +130,17 @@ def test_two_ranks_see_disjoint_parts_covering_the_dataset(shard_dir):
 
 def test_restored_position_gives_identical_batches(shard_dir):
     shards = find_shards(shard_dir)
-    loader = DaliLoader(shards, batch_size=4, resolution=16, num_classes=NUM_CLASSES, flip=True, seed=5,
-                        shuffle_buffer=8)
+    loader = DaliLoader(
+        shards, batch_size=4, resolution=16, num_classes=NUM_CLASSES, flip=True, seed=5, shuffle_buffer=8
+    )
     for _ in range(3):
         next(loader)
     state = loader.state_dict()
     following = [next(loader) for _ in range(5)]  # runs past the end of the epoch of 30
-    resumed = DaliLoader(shards, batch_size=4, resolution=16, num_classes=NUM_CLASSES, flip=True, seed=5,
-                         shuffle_buffer=8, state=state)
-    for (x, y), (x2, y2) in zip(following, (next(resumed) for _ in range(5))):
+    resumed = DaliLoader(
+        shards, batch_size=4, resolution=16, num_classes=NUM_CLASSES, flip=True, seed=5, shuffle_buffer=8, state=state
+    )
+    for (x, y), (x2, y2) in zip(following, (next(resumed) for _ in range(5)), strict=True):
         assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
@@ -183,8 +187,10 @@ def test_non_integer_and_out_of_range_labels_name_shard_and_key(tmp_path):
 
 
 def test_missing_cls_is_an_error_or_a_counted_skip(tmp_path):
-    write_tar(tmp_path / "a.tar", [("k1.jpg", jpeg()), ("k1.cls", b"2"), ("k2.jpg", jpeg()),
-                                   ("k3.jpg", jpeg()), ("k3.cls", b"0")])
+    write_tar(
+        tmp_path / "a.tar",
+        [("k1.jpg", jpeg()), ("k1.cls", b"2"), ("k2.jpg", jpeg()), ("k3.jpg", jpeg()), ("k3.cls", b"0")],
+    )
     shards = find_shards(tmp_path)
     with pytest.raises(SpecError, match="DALI pipeline failed"):
         DaliLoader(shards, batch_size=2, resolution=16, num_classes=3, shuffle=False)
@@ -233,12 +239,16 @@ def test_check_names_corrupt_shard_and_key(shard_dir, tmp_path, cli):
     with tarfile.open(bad / first) as tar:
         member = tar.getmember(f"{victim}.jpg")
     start = member.offset_data + 2
-    data[start:start + 400] = b"\xff" * 400
+    data[start : start + 400] = b"\xff" * 400
     (bad / first).write_bytes(bytes(data))
     result = cli("shards", "check", bad, "--json")
     assert result.code == 2
     problems = json.loads(result.out)["problems"]
-    assert {"shard": first, "key": None, "problem": "sha256 differs from the manifest: the file changed or is corrupt"} in problems
+    assert {
+        "shard": first,
+        "key": None,
+        "problem": "sha256 differs from the manifest: the file changed or is corrupt",
+    } in problems
     assert any(p["key"] == victim and "does not decode" in p["problem"] for p in problems), problems
 
 
@@ -251,5 +261,6 @@ def test_check_names_wrong_labels(shard_dir, tmp_path, cli):
     samples["samples"][3][1] = (label + 1) % NUM_CLASSES
     sidecar.write_text(json.dumps(samples))
     report = check_shards(bad)
-    assert report.problems == [{"shard": first, "key": key,
-                                "problem": f"label {label}, sidecar says {(label + 1) % NUM_CLASSES}"}]
+    assert report.problems == [
+        {"shard": first, "key": key, "problem": f"label {label}, sidecar says {(label + 1) % NUM_CLASSES}"}
+    ]

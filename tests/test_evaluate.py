@@ -17,10 +17,21 @@ def demo_run(tmp_path_factory):
     shards = tmp_path_factory.mktemp("demo")
     build_demo_shards(shards)
     run_dir = tmp_path_factory.mktemp("run")
-    loaded = load_spec("demo", [f"data.shards={shards}", f"run.dir={run_dir}", "train.batch_size=16",
-                                "train.max_steps=2", "train.log_every=1", "train.sample_every=2",
-                                "train.checkpoint_every=2", "eval.every=2", "eval.num_samples=40",
-                                "eval.standing_stats=2"])
+    loaded = load_spec(
+        "demo",
+        [
+            f"data.shards={shards}",
+            f"run.dir={run_dir}",
+            "train.batch_size=16",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "train.sample_every=2",
+            "train.checkpoint_every=2",
+            "eval.every=2",
+            "eval.num_samples=40",
+            "eval.standing_stats=2",
+        ],
+    )
     train(loaded)
     return run_dir, shards
 
@@ -40,8 +51,9 @@ def test_training_logs_scores_with_their_protocol(demo_run):
 
 def test_eval_command_sweeps_truncation(cli, demo_run, tmp_path):
     run_dir, _ = demo_run
-    result = cli("eval", run_dir, "--num", "40", "--truncation", "0.5,none", "--standing-stats", "2",
-                 "--out", tmp_path, "--json")
+    result = cli(
+        "eval", run_dir, "--num", "40", "--truncation", "0.5,none", "--standing-stats", "2", "--out", tmp_path, "--json"
+    )
     assert result.code == 0, result.err
     record = json.loads(result.out)
     assert [r["protocol"]["truncation"] for r in record["results"]] == [0.5, None]
@@ -49,8 +61,19 @@ def test_eval_command_sweeps_truncation(cli, demo_run, tmp_path):
     assert json.loads((tmp_path / "step-00000002.json").read_text())["results"] == record["results"]
     assert (tmp_path / "step-00000002-fid-is.png").read_bytes()[:4] == b"\x89PNG"
     # the same generator, the same seed: the export scores like the run
-    again = cli("eval", run_dir / "export", "--num", "40", "--truncation", "0.5", "--standing-stats", "2",
-                "--out", tmp_path / "export", "--json")
+    again = cli(
+        "eval",
+        run_dir / "export",
+        "--num",
+        "40",
+        "--truncation",
+        "0.5",
+        "--standing-stats",
+        "2",
+        "--out",
+        tmp_path / "export",
+        "--json",
+    )
     assert again.code == 0, again.err
     assert json.loads(again.out)["results"][0]["fid"] == pytest.approx(record["results"][0]["fid"], rel=1e-5)
 

@@ -41,8 +41,11 @@ FEATURE_MAP_CASES = [
     ({"kind": "progan_up", "in": "x", "out_channels": 8, "upsample": False}, (2, 16, 4, 4), (2, 8, 4, 4)),
     ({"kind": "progan_input", "in": "z", "out_channels": 16}, (2, 32), (2, 16, 4, 4)),
     ({"kind": "progan_down", "in": "x", "out_channels": 16}, (2, 8, 8, 8), (2, 16, 4, 4)),
-    ({"kind": "progan_down", "in": "x", "out_channels": 16, "hidden_channels": 4, "downsample": False},
-     (2, 8, 8, 8), (2, 16, 8, 8)),
+    (
+        {"kind": "progan_down", "in": "x", "out_channels": 16, "hidden_channels": 4, "downsample": False},
+        (2, 8, 8, 8),
+        (2, 16, 8, 8),
+    ),
     ({"kind": "progan_output", "in": "x", "channels": 16}, (2, 17, 4, 4), (2, 1)),
     ({"kind": "dcgan_up", "in": "x", "out_channels": 8}, (2, 16, 4, 4), (2, 8, 8, 8)),
     ({"kind": "dcgan_up", "in": "x", "out_channels": 8, "stride": 1, "padding": 0}, (2, 100, 1, 1), (2, 8, 4, 4)),
@@ -53,8 +56,11 @@ FEATURE_MAP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("params, in_shape, out_shape", FEATURE_MAP_CASES,
-                         ids=[f"{c[0]['kind']}-{i}" for i, c in enumerate(FEATURE_MAP_CASES)])
+@pytest.mark.parametrize(
+    "params, in_shape, out_shape",
+    FEATURE_MAP_CASES,
+    ids=[f"{c[0]['kind']}-{i}" for i, c in enumerate(FEATURE_MAP_CASES)],
+)
 def test_forward_shape(params, in_shape, out_shape):
     module = build(params, {"in": in_shape[1:]}, init="normal")
     out = module(torch.randn(in_shape))
@@ -104,8 +110,9 @@ def test_equalized_lr_gains_of_linear_layers():
     to_rgb = build({"kind": "to_rgb", "in": "x"}, {"in": (16, 4, 4)}, init="equalized_lr")
     torch.testing.assert_close(to_rgb.weight, to_rgb.parametrizations.weight.original / math.sqrt(16))
     first = build({"kind": "progan_input", "in": "z", "out_channels": 8}, {"in": (32,)}, init="equalized_lr")
-    torch.testing.assert_close(first.dense.weight,
-                               first.dense.parametrizations.weight.original * math.sqrt(2) / 4 / math.sqrt(32))
+    torch.testing.assert_close(
+        first.dense.weight, first.dense.parametrizations.weight.original * math.sqrt(2) / 4 / math.sqrt(32)
+    )
 
 
 # ----- minibatch standard deviation -----
@@ -164,8 +171,12 @@ def tiny_overrides(loaded, factor: int = 8) -> list[str]:
                 value = getattr(node, key, None)
                 if isinstance(value, int) and value >= 64:
                     out.append(f"{which}.nodes.{name}.{key}={value // factor}")
-            if node.kind == "reshape" and len(node.shape) == 3 and nodes.get(node.in_) is not None \
-                    and nodes[node.in_].kind == "linear":
+            if (
+                node.kind == "reshape"
+                and len(node.shape) == 3
+                and nodes.get(node.in_) is not None
+                and nodes[node.in_].kind == "linear"
+            ):
                 out.append(f"{which}.nodes.{name}.shape={[node.shape[0] // factor] + node.shape[1:]}")
     return out
 

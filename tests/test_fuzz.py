@@ -13,10 +13,15 @@ from pipeline.cli import main
 from pipeline.spec.load import SPECS_DIR, _load_with_bases
 
 # Fully merged valid specs (without `base:`, so that nothing is merged again) to mutate.
-BASES = {name: {k: v for k, v in _load_with_bases(SPECS_DIR / f"{name}.yaml")[0].items() if k != "base"}
-         for name in ("tiny_biggan", "tiny_biggan_deep", "dcgan_32")}
+BASES = {
+    name: {k: v for k, v in _load_with_bases(SPECS_DIR / f"{name}.yaml")[0].items() if k != "base"}
+    for name in ("tiny_biggan", "tiny_biggan_deep", "dcgan_32")
+}
 VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 70000), st.floats(allow_nan=True, allow_infinity=True),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 70000),
+    st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from(["", "x", "h", "zs.1", "zs.9", "cond", "image", "y", "z", "up_8", "a.b.c", "-1", "[1"]),
     st.sampled_from(sorted(REGISTRY)),
     st.lists(st.integers(-2, 300), max_size=5),
@@ -86,21 +91,38 @@ def test_mutated_specs_never_crash(tmp_path_factory, data, base):
 
 
 @settings(max_examples=30, deadline=None)
-@given(text=st.sampled_from(sorted(BASES)).map(lambda b: yaml.safe_dump(BASES[b], sort_keys=False)),
-       cut=st.tuples(st.integers(0, 4000), st.integers(0, 200)), junk=st.text(max_size=8))
+@given(
+    text=st.sampled_from(sorted(BASES)).map(lambda b: yaml.safe_dump(BASES[b], sort_keys=False)),
+    cut=st.tuples(st.integers(0, 4000), st.integers(0, 200)),
+    junk=st.text(max_size=8),
+)
 def test_corrupted_yaml_text_never_crashes(tmp_path_factory, text, cut, junk):
     start, length = cut
     spec = tmp_path_factory.mktemp("fuzz") / "spec.yaml"
-    spec.write_text(text[:start] + junk + text[start + length:])
+    spec.write_text(text[:start] + junk + text[start + length :])
     code, err = run_cli("validate", str(spec), "--json")
     assert code in (0, 2) and "Traceback" not in err
 
 
 @settings(max_examples=40, deadline=None)
-@given(key=st.sampled_from(["train.max_steps", "generator.nodes.up_8.out_channels", "data.resolution", "compile",
-                            "generator.nodes.attn.resolution", "discriminator.sn", "latent", "generator.nodes.new.kind",
-                            "generator.nodes", "x.y.z", "generator.output"]),
-       value=st.sampled_from(["3", "-1", "[1, 2]", "{a: 1}", "null", "true", "abc", "", "zs.1", "[", "1e400"]))
+@given(
+    key=st.sampled_from(
+        [
+            "train.max_steps",
+            "generator.nodes.up_8.out_channels",
+            "data.resolution",
+            "compile",
+            "generator.nodes.attn.resolution",
+            "discriminator.sn",
+            "latent",
+            "generator.nodes.new.kind",
+            "generator.nodes",
+            "x.y.z",
+            "generator.output",
+        ]
+    ),
+    value=st.sampled_from(["3", "-1", "[1, 2]", "{a: 1}", "null", "true", "abc", "", "zs.1", "[", "1e400"]),
+)
 def test_random_overrides_never_crash(key, value):
     code, err = run_cli("validate", "tiny_biggan", f"{key}={value}", "--json")
     assert code in (0, 2) and "Traceback" not in err

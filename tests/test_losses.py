@@ -37,7 +37,9 @@ def test_hinge():
 
 
 def test_non_saturating():
-    sp = lambda x: math.log1p(math.exp(x))
+    def sp(x):
+        return math.log1p(math.exp(x))
+
     loss = get_loss("non_saturating")
     assert close(loss.d(REAL, FAKE), (sp(-2) + sp(-0.5)) / 2 + (sp(-2) + sp(0.5)) / 2)
     assert close(loss.g(FAKE), (sp(2) + sp(-0.5)) / 2)
@@ -69,7 +71,10 @@ def test_label_flipping():
     a = half.d(real, fake)
     torch.manual_seed(0)
     assert half.d(real, fake) == a  # reproducible under the global seed
-    seeded = lambda s: get_loss("non_saturating", flip_prob=0.5, generator=torch.Generator().manual_seed(s))
+
+    def seeded(s):
+        return get_loss("non_saturating", flip_prob=0.5, generator=torch.Generator().manual_seed(s))
+
     assert seeded(1).d(real, fake) == seeded(1).d(real, fake)
     assert seeded(1).d(real, fake) != seeded(2).d(real, fake)
 
@@ -174,7 +179,10 @@ def test_gradient_penalty_of_a_linear_discriminator(norm):
     torch.manual_seed(0)
     w = torch.randn(3, 4, 4, dtype=torch.float64)
     w = (w * norm / w.norm()).requires_grad_(True)
-    disc = lambda images, labels: (images * w).flatten(1).sum(1) + labels
+
+    def disc(images, labels):
+        return (images * w).flatten(1).sum(1) + labels
+
     real = torch.randn(6, 3, 4, 4, dtype=torch.float64)
     fake = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     penalty = gradient_penalty(disc, real, fake, torch.zeros(6, dtype=torch.float64))
@@ -231,7 +239,7 @@ def test_ema():
     # state dict round trip, and a float32 average of a lower-precision model
     other = EMA(model, decay=0.9)
     other.load_state_dict(ema.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), ema.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), ema.state_dict().values(), strict=True))
     half = EMA(model.bfloat16(), decay=0.9999, dtype=torch.float32)
     before = half.module.fc.parametrizations.weight.original.clone()
     with torch.no_grad():

@@ -61,7 +61,9 @@ def make_images(num: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 
 
 def batches(images, labels=None, size: int = 100):
-    return [(images[i:i + size], None if labels is None else labels[i:i + size]) for i in range(0, len(images), size)]
+    return [
+        (images[i : i + size], None if labels is None else labels[i : i + size]) for i in range(0, len(images), size)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +184,13 @@ def write_tiny_shards(out, seed: int = 0):
     from pipeline.data.shards import write_samples
 
     images, labels = make_images(num=40)
-    samples = [(f"img/{i:03d}", Image.fromarray(img.permute(1, 2, 0).numpy()), int(label))
-               for i, (img, label) in enumerate(zip(images, labels))]
-    return write_samples(samples, out, classes=CLASSES, source="test", shard_size=16, resolution=16, seed=seed,
-                         overwrite=True)
+    samples = [
+        (f"img/{i:03d}", Image.fromarray(img.permute(1, 2, 0).numpy()), int(label))
+        for i, (img, label) in enumerate(zip(images, labels, strict=True))
+    ]
+    return write_samples(
+        samples, out, classes=CLASSES, source="test", shard_size=16, resolution=16, seed=seed, overwrite=True
+    )
 
 
 def test_reference_stats_are_cached_once_reused_and_invalidated_when_the_manifest_changes(tmp_path):
@@ -287,11 +292,10 @@ def test_demo_classifier_scores_real_digits_as_real_and_noise_as_noise(demo_dir)
     reference = reference_stats(demo_dir, net)
     assert reference.real_class_accuracy >= 0.95
     held_out = json.loads((demo_dir / RECORD_FILE).read_text())["held_out_positions"]
-    images, labels = (torch.cat(t) for t in zip(*real_images(demo_dir, resolution=32)))
+    images, labels = (torch.cat(t) for t in zip(*real_images(demo_dir, resolution=32), strict=True))
     real = score(batches(images[held_out], labels[held_out]), net, reference, **FAST)
     assert real["class_accuracy"] >= 0.9
-    noise = torch.randint(0, 256, images[held_out].shape, generator=torch.Generator().manual_seed(0),
-                          dtype=torch.uint8)
+    noise = torch.randint(0, 256, images[held_out].shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     fake = score(batches(noise, labels[held_out]), net, reference, **FAST)
     assert fake["fid"] > 20 * real["fid"] and fake["kid_mean"] > 20 * abs(real["kid_mean"])
     assert fake["class_accuracy"] < 0.5

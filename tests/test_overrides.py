@@ -9,8 +9,15 @@ from pipeline.spec import load_spec
 
 
 def test_overrides_set_typed_values():
-    spec = load_spec("tiny_biggan", ["train.max_steps=7", "compile.enabled=true", "train.g_opt.betas=[0.5, 0.9]",
-                                     "generator.nodes.up_8.out_channels=96"]).spec
+    spec = load_spec(
+        "tiny_biggan",
+        [
+            "train.max_steps=7",
+            "compile.enabled=true",
+            "train.g_opt.betas=[0.5, 0.9]",
+            "generator.nodes.up_8.out_channels=96",
+        ],
+    ).spec
     assert spec.train.max_steps == 7 and spec.compile.enabled
     assert spec.train.g_opt.betas == (0.5, 0.9)
     assert spec.generator.nodes["up_8"].out_channels == 96

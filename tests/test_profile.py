@@ -29,10 +29,14 @@ def demo_shards(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("extra", [
-    [],  # BigGAN: hinge, ortho_reg in G, 1 D step
-    ["train.d_steps=2", "train.batch_per_rank=2", "train.r1_gamma=1.0", "train.ortho_reg=0"],  # accumulation, R1
-], ids=["biggan", "accumulation_r1"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],  # BigGAN: hinge, ortho_reg in G, 1 D step
+        ["train.d_steps=2", "train.batch_per_rank=2", "train.r1_gamma=1.0", "train.ortho_reg=0"],  # accumulation, R1
+    ],
+    ids=["biggan", "accumulation_r1"],
+)
 def test_flops_per_step_match_flop_counter_over_a_real_step(tmp_path, extra):
     loaded = load_spec("tiny_biggan", TINY + extra + [f"run.dir={tmp_path}"])
     trainer = Trainer(loaded, resume=False)
@@ -46,8 +50,9 @@ def test_flops_per_step_match_flop_counter_over_a_real_step(tmp_path, extra):
 
 
 def test_profile_writes_report_trace_and_plot(cli, tmp_path):
-    result = cli("profile", "tiny_biggan", *TINY, f"run.dir={tmp_path}", "--steps", "2", "--warmup", "1",
-                 "--trace-steps", "1")
+    result = cli(
+        "profile", "tiny_biggan", *TINY, f"run.dir={tmp_path}", "--steps", "2", "--warmup", "1", "--trace-steps", "1"
+    )
     assert result.code == 0, result.err
     out = tmp_path / "profile"
     report = json.loads((out / "report.json").read_text())
@@ -70,8 +75,15 @@ def test_profile_writes_report_trace_and_plot(cli, tmp_path):
 
 
 def test_loader_alone_and_real_data(cli, demo_shards, tmp_path):
-    common = [f"data.shards={demo_shards}", f"run.dir={tmp_path}", "train.batch_size=16", "--steps", "2",
-              "--warmup", "1"]
+    common = [
+        f"data.shards={demo_shards}",
+        f"run.dir={tmp_path}",
+        "train.batch_size=16",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    ]
     result = cli("profile", "demo", *common, "--model", "none")
     assert result.code == 0, result.err
     alone = json.loads((tmp_path / "profile" / "report.json").read_text())
@@ -87,9 +99,29 @@ def test_loader_alone_and_real_data(cli, demo_shards, tmp_path):
 def test_two_ranks_report_per_rank_and_total(tmp_path):
     from test_train import clean_env
 
-    done = subprocess.run([sys.executable, "-m", "pipeline", "profile", "tiny_biggan", *TINY, "procs=2",
-                           f"run.dir={tmp_path}", "--steps", "2", "--warmup", "1", "--trace-steps", "0"],
-                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "profile",
+            "tiny_biggan",
+            *TINY,
+            "procs=2",
+            f"run.dir={tmp_path}",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--trace-steps",
+            "0",
+        ],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "profile" / "report.json").read_text())
     assert report["world_size"] == 2 and report["batch_per_rank"] == 2
@@ -104,8 +136,12 @@ def test_bad_arguments_are_user_errors(cli):
 
 
 def test_verdict_names_the_bound_and_the_largest_phase():
-    report = {"phases_s": {"data_wait": 0.5, "D_fwd": 0.2, "D_bwd": 0.1, "other": 0.0}, "iteration_s": 0.8,
-              "loader_images_per_s": 100.0, "model_images_per_s": 300.0}
+    report = {
+        "phases_s": {"data_wait": 0.5, "D_fwd": 0.2, "D_bwd": 0.1, "other": 0.0},
+        "iteration_s": 0.8,
+        "loader_images_per_s": 100.0,
+        "model_images_per_s": 300.0,
+    }
     assert verdict(report).startswith("data-bound") and "D_fwd" in verdict(report)
     report["loader_images_per_s"] = 1000.0
     assert verdict(report).startswith("compute-bound")

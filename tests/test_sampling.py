@@ -69,8 +69,9 @@ def test_scaled_normal_scales_the_standard_deviation_without_bounding_values():
     z = scaled_normal((400_000,), 0.3, generator=seeded())
     assert z.std().item() == pytest.approx(0.3, rel=0.01)
     assert z.abs().max() > 3 * 0.3
-    assert torch.equal(sample_latents(8, 4, 0.3, mode="scale", generator=seeded(1)),
-                       0.3 * torch.randn(8, 4, generator=seeded(1)))
+    assert torch.equal(
+        sample_latents(8, 4, 0.3, mode="scale", generator=seeded(1)), 0.3 * torch.randn(8, 4, generator=seeded(1))
+    )
     truncated = sample_latents(1000, 16, 0.3, mode="truncate", generator=seeded(1))
     assert truncated.shape == (1000, 16) and truncated.abs().max() <= 0.3
 
@@ -120,13 +121,16 @@ def test_standing_stats_are_the_average_batch_statistics_over_the_passes(tiny_g)
         m.running_var.fill_(9.0)
         m.num_batches_tracked.fill_(1000)
     seen_inputs, seen_z = [], []
-    hooks = [first.register_forward_pre_hook(lambda m, args: seen_inputs.append(args[0].detach().clone())),
-             tiny_g.register_forward_pre_hook(lambda m, args: seen_z.append(args[0].clone()))]
+    hooks = [
+        first.register_forward_pre_hook(lambda m, args: seen_inputs.append(args[0].detach().clone())),
+        tiny_g.register_forward_pre_hook(lambda m, args: seen_z.append(args[0].clone())),
+    ]
     u_before = {k: v.clone() for k, v in tiny_g.state_dict().items() if k.endswith(("_u", "_v"))}
     params_before = [p.detach().clone() for p in tiny_g.parameters()]
     try:
-        standing_stats(tiny_g, num_passes=3, batch_size=6, z_dim=120, num_classes=10, truncation=0.5,
-                       generator=seeded(1))
+        standing_stats(
+            tiny_g, num_passes=3, batch_size=6, z_dim=120, num_classes=10, truncation=0.5, generator=seeded(1)
+        )
     finally:
         for hook in hooks:
             hook.remove()
@@ -141,7 +145,7 @@ def test_standing_stats_are_the_average_batch_statistics_over_the_passes(tiny_g)
     # only BatchNorm statistics change: not the weights, not spectral norm's vectors
     after = tiny_g.state_dict()
     assert all(torch.equal(after[k], v) for k, v in u_before.items())
-    assert all(torch.equal(p, q) for p, q in zip(tiny_g.parameters(), params_before))
+    assert all(torch.equal(p, q) for p, q in zip(tiny_g.parameters(), params_before, strict=True))
 
 
 def test_class_interpolation_goes_from_one_class_to_the_next_in_the_embedding(tiny_g):
@@ -151,8 +155,9 @@ def test_class_interpolation_goes_from_one_class_to_the_next_in_the_embedding(ti
     z = sample_latents(2, 120, None, generator=seeded(7))
     for column, label in ((0, 1), (2, 4), (4, 6)):
         # batches of other sizes take other CPU kernels: equal up to float32 summation order
-        torch.testing.assert_close(strip[:, column], generate(tiny_g, z, torch.tensor([label, label])),
-                                   atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(
+            strip[:, column], generate(tiny_g, z, torch.tensor([label, label])), atol=1e-4, rtol=1e-3
+        )
     halfway = strip[:, 1]
     assert (halfway - strip[:, 0]).abs().max() > 1e-3 and (halfway - strip[:, 2]).abs().max() > 1e-3
     assert not tiny_g["shared"]._forward_hooks  # the mixing hook is gone
@@ -165,9 +170,23 @@ def tiny_run(tmp_path_factory):
     from pipeline.train.loop import train
 
     run_dir = tmp_path_factory.mktemp("sampling") / "run"
-    train(load_spec("tiny_biggan", [*TINY, "data.synthetic=true", f"run.dir={run_dir}", "train.batch_size=4",
-                                    "train.max_steps=1", "train.ema.decay=0.5", "train.ema.start_images=0",
-                                    "train.log_every=1", "train.sample_every=1", "train.checkpoint_every=1"]))
+    train(
+        load_spec(
+            "tiny_biggan",
+            [
+                *TINY,
+                "data.synthetic=true",
+                f"run.dir={run_dir}",
+                "train.batch_size=4",
+                "train.max_steps=1",
+                "train.ema.decay=0.5",
+                "train.ema.start_images=0",
+                "train.log_every=1",
+                "train.sample_every=1",
+                "train.checkpoint_every=1",
+            ],
+        )
+    )
     return run_dir
 
 
@@ -177,14 +196,22 @@ def test_sampling_the_export_equals_sampling_the_runs_ema(tiny_run):
     assert from_run.weights.name == "ema.safetensors" and "EMA at step 1" in from_run.source
     images = []
     for gen in (from_run, from_export):
-        standing_stats(gen.module, num_passes=2, batch_size=4, z_dim=gen.z_dim, num_classes=gen.num_classes,
-                       truncation=1.0, generator=seeded(1))
+        standing_stats(
+            gen.module,
+            num_passes=2,
+            batch_size=4,
+            z_dim=gen.z_dim,
+            num_classes=gen.num_classes,
+            truncation=1.0,
+            generator=seeded(1),
+        )
         z = sample_latents(6, gen.z_dim, 1.0, generator=seeded(2))
         images.append(generate(gen.module, z, torch.arange(6)))
     assert torch.equal(images[0], images[1])
     # the EMA, not G: G's own weights sit in the DeepSpeed checkpoint and differ
-    g_weights = torch.load(tiny_run / "checkpoints/step-00000001/G/ckpt/mp_rank_00_model_states.pt",
-                           weights_only=True)["module"]
+    g_weights = torch.load(tiny_run / "checkpoints/step-00000001/G/ckpt/mp_rank_00_model_states.pt", weights_only=True)[
+        "module"
+    ]
     assert not torch.equal(g_weights["fc.bias"], from_run.module.state_dict()["fc.bias"])
 
 
@@ -216,9 +243,29 @@ def test_bad_sources_are_user_errors(tiny_run, tmp_path):
 # ----- the command line -----
 def test_cli_sample_writes_grid_images_interpolation_and_protocol(cli, tiny_run, tmp_path):
     out = tmp_path / "samples"
-    result = cli("sample", tiny_run, "--out", out, "--classes", "0,3", "--num", "2", "--truncation", "0.8",
-                 "--standing-stats", "2", "--batch-size", "4", "--seed", "5", "--interpolate", "latent",
-                 "--steps", "3", "--gif")
+    result = cli(
+        "sample",
+        tiny_run,
+        "--out",
+        out,
+        "--classes",
+        "0,3",
+        "--num",
+        "2",
+        "--truncation",
+        "0.8",
+        "--standing-stats",
+        "2",
+        "--batch-size",
+        "4",
+        "--seed",
+        "5",
+        "--interpolate",
+        "latent",
+        "--steps",
+        "3",
+        "--gif",
+    )
     assert result.code == 0, result.err
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape == (2 * 32, 2 * 32, 3)  # rows = classes, columns = samples

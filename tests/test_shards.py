@@ -95,6 +95,7 @@ def written_sources(out: Path) -> list[str]:
 
 # --- what is written ------------------------------------------------------------------------------
 
+
 def test_counts_classes_and_skipped(source, built):
     out, manifest = built
     assert manifest["num_samples"] == 22
@@ -114,12 +115,14 @@ def test_counts_classes_and_skipped(source, built):
 
 def test_every_sample_is_an_rgb_jpeg_with_its_label(source, built):
     out, manifest = built
-    for entry, sidecar in zip(manifest["shards"], sidecars(out)):
+    for entry, sidecar in zip(manifest["shards"], sidecars(out), strict=True):
         members = tar_members(out / entry["file"])
-        assert [name for name, _ in members] == [f"{key}.{ext}" for key, _, _ in sidecar["samples"]
-                                                 for ext in ("cls", "jpg")]
-        for (cls_name, cls_bytes), (jpg_name, jpg_bytes), (key, label, src) in zip(
-                members[::2], members[1::2], sidecar["samples"]):
+        assert [name for name, _ in members] == [
+            f"{key}.{ext}" for key, _, _ in sidecar["samples"] for ext in ("cls", "jpg")
+        ]
+        for (_cls_name, cls_bytes), (_jpg_name, jpg_bytes), (key, label, src) in zip(
+            members[::2], members[1::2], sidecar["samples"], strict=True
+        ):
             assert cls_bytes == str(label).encode() and cls_bytes.isdigit()
             assert "." not in key and len(key) == shards_module.KEY_WIDTH
             with Image.open(io.BytesIO(jpg_bytes)) as img:
@@ -132,8 +135,11 @@ def test_every_sample_is_an_rgb_jpeg_with_its_label(source, built):
 
 def test_conversions(built):
     out, _ = built
-    stored = {src: data for sc, entry in zip(sidecars(out), built[1]["shards"])
-              for (_, _, src), (_, data) in zip(sc["samples"], tar_members(out / entry["file"])[1::2])}
+    stored = {
+        src: data
+        for sc, entry in zip(sidecars(out), built[1]["shards"], strict=True)
+        for (_, _, src), (_, data) in zip(sc["samples"], tar_members(out / entry["file"])[1::2], strict=True)
+    }
     rgba = np.asarray(Image.open(io.BytesIO(stored["n01443537/rgba.png"])))
     assert rgba[:, :8].min() >= 245  # the transparent strip is white
     gray = np.asarray(Image.open(io.BytesIO(stored["n01440764/gray.jpg"]))).astype(int)
@@ -142,8 +148,11 @@ def test_conversions(built):
 
 def test_rgb_jpegs_are_copied_byte_for_byte(source, built):
     out, manifest = built
-    stored = {src: data for sc, entry in zip(sidecars(out), manifest["shards"])
-              for (_, _, src), (_, data) in zip(sc["samples"], tar_members(out / entry["file"])[1::2])}
+    stored = {
+        src: data
+        for sc, entry in zip(sidecars(out), manifest["shards"], strict=True)
+        for (_, _, src), (_, data) in zip(sc["samples"], tar_members(out / entry["file"])[1::2], strict=True)
+    }
     for src in ("n01440764/rgb_0.jpg", "n01484850/small.jpg"):
         assert stored[src] == (source[0] / src).read_bytes()
     assert stored["n01440764/gray.jpg"] != (source[0] / "n01440764/gray.jpg").read_bytes()  # re-encoded
@@ -151,7 +160,7 @@ def test_rgb_jpegs_are_copied_byte_for_byte(source, built):
 
 def test_index_files_and_checksums(built):
     out, manifest = built
-    for entry, sidecar in zip(manifest["shards"], sidecars(out)):
+    for entry, sidecar in zip(manifest["shards"], sidecars(out), strict=True):
         lines = (out / entry["index"]).read_text().splitlines()
         assert lines[0] == f"v1.2 {entry['num_samples']}"
         assert len(lines) == entry["num_samples"] + 1
@@ -179,7 +188,7 @@ def test_resolution_downscales_the_shorter_side(source, tmp_path):
     assert manifest["options"]["resolution"] == 24
     (sidecar,) = sidecars(tmp_path)
     members = tar_members(tmp_path / manifest["shards"][0]["file"])[1::2]
-    for (_, _, src), (_, data) in zip(sidecar["samples"], members):
+    for (_, _, src), (_, data) in zip(sidecar["samples"], members, strict=True):
         w0, h0 = source[1][src]
         img = Image.open(io.BytesIO(data))
         assert (img.format, img.mode) == ("JPEG", "RGB")
@@ -192,6 +201,7 @@ def test_resolution_downscales_the_shorter_side(source, tmp_path):
 
 
 # --- resuming -------------------------------------------------------------------------------------
+
 
 def _stamp_old(out: Path) -> None:
     for path in out.iterdir():
@@ -257,6 +267,7 @@ def test_one_build_at_a_time(source, tmp_path):
 
 # --- the shared core, CSV sources, user errors --------------------------------------------------
 
+
 def _encoded(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt)
@@ -283,8 +294,11 @@ def test_write_samples_from_memory(tmp_path):
     empty = [sc for sc in sidecars(tmp_path) if sc["file"] is None]
     assert len(empty) == 1 and empty[0]["skipped"][0][2] == "b"
     assert len(list(tmp_path.glob("*.tar"))) == len(list(tmp_path.glob("*.idx"))) == 4
-    stored = {sc["samples"][0][2]: Image.open(io.BytesIO(tar_members(tmp_path / sc["file"])[1][1]))
-              for sc in sidecars(tmp_path) if sc["file"]}
+    stored = {
+        sc["samples"][0][2]: Image.open(io.BytesIO(tar_members(tmp_path / sc["file"])[1][1]))
+        for sc in sidecars(tmp_path)
+        if sc["file"]
+    }
     assert np.asarray(stored["c"]).min() >= 250  # 65535 -> 255
     assert stored["d"].size == (10, 20) and "exif" not in stored["d"].info
     assert np.asarray(stored["e"]).max() >= 250  # transparent -> white
@@ -292,8 +306,14 @@ def test_write_samples_from_memory(tmp_path):
 
 
 def test_csv_source(source, tmp_path):
-    rows = ["path,label", "n01440764/rgb_0.jpg,2", "n01443537/cmyk.jpg,0", "", "n01484850/small.jpg,1",
-            "n01484850/truncated.jpg,1"]
+    rows = [
+        "path,label",
+        "n01440764/rgb_0.jpg,2",
+        "n01443537/cmyk.jpg,0",
+        "",
+        "n01484850/small.jpg,1",
+        "n01484850/truncated.jpg,1",
+    ]
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
     manifest = build_shards(source[0], tmp_path / "out", csv=tmp_path / "list.csv", shard_size=2)
     assert manifest["num_samples"] == 3 and manifest["num_classes"] == 3
@@ -331,8 +351,10 @@ def test_user_errors(source, tmp_path):
 
 def test_bad_csv_rows_are_named(source, tmp_path):
     csv = tmp_path / "list.csv"
-    csv.write_text("n01440764/rgb_0.jpg,0\nn01440764/rgb_1.jpg,tench\nn01440764/rgb_2.jpg\n"
-                   "missing.jpg,1\n../outside.jpg,1\nn01440764/rgb_0.jpg,0\n")
+    csv.write_text(
+        "n01440764/rgb_0.jpg,0\nn01440764/rgb_1.jpg,tench\nn01440764/rgb_2.jpg\n"
+        "missing.jpg,1\n../outside.jpg,1\nn01440764/rgb_0.jpg,0\n"
+    )
     err = _error(build_shards, source[0], tmp_path / "out", csv=csv)
     assert [(i.line, i.file) for i in err.issues] == [(n, str(csv)) for n in (2, 3, 4, 5, 6)]
     messages = [i.message for i in err.issues]
@@ -344,6 +366,7 @@ def test_bad_csv_rows_are_named(source, tmp_path):
 
 
 # --- the demo data ------------------------------------------------------------------------------
+
 
 def test_demo_shards(tmp_path):
     from pipeline.data.demo import build_demo_shards, demo_shards_ready

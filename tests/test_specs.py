@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT, SPECS
 
 from pipeline.graph import analyze_spec, build_network
 from pipeline.spec import load_spec
-
-from conftest import ROOT, SPECS
 
 # shared/REFERENCE.md: parameters (exact) and forward GFLOP per image (within 1%), BigGAN-PyTorch.
 REFERENCE = {
@@ -36,7 +35,7 @@ def test_every_spec_validates_on_meta(name):
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_biggan_family_matches_reference(name):
     plans = analyze_spec(load_spec(name, check_graphs=False))
-    for which, (params, gflops) in zip(("generator", "discriminator"), REFERENCE[name]):
+    for which, (params, gflops) in zip(("generator", "discriminator"), REFERENCE[name], strict=True):
         plan = plans[which]
         assert plan.params == params, which
         # The reference counted at batch 2 in train mode, where spectral norm's power iteration

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.blocks.layers import BatchNorm
-from pipeline.dist import sync_bn
-from pipeline.dist.sync_bn import sync_batch_norm
+from pipeline.distributed import sync_bn
+from pipeline.distributed.sync_bn import sync_batch_norm
 
 WORLD = 2
 STEPS = 2  # running stats accumulate; compiled, the second step reuses the graph and its backward
@@ -81,13 +81,14 @@ def _run(bn: nn.Module, forward, x: torch.Tensor, g: torch.Tensor) -> dict:
 
 def _worker(rank: int, port: int, outdir: str, compiled: bool) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                           timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
     try:
         results = {}
         for name in COMPILE_CASES if compiled else CASES:
             rows = CASES[name][1]
-            lo, hi = sum(rows[:rank]), sum(rows[:rank + 1])
+            lo, hi = sum(rows[:rank]), sum(rows[: rank + 1])
             bn = _ours(name)
             forward = torch.compile(bn, fullgraph=True) if compiled else bn
             steps = []
@@ -96,16 +97,20 @@ def _worker(rank: int, port: int, outdir: str, compiled: bool) -> None:
                 steps.append(_run(bn, forward, x[lo:hi], g[lo:hi]))
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             torch._dynamo.utils.counters.clear()
-            results[name] = {"steps": steps, "graphs": graphs, "running_mean": bn.running_mean.clone(),
-                             "running_var": bn.running_var.clone(),
-                             "num_batches_tracked": bn.num_batches_tracked.clone()}
+            results[name] = {
+                "steps": steps,
+                "graphs": graphs,
+                "running_mean": bn.running_mean.clone(),
+                "running_var": bn.running_var.clone(),
+                "num_batches_tracked": bn.num_batches_tracked.clone(),
+            }
         if not compiled:
             # one collective per forward; none on the meta device (shape inference), which is plain BN
             calls = []
             all_reduce = sync_bn.funcol.all_reduce
             sync_bn.funcol.all_reduce = lambda *a, **k: calls.append(a[0].shape) or all_reduce(*a, **k)
             try:
-                _ours("nchw")(_data("nchw", 0)[0][4 * rank:4 * (rank + 1)])
+                _ours("nchw")(_data("nchw", 0)[0][4 * rank : 4 * (rank + 1)])
                 meta = BatchNorm(3, eps=EPS, momentum=MOMENTUM, affine=True, cross_replica=True).to("meta")
                 meta(torch.empty(4, 3, 4, 4, device="meta"))
             finally:
@@ -114,14 +119,14 @@ def _worker(rank: int, port: int, outdir: str, compiled: bool) -> None:
             # a group of this rank alone: the function then normalises with the local statistics
             groups = [dist.new_group([r]) for r in range(WORLD)]
             x, _ = _data("nchw", 0)
-            x = x[4 * rank:4 * (rank + 1)]
+            x = x[4 * rank : 4 * (rank + 1)]
             rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
             y = sync_batch_norm(x, rm, rv, None, None, MOMENTUM, EPS, group=groups[rank])
             erm, erv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
             expected = F.batch_norm(x, erm, erv, None, None, True, MOMENTUM, EPS)
             results["own_group"] = {"y": y, "expected": expected, "rm": rm, "erm": erm, "rv": rv, "erv": erv}
             # bf16 activations, float32 running statistics
-            x = _data("nchw", 0)[0][4 * rank:4 * (rank + 1)].to(torch.bfloat16)
+            x = _data("nchw", 0)[0][4 * rank : 4 * (rank + 1)].to(torch.bfloat16)
             rm, rv = torch.zeros(3), torch.ones(3)
             y = sync_batch_norm(x, rm, rv, None, None, MOMENTUM, EPS)
             results["bf16"] = {"y": y, "rm": rm, "rv": rv}
@@ -180,7 +185,7 @@ def test_two_gloo_ranks_equal_batchnorm_over_the_global_batch(tmp_path):
     want = F.batch_norm(x, rm, rv, None, None, True, MOMENTUM, EPS)
     got = torch.cat([res["bf16"]["y"] for res in ranks])
     assert got.dtype == torch.bfloat16
-    assert (got.float() - want).abs().max().item() <= 2 ** -7 * want.abs().max().item()  # bf16 rounding
+    assert (got.float() - want).abs().max().item() <= 2**-7 * want.abs().max().item()  # bf16 rounding
     for res in ranks:
         assert (res["bf16"]["rm"] - rm).abs().max().item() < 1e-6
         assert (res["bf16"]["rv"] - rv).abs().max().item() < 1e-6
@@ -197,7 +202,7 @@ def test_single_process_is_plain_batchnorm(shape):
     ours = BatchNorm(shape[1], eps=EPS, momentum=MOMENTUM, affine=True, cross_replica=True).double()
     ref = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1], eps=EPS, momentum=MOMENTUM).double()
     _init_affine(ours), _init_affine(ref)
-    for step in range(STEPS):
+    for _step in range(STEPS):
         x, g = 3 + 2 * torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
         got, want = _run(ours, ours, x, g), _run(ref, ref, x, g)
         for key in want:
@@ -206,4 +211,3 @@ def test_single_process_is_plain_batchnorm(shape):
     ours.eval(), ref.eval()
     x = torch.randn(shape, dtype=torch.float64)
     assert torch.equal(ours(x), ref(x))
-

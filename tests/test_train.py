@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
 from pipeline.data.demo import build_demo_shards
@@ -20,10 +21,14 @@ from pipeline.spec import load_spec
 from pipeline.train import loop
 from pipeline.train.losses import get_loss
 
-from conftest import ROOT
-
-FAST = ["train.batch_size=16", "train.log_every=1", "train.sample_every=2", "train.checkpoint_every=2",
-        "train.keep_checkpoints=2", "eval.every=null"]  # evaluation has its own tests (test_evaluate.py)
+FAST = [
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.sample_every=2",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=2",
+    "eval.every=null",
+]  # evaluation has its own tests (test_evaluate.py)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +53,9 @@ def test_demo_trains_through_the_cli(cli, demo_shards, tmp_path):
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[-1]["images_seen"] == 3 * 2 * 16  # d_steps 2, batch 16: real images through D
-    assert all({"loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "grad_norm_d", "grad_norm_g"} <= set(r)
-               for r in rows)
+    assert all(
+        {"loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "grad_norm_d", "grad_norm_g"} <= set(r) for r in rows
+    )
     assert all(r["grad_norm_d"] > 0 and r["grad_norm_g"] > 0 for r in rows)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "samples" / "step-00000002.png").exists()
@@ -70,9 +76,13 @@ def test_resume_continues_exactly(demo_shards, tmp_path):
     loop.train(load_spec("demo", overrides(demo_shards, broken, "train.max_steps=5")))
     a, b = metrics(straight), metrics(broken)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]  # step 3, logged before the stop, was redone
-    for ra, rb in zip(a, b):
-        assert (ra["loss_d"], ra["loss_g"], ra["d_real"], ra["images_seen"]) == \
-               (rb["loss_d"], rb["loss_g"], rb["d_real"], rb["images_seen"])
+    for ra, rb in zip(a, b, strict=True):
+        assert (ra["loss_d"], ra["loss_g"], ra["d_real"], ra["images_seen"]) == (
+            rb["loss_d"],
+            rb["loss_g"],
+            rb["d_real"],
+            rb["images_seen"],
+        )
 
 
 def test_checkpoint_of_another_spec_is_refused(demo_shards, tmp_path):
@@ -107,8 +117,11 @@ def test_nan_stops_with_the_last_good_checkpoint_intact(demo_shards, tmp_path, m
 
 def test_bf16_training_runs(demo_shards, tmp_path):
     run_dir = tmp_path / "bf16"
-    loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=1", "train.precision=bf16",
-                                           "train.batch_size=8")))  # bf16 convolutions are slow on this CPU
+    loop.train(
+        load_spec(
+            "demo", overrides(demo_shards, run_dir, "train.max_steps=1", "train.precision=bf16", "train.batch_size=8")
+        )
+    )  # bf16 convolutions are slow on this CPU
     (row,) = metrics(run_dir)
     assert row["step"] == 1 and all(torch.isfinite(torch.tensor(row[k])) for k in ("loss_d", "loss_g"))
 
@@ -143,8 +156,13 @@ def test_batch_plan():
 def test_ctrl_c_saves_a_checkpoint_and_exits(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides(demo_shards, run_dir, "train.max_steps=1000", "train.checkpoint_every=1000")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "spec=demo", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", "spec=demo", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, DS_ACCELERATOR="cpu"),
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2):
         time.sleep(0.5)
@@ -158,8 +176,11 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(demo_shards, tmp_path):
 
 
 def clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     return env | {"DS_ACCELERATOR": "cpu"}
 
 
@@ -170,16 +191,32 @@ def test_two_ranks_equal_one_rank(tmp_path):
     # Adam's update lr * g / (|g| + eps) turns fp32 round-off in near-zero gradients (which differs
     # with the reduction order) into visible differences within a few steps; a larger eps damps that
     # without hiding a wrong reduction, which shows at once at step 1 (checked tighter below).
-    common = ["spec=demo", "data.synthetic=true", "train.batch_size=8", "train.max_steps=4", "train.log_every=1",
-              "train.sample_every=100", "train.checkpoint_every=100", "generator.cross_replica_bn=true",
-              "train.g_opt.eps=1e-4", "train.d_opt.eps=1e-4", "eval.every=null"]
+    common = [
+        "spec=demo",
+        "data.synthetic=true",
+        "train.batch_size=8",
+        "train.max_steps=4",
+        "train.log_every=1",
+        "train.sample_every=100",
+        "train.checkpoint_every=100",
+        "generator.cross_replica_bn=true",
+        "train.g_opt.eps=1e-4",
+        "train.d_opt.eps=1e-4",
+        "eval.every=null",
+    ]
     for name, extra in (("one", []), ("two", ["procs=2"])):
-        done = subprocess.run([sys.executable, "-m", "pipeline", "train", *common, *extra, f"run.dir={tmp_path / name}"],
-                              cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", "train", *common, *extra, f"run.dir={tmp_path / name}"],
+            cwd=ROOT,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["images_seen"] for r in one] == [r["images_seen"] for r in two] == [16, 32, 48, 64]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         tolerance = 1e-6 if a["step"] == 1 else 1e-4
         for key in ("loss_d", "loss_g", "d_real", "d_fake"):
             assert b[key] == pytest.approx(a[key], rel=tolerance, abs=tolerance / 10), (a["step"], key)
@@ -199,8 +236,11 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(demo_shards, tmp_path):
     assert len(metrics(killed)) < 6
     resumed = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    loop.train(load_spec("demo", overrides(demo_shards, tmp_path / "straight", "train.max_steps=6",
-                                           "train.checkpoint_every=2")))
+    loop.train(
+        load_spec(
+            "demo", overrides(demo_shards, tmp_path / "straight", "train.max_steps=6", "train.checkpoint_every=2")
+        )
+    )
     a, b = metrics(tmp_path / "straight"), metrics(killed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [(r["loss_d"], r["loss_g"]) for r in a] == [(r["loss_d"], r["loss_g"]) for r in b]
@@ -226,8 +266,11 @@ def test_failed_checkpoint_write_keeps_the_previous_one(demo_shards, tmp_path, m
     monkeypatch.setattr("pipeline.train.checkpoint.save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=4")))
-    after = {p.relative_to(run_dir): p.read_bytes() for p in (run_dir / "checkpoints").rglob("*")
-             if p.is_file() and ".tmp" not in str(p)}
+    after = {
+        p.relative_to(run_dir): p.read_bytes()
+        for p in (run_dir / "checkpoints").rglob("*")
+        if p.is_file() and ".tmp" not in str(p)
+    }
     assert after == before  # the step-2 checkpoint is byte for byte what it was
     monkeypatch.undo()
     loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=4")))  # resumes from step 2

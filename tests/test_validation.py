@@ -11,8 +11,9 @@ FIXTURES = sorted((Path(__file__).parent / "fixtures" / "invalid").glob("*.yaml"
 
 
 def expectations(path: Path) -> list[str]:
-    return [line.removeprefix("# expect:").strip() for line in path.read_text().splitlines()
-            if line.startswith("# expect:")]
+    return [
+        line.removeprefix("# expect:").strip() for line in path.read_text().splitlines() if line.startswith("# expect:")
+    ]
 
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=[f.stem for f in FIXTURES])

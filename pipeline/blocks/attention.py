@@ -42,16 +42,22 @@ class AttentionNode(Weighted):
 
     kind: Literal["attention"]
     in_: Ref = Field(alias="in")
-    resolution: int | None = Field(None, description=(
-        "The feature-map resolution this attention is meant for (BigGAN's G_attn/D_attn); "
-        "checked against the input."))
+    resolution: int | None = Field(
+        None,
+        description=(
+            "The feature-map resolution this attention is meant for (BigGAN's G_attn/D_attn); "
+            "checked against the input."
+        ),
+    )
 
     def build(self, inputs, ctx):
         c, h, w = feature_map(inputs["in"])
         if self.resolution is not None and (h, w) != (self.resolution, self.resolution):
-            raise BlockError(f"attention is placed at resolution {self.resolution}, but its input is {h}x{w}",
-                             "resolution", f"connect it to the node whose output is "
-                             f"{self.resolution}x{self.resolution}, or set resolution: {h}")
+            raise BlockError(
+                f"attention is placed at resolution {self.resolution}, but its input is {h}x{w}",
+                "resolution",
+                f"connect it to the node whose output is {self.resolution}x{self.resolution}, or set resolution: {h}",
+            )
         if c % 8:
             raise BlockError(f"needs channels divisible by 8 (queries have C/8), got {c}", "in")
         check_even(inputs["in"], "attention's 2x2 pooling of keys")

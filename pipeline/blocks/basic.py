@@ -24,16 +24,22 @@ def feature_map(shape: Shape, what: str = "input", key: str = "in") -> tuple[int
 
 def features(shape: Shape, what: str = "input", key: str = "in") -> int:
     if len(shape) != 1:
-        raise BlockError(f"expects a feature vector (D,) as {what}, got shape {shape}", key,
-                         "add a reshape node, or feed a linear/embedding output")
+        raise BlockError(
+            f"expects a feature vector (D,) as {what}, got shape {shape}",
+            key,
+            "add a reshape node, or feed a linear/embedding output",
+        )
     return shape[0]
 
 
 def check_in_channels(node, got: int) -> None:
     expected = getattr(node, "in_channels", None)
     if expected is not None and expected != got:
-        raise BlockError(f"{expected} does not match the input's {got} channels", "in_channels",
-                         "fix in_channels or the out_channels of the node feeding this one")
+        raise BlockError(
+            f"{expected} does not match the input's {got} channels",
+            "in_channels",
+            "fix in_channels or the out_channels of the node feeding this one",
+        )
 
 
 def check_kernel_fits(shape: Shape, kernel_size: int, padding: int) -> None:
@@ -113,8 +119,9 @@ class ConvTransposeNode(Weighted):
     def build(self, inputs, ctx):
         c, _, _ = feature_map(inputs["in"])
         check_in_channels(self, c)
-        return ctx.conv_transpose(c, self.out_channels, self.kernel_size, stride=self.stride,
-                                  padding=self.padding, bias=self.bias)
+        return ctx.conv_transpose(
+            c, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding, bias=self.bias
+        )
 
 
 @register
@@ -131,8 +138,11 @@ class EmbeddingNode(Weighted):
             raise BlockError(f"expects integer class labels (the graph input `y`), got shape {inputs['in']}", "in")
         n = self.num_embeddings or ctx.num_classes
         if n != ctx.num_classes:
-            raise BlockError(f"{n} does not match data.num_classes {ctx.num_classes}", "num_embeddings",
-                             "leave num_embeddings out to use data.num_classes")
+            raise BlockError(
+                f"{n} does not match data.num_classes {ctx.num_classes}",
+                "num_embeddings",
+                "leave num_embeddings out to use data.num_classes",
+            )
         return ctx.embedding(n, self.embedding_dim)
 
 
@@ -147,9 +157,12 @@ class ConcatNode(Node):
     def build(self, inputs, ctx):
         shapes = inputs["in"]
         if len({len(s) for s in shapes}) != 1 or any(s[1:] != shapes[0][1:] for s in shapes):
-            raise BlockError("inputs must have the same rank and resolution to be concatenated, got "
-                             + ", ".join(str(s) for s in shapes), "in",
-                             "a skip connection must come from the feature map at the same resolution")
+            raise BlockError(
+                "inputs must have the same rank and resolution to be concatenated, got "
+                + ", ".join(str(s) for s in shapes),
+                "in",
+                "a skip connection must come from the feature map at the same resolution",
+            )
         if shapes[0] == ():
             raise BlockError("cannot concatenate class labels; embed them first", "in")
         return Apply(lambda xs: torch.cat(xs, 1), "cat(dim=1)")
@@ -196,8 +209,12 @@ class ReshapeNode(Node):
     def build(self, inputs, ctx):
         numel = math.prod(inputs["in"])
         known = math.prod(s for s in self.shape if s != -1)
-        if any(s == 0 or s < -1 for s in self.shape) or self.shape.count(-1) > 1 or known == 0 \
-                or (numel % known if -1 in self.shape else numel != known):
+        if (
+            any(s == 0 or s < -1 for s in self.shape)
+            or self.shape.count(-1) > 1
+            or known == 0
+            or (numel % known if -1 in self.shape else numel != known)
+        ):
             raise BlockError(f"cannot reshape {inputs['in']} ({numel} values) to {self.shape}", "shape")
         shape = tuple(self.shape)
         return Apply(lambda x: x.reshape(x.shape[0], *shape), f"reshape{shape}")
@@ -210,7 +227,9 @@ class BatchNormNode(Node):
 
     kind: Literal["batch_norm"]
     in_: Ref = Field(alias="in")
-    cross_replica: bool | None = Field(None, description="Statistics over all ranks; default: the network's cross_replica_bn.")
+    cross_replica: bool | None = Field(
+        None, description="Statistics over all ranks; default: the network's cross_replica_bn."
+    )
 
     def build(self, inputs, ctx):
         if len(inputs["in"]) not in (1, 3):

@@ -131,10 +131,14 @@ class BigGANDeepUpNode(_UpBlockNode):
     def build(self, inputs, ctx):
         c, cond = self.shapes(inputs)
         if self.out_channels > c:
-            raise BlockError(f"{self.out_channels} exceeds the input's {c} channels; the skip drops channels "
-                             "and cannot add them", "out_channels")
+            raise BlockError(
+                f"{self.out_channels} exceeds the input's {c} channels; the skip drops channels and cannot add them",
+                "out_channels",
+            )
         if c % self.channel_ratio:
-            raise BlockError(f"input channels {c} are not divisible by channel_ratio {self.channel_ratio}", "channel_ratio")
+            raise BlockError(
+                f"input channels {c} are not divisible by channel_ratio {self.channel_ratio}", "channel_ratio"
+            )
         return DeepGBlock(c, self.out_channels, cond, self.norm_mode(), self.upsample, ctx, self.channel_ratio)
 
 
@@ -226,10 +230,15 @@ class BigGANDeepDownNode(_DownBlockNode):
     def build(self, inputs, ctx):
         c = self.shapes(inputs)
         if self.out_channels < c:
-            raise BlockError(f"{self.out_channels} is below the input's {c} channels; the skip concatenates "
-                             "and cannot drop channels", "out_channels")
+            raise BlockError(
+                f"{self.out_channels} is below the input's {c} channels; the skip concatenates "
+                "and cannot drop channels",
+                "out_channels",
+            )
         if self.out_channels % self.channel_ratio:
-            raise BlockError(f"{self.out_channels} is not divisible by channel_ratio {self.channel_ratio}", "out_channels")
+            raise BlockError(
+                f"{self.out_channels} is not divisible by channel_ratio {self.channel_ratio}", "out_channels"
+            )
         return DeepDBlock(c, self.out_channels, self.downsample, ctx, self.channel_ratio)
 
 

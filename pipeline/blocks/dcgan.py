@@ -51,8 +51,11 @@ class DCGANUpNode(Weighted):
         check_in_channels(self, c)
         out = (min(h, w) - 1) * self.stride - 2 * self.padding + self.kernel_size
         if out < 1:
-            raise BlockError(f"kernel {self.kernel_size}, stride {self.stride}, padding {self.padding} leave "
-                             f"no output on the {h}x{w} input", "padding")
+            raise BlockError(
+                f"kernel {self.kernel_size}, stride {self.stride}, padding {self.padding} leave "
+                f"no output on the {h}x{w} input",
+                "padding",
+            )
         return DCGANUp(c, self.out_channels, self.kernel_size, self.stride, self.padding, self.norm, ctx)
 
 
@@ -85,5 +88,6 @@ class DCGANDownNode(Weighted):
         c, _, _ = feature_map(inputs["in"])
         check_in_channels(self, c)
         check_kernel_fits(inputs["in"], self.kernel_size, self.padding)
-        return DCGANDown(c, self.out_channels, self.kernel_size, self.stride, self.padding, self.norm,
-                         self.negative_slope, ctx)
+        return DCGANDown(
+            c, self.out_channels, self.kernel_size, self.stride, self.padding, self.norm, self.negative_slope, ctx
+        )

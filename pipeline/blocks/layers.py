@@ -87,7 +87,7 @@ class BuildContext:
     cross_replica_bn: bool = False
     meta: bool = True  # building on the meta device: no weight init
 
-    def for_node(self, node) -> "BuildContext":
+    def for_node(self, node) -> BuildContext:
         changes = {k: getattr(node, k) for k in ("sn", "init") if getattr(node, k, None) is not None}
         return replace(self, **changes) if changes else self
 
@@ -112,22 +112,48 @@ class BuildContext:
         if sn:
             dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
             parametrize.register_parametrization(
-                layer, "weight", SpectralNorm(layer.weight, eps=self.sn_eps, dim=dim), unsafe=True)
+                layer, "weight", SpectralNorm(layer.weight, eps=self.sn_eps, dim=dim), unsafe=True
+            )
         return layer
 
-    def linear(self, in_features: int, out_features: int, *, bias: bool = True, sn: bool | None = None,
-               gain: float = math.sqrt(2.0)) -> nn.Module:
+    def linear(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        sn: bool | None = None,
+        gain: float = math.sqrt(2.0),
+    ) -> nn.Module:
         return self._finish(nn.Linear(in_features, out_features, bias=bias), in_features, sn, gain)
 
-    def conv(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
-             padding: int | None = None, bias: bool = True, sn: bool | None = None,
-             gain: float = math.sqrt(2.0)) -> nn.Module:
+    def conv(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        stride: int = 1,
+        padding: int | None = None,
+        bias: bool = True,
+        sn: bool | None = None,
+        gain: float = math.sqrt(2.0),
+    ) -> nn.Module:
         padding = kernel_size // 2 if padding is None else padding
         layer = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
         return self._finish(layer, in_channels * kernel_size * kernel_size, sn, gain)
 
-    def conv_transpose(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int,
-                       padding: int, bias: bool = True, sn: bool | None = None) -> nn.Module:
+    def conv_transpose(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int,
+        padding: int,
+        bias: bool = True,
+        sn: bool | None = None,
+    ) -> nn.Module:
         layer = nn.ConvTranspose2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
         return self._finish(layer, in_channels * kernel_size * kernel_size, sn)
 
@@ -135,11 +161,12 @@ class BuildContext:
         return self._finish(nn.Embedding(num_embeddings, dim), num_embeddings, sn)
 
     # ----- norms -----
-    def batch_norm(self, channels: int, *, affine: bool = True) -> "BatchNorm":
-        return BatchNorm(channels, eps=self.bn_eps, momentum=self.bn_momentum, affine=affine,
-                         cross_replica=self.cross_replica_bn)
+    def batch_norm(self, channels: int, *, affine: bool = True) -> BatchNorm:
+        return BatchNorm(
+            channels, eps=self.bn_eps, momentum=self.bn_momentum, affine=affine, cross_replica=self.cross_replica_bn
+        )
 
-    def cond_batch_norm(self, channels: int, cond_features: int) -> "ConditionalBatchNorm":
+    def cond_batch_norm(self, channels: int, cond_features: int) -> ConditionalBatchNorm:
         return ConditionalBatchNorm(channels, cond_features, self)
 
 
@@ -148,7 +175,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     With `cross_replica`, training-mode statistics are those of the global batch of all
     data-parallel ranks: the mean and variance over the concatenation of every rank's local batch,
-    gathered by one differentiable all-reduce (`pipeline.dist.sync_bn.sync_batch_norm`, which
+    gathered by one differentiable all-reduce (`pipeline.distributed.sync_bn.sync_batch_norm`, which
     works on gloo and NCCL and compiles). The running statistics are updated from the global
     statistics, identically on every rank. This applies only while training, under an
     initialised process group of more than one rank; otherwise (a single process, eval mode,
@@ -171,14 +198,19 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _synchronized(self, x: torch.Tensor) -> bool:
         dist = torch.distributed
-        return (self.training and self.cross_replica and x.device.type != "meta"
-                and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group) > 1)
+        return (
+            self.training
+            and self.cross_replica
+            and x.device.type != "meta"
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._synchronized(x):
             return super().forward(x)
-        from pipeline.dist.sync_bn import sync_batch_norm  # torch.distributed only, no DeepSpeed
+        from pipeline.distributed.sync_bn import sync_batch_norm  # torch.distributed only, no DeepSpeed
 
         self._check_input_dim(x)
         momentum = self.momentum
@@ -187,9 +219,16 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
             if momentum is None:  # cumulative moving average, as in _BatchNorm (a tensor: no recompiles)
                 momentum = 1.0 / self.num_batches_tracked
         tracked = self.track_running_stats
-        return sync_batch_norm(x, self.running_mean if tracked else None, self.running_var if tracked else None,
-                               self.weight, self.bias, momentum if momentum is not None else 0.0, self.eps,
-                               self.process_group)
+        return sync_batch_norm(
+            x,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
+            self.weight,
+            self.bias,
+            momentum if momentum is not None else 0.0,
+            self.eps,
+            self.process_group,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", cross_replica={self.cross_replica}"

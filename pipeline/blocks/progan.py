@@ -37,8 +37,10 @@ class MinibatchStddev(nn.Module):
         n, c, h, w = x.shape
         group = min(self.group_size, n)
         if n % group:
-            raise ValueError(f"minibatch_stddev: the batch of {n} does not split into groups of {group}; "
-                             f"use a batch divisible by group_size {self.group_size}")
+            raise ValueError(
+                f"minibatch_stddev: the batch of {n} does not split into groups of {group}; "
+                f"use a batch divisible by group_size {self.group_size}"
+            )
         f = self.num_features
         y = x.reshape(group, -1, f, c // f, h, w)  # (group, num_groups, f, c/f, h, w)
         y = y - y.mean(dim=0)
@@ -201,8 +203,9 @@ class ProGANDownNode(Weighted):
     in_: Ref = Field(alias="in")
     out_channels: PositiveInt
     in_channels: InChannels = None
-    hidden_channels: PositiveInt | None = Field(None, description=(
-        "Output channels of the first conv; default: the input's channels."))
+    hidden_channels: PositiveInt | None = Field(
+        None, description=("Output channels of the first conv; default: the input's channels.")
+    )
     downsample: bool = Field(True, description="Halve the resolution (2x2 average pooling) last.")
 
     def build(self, inputs, ctx):
@@ -239,6 +242,9 @@ class ProGANOutputNode(Weighted):
     def build(self, inputs, ctx):
         c, h, w = feature_map(inputs["in"])
         if (h, w) != (4, 4):
-            raise BlockError(f"expects the 4x4 feature map, got {h}x{w}", "in",
-                             "downsample to 4x4 first (one progan_down per halving)")
+            raise BlockError(
+                f"expects the 4x4 feature map, got {h}x{w}",
+                "in",
+                "downsample to 4x4 first (one progan_down per halving)",
+            )
         return ProGANOutput(c, self.channels, ctx)

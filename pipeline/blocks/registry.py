@@ -39,8 +39,9 @@ class _RefField:
 
 def _check_ref(name: str) -> str:
     if not REF_PATTERN.match(name):
-        raise ValueError(f"{name!r} is not a node reference: use a node name, or NAME.INDEX "
-                         "for one output of a node with several")
+        raise ValueError(
+            f"{name!r} is not a node reference: use a node name, or NAME.INDEX for one output of a node with several"
+        )
     return name
 
 
@@ -76,11 +77,18 @@ class Node(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    repeat: int = Field(1, ge=1, description=(
-        "Build this node N times in a chain, each instance taking the previous one's output as "
-        "its `in`; other references are shared. Its name then refers to the last instance."))
-    each: dict[str, list[Any]] = Field(default_factory=dict, description=(
-        "Per-instance values of parameters for a repeated node: a list of `repeat` values per key."))
+    repeat: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Build this node N times in a chain, each instance taking the previous one's output as "
+            "its `in`; other references are shared. Its name then refers to the last instance."
+        ),
+    )
+    each: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description=("Per-instance values of parameters for a repeated node: a list of `repeat` values per key."),
+    )
 
     # ----- references -----
     @classmethod
@@ -124,7 +132,12 @@ class Node(BaseModel):
                 raise ValueError(f"kind {self.kind!r} cannot be repeated: it has no single `in` input to chain")
         elif self.each:
             raise ValueError("`each` needs `repeat` greater than 1")
-        params = {info.alias or name for name, info in type(self).model_fields.items()} - {"kind", "in", "repeat", "each"}
+        params = {info.alias or name for name, info in type(self).model_fields.items()} - {
+            "kind",
+            "in",
+            "repeat",
+            "each",
+        }
         for key, values in self.each.items():
             if key not in params:
                 hint = did_you_mean(key, params)
@@ -140,7 +153,7 @@ class Node(BaseModel):
                 raise ValueError(f"each.{where}[{i}]: {err['msg']}") from None
         return self
 
-    def instance(self, i: int) -> "Node":
+    def instance(self, i: int) -> Node:
         """The i-th instance of a repeated node (the node itself when not repeated)."""
         if self.repeat == 1:
             return self
@@ -181,4 +194,4 @@ def register(cls: type[Node]) -> type[Node]:
 def node_union():
     """The discriminated union of every registered kind, for the spec schema."""
     members = tuple(REGISTRY.values())
-    return Annotated[Union[members], Field(discriminator="kind")]
+    return Annotated[Union[members], Field(discriminator="kind")]  # noqa: UP007 (a union built from a tuple)

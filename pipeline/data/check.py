@@ -37,8 +37,13 @@ class Report:
         self.problems.append({"shard": shard, "key": key, "problem": problem})
 
     def as_dict(self) -> dict:
-        return {"root": self.root, "ok": self.ok, "num_samples": self.num_samples, "num_shards": self.num_shards,
-                "problems": self.problems}
+        return {
+            "root": self.root,
+            "ok": self.ok,
+            "num_samples": self.num_samples,
+            "num_shards": self.num_shards,
+            "problems": self.problems,
+        }
 
 
 def sha256(path: Path) -> str:
@@ -85,8 +90,11 @@ def check_shards(root: str | Path) -> Report:
     root = Path(root)
     manifest_path = root / "manifest.json"
     if not manifest_path.exists():
-        raise user_error(f"no manifest.json in {root}", hint="check reads shards written by `python -m pipeline shards "
-                         "build` (or `just demo-data`); give the directory they were written to")
+        raise user_error(
+            f"no manifest.json in {root}",
+            hint="check reads shards written by `python -m pipeline shards "
+            "build` (or `just demo-data`); give the directory they were written to",
+        )
     manifest = json.loads(manifest_path.read_text())
     report = Report(str(root), num_shards=len(manifest["shards"]))
     class_counts: dict[str, int] = {}
@@ -107,7 +115,9 @@ def check_shards(root: str | Path) -> Report:
         if not index.exists():
             report.add(name, f"index file {index.name} is missing")
             continue
-        expected = {key: label for key, label, *_ in json.loads(sidecar.read_text())["samples"]} if sidecar.exists() else None
+        expected = (
+            {key: label for key, label, *_ in json.loads(sidecar.read_text())["samples"]} if sidecar.exists() else None
+        )
         if expected is None:
             report.add(name, f"sidecar {sidecar.name} is missing: cannot check keys and labels")
         try:
@@ -152,5 +162,3 @@ def print_report(report: Report) -> None:
         console.print(f"  {p['shard']}" + (f" sample {p['key']!r}" if p["key"] else "") + f": {p['problem']}")
     if len(report.problems) > 50:
         console.print(f"  ... and {len(report.problems) - 50} more (--json lists them all)")
-
-

@@ -56,33 +56,60 @@ def find_shards(where: str | os.PathLike, *, what: str = "data.shards") -> Shard
     else:
         tars, root = [], None
     if not tars:
-        raise user_error(f"no .tar shards match {where!r}", path=what,
-                         hint="build shards with `python -m pipeline shards build SRC OUT` (or `just demo-data` for "
-                              "the demo), or point data.shards at a directory or glob of .tar files")
+        raise user_error(
+            f"no .tar shards match {where!r}",
+            path=what,
+            hint="build shards with `python -m pipeline shards build SRC OUT` (or `just demo-data` for "
+            "the demo), or point data.shards at a directory or glob of .tar files",
+        )
     indexes = [t.with_suffix(".idx") for t in tars]
-    missing = [t.name for t, i in zip(tars, indexes) if not i.exists()]
+    missing = [t.name for t, i in zip(tars, indexes, strict=True) if not i.exists()]
     if missing:
-        raise user_error(f"{len(missing)} shard(s) have no DALI index file, e.g. {missing[0]} "
-                         f"(expected {Path(missing[0]).with_suffix('.idx')} beside it)", path=what,
-                         hint=f"create them with `python -m pipeline shards index {root}`; without them DALI "
-                              "infers each index at start-up, slowly")
+        raise user_error(
+            f"{len(missing)} shard(s) have no DALI index file, e.g. {missing[0]} "
+            f"(expected {Path(missing[0]).with_suffix('.idx')} beside it)",
+            path=what,
+            hint=f"create them with `python -m pipeline shards index {root}`; without them DALI "
+            "infers each index at start-up, slowly",
+        )
     manifest = None
     if root is not None and (root / "manifest.json").exists():
         manifest = json.loads((root / "manifest.json").read_text())
     return ShardSet(tars, indexes, manifest, root)
 
 
-def _graph(shards: ShardSet, *, resolution: int, crop: str, area: tuple[float, float], flip: bool, gpu: bool,
-           shuffle: bool, shuffle_buffer: int, reader_seed: int, shard_id: int, num_shards: int, skip_missing: bool):
+def _graph(
+    shards: ShardSet,
+    *,
+    resolution: int,
+    crop: str,
+    area: tuple[float, float],
+    flip: bool,
+    gpu: bool,
+    shuffle: bool,
+    shuffle_buffer: int,
+    reader_seed: int,
+    shard_id: int,
+    num_shards: int,
+    skip_missing: bool,
+):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
     jpg, cls = fn.readers.webdataset(
-        paths=[str(p) for p in shards.tars], index_paths=[str(p) for p in shards.indexes], ext=["jpg", "cls"],
+        paths=[str(p) for p in shards.tars],
+        index_paths=[str(p) for p in shards.indexes],
+        ext=["jpg", "cls"],
         # a missing .cls must never become an empty label (which would decode to class 0)
         missing_component_behavior="skip" if skip_missing else "error",
-        random_shuffle=shuffle, initial_fill=shuffle_buffer, seed=reader_seed, shard_id=shard_id, num_shards=num_shards,
-        pad_last_batch=False, name="reader")
+        random_shuffle=shuffle,
+        initial_fill=shuffle_buffer,
+        seed=reader_seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=False,
+        name="reader",
+    )
     images = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
     crop_args = {}
     if crop == "random_resized":
@@ -91,27 +118,65 @@ def _graph(shards: ShardSet, *, resolution: int, crop: str, area: tuple[float, f
         images = fn.resize(images, resize_shorter=resolution)
         crop_args = {"crop": (resolution, resolution)}
         if crop == "random":
-            crop_args |= {"crop_pos_x": fn.random.uniform(range=(0.0, 1.0)),
-                          "crop_pos_y": fn.random.uniform(range=(0.0, 1.0))}
+            crop_args |= {
+                "crop_pos_x": fn.random.uniform(range=(0.0, 1.0)),
+                "crop_pos_y": fn.random.uniform(range=(0.0, 1.0)),
+            }
     mirror = fn.random.coin_flip(probability=0.5) if flip else 0
-    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[MEAN_STD] * 3,
-                                      std=[MEAN_STD] * 3, mirror=mirror, **crop_args)
+    images = fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[MEAN_STD] * 3,
+        std=[MEAN_STD] * 3,
+        mirror=mirror,
+        **crop_args,
+    )
     return images, fn.pad(cls, fill_value=0, shape=[CLS_WIDTH])
 
 
-def build_pipeline(shards: ShardSet, *, batch_size: int, resolution: int, crop: str = "center",
-                   area: tuple[float, float] = (0.08, 1.0), flip: bool = False, device_id: int | None = None,
-                   shuffle: bool = True, shuffle_buffer: int = 1024, seed: int = 0, shard_id: int = 0,
-                   num_shards: int = 1, num_threads: int | None = None, skip_missing: bool = False,
-                   checkpoint: str | None = None):
+def build_pipeline(
+    shards: ShardSet,
+    *,
+    batch_size: int,
+    resolution: int,
+    crop: str = "center",
+    area: tuple[float, float] = (0.08, 1.0),
+    flip: bool = False,
+    device_id: int | None = None,
+    shuffle: bool = True,
+    shuffle_buffer: int = 1024,
+    seed: int = 0,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    num_threads: int | None = None,
+    skip_missing: bool = False,
+    checkpoint: str | None = None,
+):
     """Build (and start) the DALI pipeline; `device_id=None` runs it entirely on the CPU."""
     from nvidia.dali import pipeline_def
 
     make = pipeline_def(_graph, enable_checkpointing=True)
-    pipe = make(shards, resolution=resolution, crop=crop, area=area, flip=flip, gpu=device_id is not None,
-                shuffle=shuffle, shuffle_buffer=shuffle_buffer, reader_seed=seed, shard_id=shard_id, num_shards=num_shards,
-                skip_missing=skip_missing, batch_size=batch_size, num_threads=num_threads or os.cpu_count() or 1,
-                device_id=device_id, seed=seed, prefetch_queue_depth=2, checkpoint=checkpoint)
+    pipe = make(
+        shards,
+        resolution=resolution,
+        crop=crop,
+        area=area,
+        flip=flip,
+        gpu=device_id is not None,
+        shuffle=shuffle,
+        shuffle_buffer=shuffle_buffer,
+        reader_seed=seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        skip_missing=skip_missing,
+        batch_size=batch_size,
+        num_threads=num_threads or os.cpu_count() or 1,
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=2,
+        checkpoint=checkpoint,
+    )
     try:
         pipe.build()
     except RuntimeError as exc:
@@ -124,9 +189,15 @@ def _dali_error(exc: Exception, shards: ShardSet) -> SpecError:
     first = next((line for line in text if "Error" in line or "error" in line), text[0] if text else repr(exc))
     hint = None
     if "missing" in first.lower() or "component" in first.lower():
-        hint = "a sample lacks its .jpg or .cls; rebuild the shards, or set data.on_bad_sample=skip to skip such samples"
-    return user_error(f"the DALI pipeline failed: {first.strip()}", path="data.shards",
-                      file=str(shards.root) if shards.root else None, hint=hint)
+        hint = (
+            "a sample lacks its .jpg or .cls; rebuild the shards, or set data.on_bad_sample=skip to skip such samples"
+        )
+    return user_error(
+        f"the DALI pipeline failed: {first.strip()}",
+        path="data.shards",
+        file=str(shards.root) if shards.root else None,
+        hint=hint,
+    )
 
 
 def parse_labels(cls_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,16 +249,30 @@ class DaliLoader:
         self.device = torch.device(self.device)
         gpu = self.device.type == "cuda"
         self.pipe = build_pipeline(
-            self.shards, batch_size=self.batch_size, resolution=self.resolution, crop=self.crop, area=self.area,
-            flip=self.flip, device_id=(self.device.index or 0) if gpu else None, shuffle=self.shuffle,
-            shuffle_buffer=self.shuffle_buffer, seed=self.seed, shard_id=self.rank, num_shards=self.world_size,
-            num_threads=self.num_threads, skip_missing=self.on_bad_sample == "skip", checkpoint=self.state)
+            self.shards,
+            batch_size=self.batch_size,
+            resolution=self.resolution,
+            crop=self.crop,
+            area=self.area,
+            flip=self.flip,
+            device_id=(self.device.index or 0) if gpu else None,
+            shuffle=self.shuffle,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            shard_id=self.rank,
+            num_shards=self.world_size,
+            num_threads=self.num_threads,
+            skip_missing=self.on_bad_sample == "skip",
+            checkpoint=self.state,
+        )
         self.dataset_size = self.pipe.reader_meta("reader")["epoch_size"]  # all ranks, after skipped samples
         self.epoch_size = part_size(self.dataset_size, self.rank, self.world_size)  # this rank's part
         if self.batch_size > self.epoch_size:
-            raise user_error(f"the batch of {self.batch_size} per rank is larger than this rank's "
-                             f"{self.epoch_size} samples", path="train.batch_per_rank",
-                             hint="use a smaller batch, fewer ranks, or more data")
+            raise user_error(
+                f"the batch of {self.batch_size} per rank is larger than this rank's {self.epoch_size} samples",
+                path="train.batch_per_rank",
+                hint="use a smaller batch, fewer ranks, or more data",
+            )
 
     def __iter__(self):
         return self
@@ -207,11 +292,14 @@ class DaliLoader:
             if self.on_bad_sample != "skip":
                 src, raw = bad[0]
                 shard, _offset, member = src.rsplit(":", 2)  # DALI's source info: archive:offset:KEY.cls
-                raise user_error(f"sample {member.rsplit('.', 1)[0]!r} in {shard} has label {raw.decode(errors='replace')!r}, "
-                                 f"not an integer in 0..{self.num_classes - 1}"
-                                 + (f" ({len(bad) - 1} more in this batch)" if len(bad) > 1 else ""),
-                                 path="data.shards", hint="fix or rebuild the shards, check data.num_classes, or set "
-                                 "data.on_bad_sample=skip to skip such samples (counted)")
+                raise user_error(
+                    f"sample {member.rsplit('.', 1)[0]!r} in {shard} has label {raw.decode(errors='replace')!r}, "
+                    f"not an integer in 0..{self.num_classes - 1}"
+                    + (f" ({len(bad) - 1} more in this batch)" if len(bad) > 1 else ""),
+                    path="data.shards",
+                    hint="fix or rebuild the shards, check data.num_classes, or set "
+                    "data.on_bad_sample=skip to skip such samples (counted)",
+                )
             self.skipped += len(bad)
         keep = torch.from_numpy(np.flatnonzero(valid))
         x = self._to_torch(images)
@@ -231,8 +319,16 @@ class DaliLoader:
         return torch.from_numpy(images.as_array())
 
 
-def loader_from_spec(spec, *, batch_size: int | None = None, device="cpu", rank: int = 0, world_size: int = 1,
-                     state=None, dtype: torch.dtype | None = None):
+def loader_from_spec(
+    spec,
+    *,
+    batch_size: int | None = None,
+    device="cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    state=None,
+    dtype: torch.dtype | None = None,
+):
     """The training loader a spec describes: its `data:` section and `train` batch and precision."""
     d = spec.data
     if dtype is None:
@@ -241,20 +337,40 @@ def loader_from_spec(spec, *, batch_size: int | None = None, device="cpu", rank:
     if d.synthetic:
         from pipeline.data.synthetic import SyntheticLoader
 
-        return SyntheticLoader(batch_size, d.resolution, d.num_classes, d.channels, device, dtype, rank, world_size,
-                               spec.seed, state)
+        return SyntheticLoader(
+            batch_size, d.resolution, d.num_classes, d.channels, device, dtype, rank, world_size, spec.seed, state
+        )
     if d.channels != 3:
         raise user_error(f"the DALI pipeline decodes RGB images; data.channels is {d.channels}", path="data.channels")
     if not d.shards:
-        raise user_error("data.shards is not set", path="data.shards",
-                         hint="set data.shards=DIR (a directory of .tar shards) on the command line or in the spec")
+        raise user_error(
+            "data.shards is not set",
+            path="data.shards",
+            hint="set data.shards=DIR (a directory of .tar shards) on the command line or in the spec",
+        )
     shards = find_shards(d.shards)
     stored = ((shards.manifest or {}).get("options") or {}).get("resolution")
     if stored and stored < d.resolution:
-        warnings.warn(f"data.resolution {d.resolution} is larger than the shards' stored resolution {stored} "
-                      f"({shards.root}): images will be upscaled", stacklevel=2)
-    return DaliLoader(shards, batch_size, d.resolution,
-                      d.num_classes, crop=d.augment.crop, area=tuple(d.augment.area), flip=d.augment.flip,
-                      device=device, dtype=dtype, rank=rank, world_size=world_size, seed=spec.seed,
-                      shuffle_buffer=d.shuffle_buffer, num_threads=d.num_threads, on_bad_sample=d.on_bad_sample,
-                      state=state)
+        warnings.warn(
+            f"data.resolution {d.resolution} is larger than the shards' stored resolution {stored} "
+            f"({shards.root}): images will be upscaled",
+            stacklevel=2,
+        )
+    return DaliLoader(
+        shards,
+        batch_size,
+        d.resolution,
+        d.num_classes,
+        crop=d.augment.crop,
+        area=tuple(d.augment.area),
+        flip=d.augment.flip,
+        device=device,
+        dtype=dtype,
+        rank=rank,
+        world_size=world_size,
+        seed=spec.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        num_threads=d.num_threads,
+        on_bad_sample=d.on_bad_sample,
+        state=state,
+    )

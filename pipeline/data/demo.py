@@ -28,24 +28,47 @@ def demo_samples() -> list:
     digits = load_digits()
     pixels = np.rint(digits.images * (255 / 16)).clip(0, 255).astype(np.uint8)
     size = (DEMO_RESOLUTION, DEMO_RESOLUTION)
-    return [(f"digits/{i:04d}", Image.fromarray(img, "L").resize(size, Image.Resampling.BICUBIC).convert("RGB"),
-             int(label)) for i, (img, label) in enumerate(zip(pixels, digits.target))]
+    return [
+        (f"digits/{i:04d}", Image.fromarray(img, "L").resize(size, Image.Resampling.BICUBIC).convert("RGB"), int(label))
+        for i, (img, label) in enumerate(zip(pixels, digits.target, strict=True))
+    ]
 
 
-def build_demo_shards(out: str | os.PathLike = "shards/demo", *, shard_size: int = 500, seed: int = 0,
-                      quality: int = 95, num_workers: int | None = None, overwrite: bool = False,
-                      log: Log | None = None) -> dict:
+def build_demo_shards(
+    out: str | os.PathLike = "shards/demo",
+    *,
+    shard_size: int = 500,
+    seed: int = 0,
+    quality: int = 95,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+    log: Log | None = None,
+) -> dict:
     """Write the demo shards to OUT (4 shards of up to 500 samples); returns the manifest.
 
     Re-running keeps finished shards, like any build; `overwrite` rebuilds them all.
     """
-    return write_samples(demo_samples(), out, classes=DEMO_CLASSES, source=DEMO_SOURCE, shard_size=shard_size,
-                         resolution=DEMO_RESOLUTION, seed=seed, quality=quality, num_workers=num_workers,
-                         overwrite=overwrite, log=log)
+    return write_samples(
+        demo_samples(),
+        out,
+        classes=DEMO_CLASSES,
+        source=DEMO_SOURCE,
+        shard_size=shard_size,
+        resolution=DEMO_RESOLUTION,
+        seed=seed,
+        quality=quality,
+        num_workers=num_workers,
+        overwrite=overwrite,
+        log=log,
+    )
 
 
 def demo_shards_ready(out: str | os.PathLike = "shards/demo") -> bool:
     """Whether OUT holds a finished demo build: its manifest, and every shard it lists with its index."""
     manifest = read_manifest(Path(out))
-    return (manifest is not None and manifest["source"] == DEMO_SOURCE
-            and manifest["num_samples"] == DEMO_NUM_SAMPLES and manifest["num_classes"] == len(DEMO_CLASSES))
+    return (
+        manifest is not None
+        and manifest["source"] == DEMO_SOURCE
+        and manifest["num_samples"] == DEMO_NUM_SAMPLES
+        and manifest["num_classes"] == len(DEMO_CLASSES)
+    )

@@ -79,8 +79,9 @@ KEY_WIDTH = 9  # digits of a sample key: up to a billion samples
 SHARD_STEM = "shard-{:06d}"
 TMP_SUFFIX = ".tmp"
 MANIFEST = "manifest.json"
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
-                            ".pbm", ".pnm"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
 MAX_ISSUES = 20  # user errors listed before "... and N more"
 EXIF_ORIENTATION = 0x0112
 
@@ -94,9 +95,20 @@ Log = Callable[[str], None]
 
 # --- sources ------------------------------------------------------------------------------------------
 
-def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.PathLike | None = None,
-                 shard_size: int = 1000, resolution: int | None = None, seed: int = 0, quality: int = 95,
-                 num_workers: int | None = None, overwrite: bool = False, log: Log | None = None) -> dict:
+
+def build_shards(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    csv: str | os.PathLike | None = None,
+    shard_size: int = 1000,
+    resolution: int | None = None,
+    seed: int = 0,
+    quality: int = 95,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+    log: Log | None = None,
+) -> dict:
     """Write the images under SRC as shuffled WebDataset shards in OUT; returns the manifest.
 
     SRC is either a folder with one sub-folder per class (ImageNet's train layout: class names
@@ -120,65 +132,97 @@ def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, csv: str | o
         samples, classes = folder_samples(src, out=Path(out))
     else:
         samples, classes = csv_samples(src, csv)
-    return write_samples(samples, out, classes=classes, source=str(src.resolve()), shard_size=shard_size,
-                         resolution=resolution, seed=seed, quality=quality,
-                         csv=None if csv is None else str(Path(csv).resolve()),
-                         num_workers=num_workers, overwrite=overwrite, log=log)
+    return write_samples(
+        samples,
+        out,
+        classes=classes,
+        source=str(src.resolve()),
+        shard_size=shard_size,
+        resolution=resolution,
+        seed=seed,
+        quality=quality,
+        csv=None if csv is None else str(Path(csv).resolve()),
+        num_workers=num_workers,
+        overwrite=overwrite,
+        log=log,
+    )
 
 
 def _check_source_dir(src: Path) -> None:
     if not src.exists():
-        raise user_error(f"source folder {src} does not exist", file=str(src),
-                         hint="give the folder that holds the images (e.g. ILSVRC/Data/CLS-LOC/train)")
+        raise user_error(
+            f"source folder {src} does not exist",
+            file=str(src),
+            hint="give the folder that holds the images (e.g. ILSVRC/Data/CLS-LOC/train)",
+        )
     if not src.is_dir():
-        raise user_error(f"source {src} is not a folder", file=str(src),
-                         hint="give a folder of class sub-folders, or a folder and csv= listing path,label rows")
+        raise user_error(
+            f"source {src} is not a folder",
+            file=str(src),
+            hint="give a folder of class sub-folders, or a folder and csv= listing path,label rows",
+        )
 
 
 def _visible(entry: os.DirEntry) -> bool:
     return not entry.name.startswith(".")
 
 
-def folder_samples(src: str | os.PathLike, *, out: Path | None = None) -> tuple[list[tuple[str, Path, int]],
-                                                                                  dict[str, int]]:
+def folder_samples(
+    src: str | os.PathLike, *, out: Path | None = None
+) -> tuple[list[tuple[str, Path, int]], dict[str, int]]:
     """(source, path, label) of every image under SRC's class folders, and {class name: label}."""
     src = Path(src)
     _check_source_dir(src)
     with os.scandir(src) as it:
         class_dirs = sorted(e.name for e in it if _visible(e) and e.is_dir())
     if out is not None and out.resolve().is_relative_to(src.resolve()):
-        raise user_error(f"the output folder {out} lies inside the source folder {src}", file=str(src),
-                         hint="its shards would be read as a class of images; write them somewhere else")
+        raise user_error(
+            f"the output folder {out} lies inside the source folder {src}",
+            file=str(src),
+            hint="its shards would be read as a class of images; write them somewhere else",
+        )
     if not class_dirs:
         has_files = any(True for _ in src.iterdir())
-        raise user_error(f"{src} has no class folders" if has_files else f"source folder {src} is empty",
-                         file=str(src), hint="put each class's images in a sub-folder named after the class "
-                                             "(as in ImageNet's train folder), or pass csv= with path,label rows")
+        raise user_error(
+            f"{src} has no class folders" if has_files else f"source folder {src} is empty",
+            file=str(src),
+            hint="put each class's images in a sub-folder named after the class "
+            "(as in ImageNet's train folder), or pass csv= with path,label rows",
+        )
     classes = {name: label for label, name in enumerate(class_dirs)}
     samples, issues = [], []
     for name in class_dirs:
         found = []
         for root, dirs, files in os.walk(src / name):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found += [Path(root, f) for f in files
-                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+            found += [
+                Path(root, f)
+                for f in files
+                if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
+            ]
         if not found:
-            issues.append(Issue(f"class folder {name!r} holds no images", file=str(src / name),
-                                hint="remove the folder, or add its images (suffixes: "
-                                     + " ".join(sorted(IMAGE_SUFFIXES)) + ")"))
+            issues.append(
+                Issue(
+                    f"class folder {name!r} holds no images",
+                    file=str(src / name),
+                    hint="remove the folder, or add its images (suffixes: " + " ".join(sorted(IMAGE_SUFFIXES)) + ")",
+                )
+            )
         samples += [(p.relative_to(src).as_posix(), p, classes[name]) for p in sorted(found)]
     _raise_issues(issues)
     return samples, classes
 
 
-def csv_samples(src: str | os.PathLike, csv: str | os.PathLike) -> tuple[list[tuple[str, Path, int]],
-                                                                          dict[str, int]]:
+def csv_samples(src: str | os.PathLike, csv: str | os.PathLike) -> tuple[list[tuple[str, Path, int]], dict[str, int]]:
     """(source, path, label) of every row of a `path,label` CSV (paths relative to SRC), and the classes."""
     src, csv = Path(src), Path(csv)
     _check_source_dir(src)
     if not csv.is_file():
-        raise user_error(f"CSV file {csv} does not exist", file=str(csv),
-                         hint="give a CSV of path,label rows, paths relative to the source folder")
+        raise user_error(
+            f"CSV file {csv} does not exist",
+            file=str(csv),
+            hint="give a CSV of path,label rows, paths relative to the source folder",
+        )
     hint_row = "each row is path,label: a path relative to the source folder and an integer class label >= 0"
     samples, issues, seen = [], [], {}
     with open(csv, newline="", encoding="utf-8-sig") as f:
@@ -199,9 +243,14 @@ def csv_samples(src: str | os.PathLike, csv: str | os.PathLike) -> tuple[list[tu
             try:
                 label = int(label_text)
             except ValueError:
-                issues.append(Issue(f"label {label_text!r} is not an integer", **where,
-                                    hint="labels are class numbers 0..K-1; to name classes, put each class's "
-                                         "images in a folder named after it and leave out the CSV"))
+                issues.append(
+                    Issue(
+                        f"label {label_text!r} is not an integer",
+                        **where,
+                        hint="labels are class numbers 0..K-1; to name classes, put each class's "
+                        "images in a folder named after it and leave out the CSV",
+                    )
+                )
                 continue
             if label < 0:
                 issues.append(Issue(f"label {label} is negative", **where, hint="labels are class numbers 0..K-1"))
@@ -212,14 +261,20 @@ def csv_samples(src: str | os.PathLike, csv: str | os.PathLike) -> tuple[list[tu
                 continue
             name = posix.as_posix()
             if name in seen:
-                issues.append(Issue(f"{name} is listed twice (first at line {seen[name]})", **where,
-                                    hint="list each image once"))
+                issues.append(
+                    Issue(f"{name} is listed twice (first at line {seen[name]})", **where, hint="list each image once")
+                )
                 continue
             seen[name] = line
             path = src / name
             if not path.is_file():
-                issues.append(Issue(f"{name} is not a file in {src}", **where,
-                                    hint="paths are relative to the source folder given with the CSV"))
+                issues.append(
+                    Issue(
+                        f"{name} is not a file in {src}",
+                        **where,
+                        hint="paths are relative to the source folder given with the CSV",
+                    )
+                )
                 continue
             samples.append((name, path, label))
     _raise_issues(issues)
@@ -240,6 +295,7 @@ def _raise_issues(issues: list[Issue]) -> None:
 
 # --- images -------------------------------------------------------------------------------------------
 
+
 def encode_image(payload: Payload, *, resolution: int | None = None, quality: int = 95) -> bytes:
     """RGB JPEG bytes of one image; raises (OSError, ValueError, ...) when it cannot be read.
 
@@ -254,7 +310,13 @@ def encode_image(payload: Payload, *, resolution: int | None = None, quality: in
     img.load()  # decode in full: a truncated or corrupt file fails here, not later inside DALI
     resize = resolution is not None and min(img.size) > resolution
     orientation = _orientation(img) if data is not None else 1
-    if data is not None and img.format == "JPEG" and img.mode == "RGB" and not resize and orientation not in _ORIENTATION:
+    if (
+        data is not None
+        and img.format == "JPEG"
+        and img.mode == "RGB"
+        and not resize
+        and orientation not in _ORIENTATION
+    ):
         return data
     rgb = _to_rgb(img)
     if orientation in _ORIENTATION:
@@ -271,9 +333,15 @@ def encode_image(payload: Payload, *, resolution: int | None = None, quality: in
 
 
 # EXIF orientation -> the transpose that makes the pixels upright (as ImageOps.exif_transpose does)
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _orientation(img: Image.Image) -> int:
@@ -316,6 +384,7 @@ def _encode_or_reason(payload: Payload, resolution: int | None, quality: int) ->
 
 # --- shards -------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Planned:
     key: str
@@ -335,10 +404,21 @@ def shuffled_order(names: list[str], seed: int) -> list[int]:
     return sorted(range(len(names)), key=ranks.__getitem__)
 
 
-def write_samples(samples: Iterable[tuple[str, Payload, int]], out: str | os.PathLike, *, classes: Mapping[str, int],
-                  source: str, shard_size: int = 1000, resolution: int | None = None, seed: int = 0,
-                  quality: int = 95, csv: str | None = None, num_workers: int | None = None,
-                  overwrite: bool = False, log: Log | None = None) -> dict:
+def write_samples(
+    samples: Iterable[tuple[str, Payload, int]],
+    out: str | os.PathLike,
+    *,
+    classes: Mapping[str, int],
+    source: str,
+    shard_size: int = 1000,
+    resolution: int | None = None,
+    seed: int = 0,
+    quality: int = 95,
+    csv: str | None = None,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+    log: Log | None = None,
+) -> dict:
     """Shuffle (source name, image, label) samples with `seed` and write them as shards in OUT.
 
     The image is a path, encoded bytes or a PIL image (see `encode_image`); source names must be
@@ -352,9 +432,11 @@ def write_samples(samples: Iterable[tuple[str, Payload, int]], out: str | os.Pat
     samples = list(samples)
     _check_samples(samples, classes)
     order = shuffled_order([name for name, _, _ in samples], seed)
-    planned = [_Planned(f"{pos:0{KEY_WIDTH}d}", int(samples[i][2]), samples[i][0], samples[i][1])
-               for pos, i in enumerate(order)]
-    plan = [planned[start:start + shard_size] for start in range(0, len(planned), shard_size)]
+    planned = [
+        _Planned(f"{pos:0{KEY_WIDTH}d}", int(samples[i][2]), samples[i][0], samples[i][1])
+        for pos, i in enumerate(order)
+    ]
+    plan = [planned[start : start + shard_size] for start in range(0, len(planned), shard_size)]
 
     out = _prepare_out(Path(out))
     with _Lock(out):
@@ -363,8 +445,10 @@ def write_samples(samples: Iterable[tuple[str, Payload, int]], out: str | os.Pat
         todo = [n for n in range(len(plan)) if n not in sidecars]
         if todo:
             (out / MANIFEST).unlink(missing_ok=True)  # a manifest must never describe shards being rewritten
-        log(f"{out}: {len(planned):,} samples in {len(plan)} shards of {shard_size}; "
-            f"{len(plan) - len(todo)} already finished")
+        log(
+            f"{out}: {len(planned):,} samples in {len(plan)} shards of {shard_size}; "
+            f"{len(plan) - len(todo)} already finished"
+        )
         workers = num_workers if num_workers is not None else len(os.sched_getaffinity(0))
         # Threads, not processes: PIL releases the GIL while it decodes, resizes and encodes, so
         # threads scale over cores without pickling images or forking a process that holds torch.
@@ -373,17 +457,22 @@ def write_samples(samples: Iterable[tuple[str, Payload, int]], out: str | os.Pat
             for count, n in enumerate(todo, 1):
                 started = time.perf_counter()
                 sidecars[n] = _write_shard(out, n, plan[n], options, pool)
-                log(f"{sidecars[n]['file'] or SHARD_STEM.format(n)}: {sidecars[n]['num_samples']} samples, "
+                log(
+                    f"{sidecars[n]['file'] or SHARD_STEM.format(n)}: {sidecars[n]['num_samples']} samples, "
                     f"{len(sidecars[n]['skipped'])} skipped ({count}/{len(todo)}, "
-                    f"{time.perf_counter() - started:.1f} s)")
+                    f"{time.perf_counter() - started:.1f} s)"
+                )
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)  # on an interrupt, do not finish the shard's images first
         manifest = _manifest(sidecars, len(plan), classes=classes, source=source, options={**options, "csv": csv})
         if manifest["num_samples"] == 0:
             reasons = sorted({s["reason"] for s in manifest["skipped"]})
-            raise user_error(f"none of the {len(planned)} images could be read", file=source,
-                             hint="reasons: " + "; ".join(reasons[:5]))
+            raise user_error(
+                f"none of the {len(planned)} images could be read",
+                file=source,
+                hint="reasons: " + "; ".join(reasons[:5]),
+            )
         _write_json(out / MANIFEST, manifest)
     return manifest
 
@@ -399,8 +488,12 @@ def _check_options(*, shard_size, resolution, seed, quality) -> dict:
         return isinstance(value, int) and not isinstance(value, bool)
 
     need(is_int(shard_size) and shard_size >= 1, "shard_size", shard_size, "an integer >= 1")
-    need(resolution is None or (is_int(resolution) and resolution >= 1), "resolution", resolution,
-         "an integer >= 1 (the shorter side in pixels) or None")
+    need(
+        resolution is None or (is_int(resolution) and resolution >= 1),
+        "resolution",
+        resolution,
+        "an integer >= 1 (the shorter side in pixels) or None",
+    )
     need(is_int(seed), "seed", seed, "an integer")
     need(is_int(quality) and 1 <= quality <= 100, "quality", quality, "an integer in 1..100 (JPEG quality)")
     _raise_issues(issues)
@@ -415,10 +508,15 @@ def _check_samples(samples: list, classes: Mapping[str, int]) -> None:
     names = Counter(name for name, _, _ in samples)
     twice = [name for name, n in names.items() if n > 1]
     if twice:
-        raise user_error(f"{len(twice)} sample source name(s) occur more than once, e.g. {twice[0]!r}",
-                         hint="each sample needs its own source name")
-    bad = [(name, label) for name, _, label in samples
-           if not isinstance(label, (int, np.integer)) or not 0 <= label < len(classes)]
+        raise user_error(
+            f"{len(twice)} sample source name(s) occur more than once, e.g. {twice[0]!r}",
+            hint="each sample needs its own source name",
+        )
+    bad = [
+        (name, label)
+        for name, _, label in samples
+        if not isinstance(label, (int, np.integer)) or not 0 <= label < len(classes)
+    ]
     if bad:
         raise user_error(f"{len(bad)} label(s) outside 0..{len(classes) - 1}, e.g. {bad[0][1]!r} for {bad[0][0]!r}")
 
@@ -427,11 +525,15 @@ def _prepare_out(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise user_error(f"output {out} exists and is not a folder", file=str(out),
-                         hint="give a new or existing folder for the shards") from None
+        raise user_error(
+            f"output {out} exists and is not a folder",
+            file=str(out),
+            hint="give a new or existing folder for the shards",
+        ) from None
     except OSError as exc:
-        raise user_error(f"cannot create output folder {out}: {exc.strerror}", file=str(out),
-                         hint="give a folder you can write to") from None
+        raise user_error(
+            f"cannot create output folder {out}: {exc.strerror}", file=str(out), hint="give a folder you can write to"
+        ) from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise user_error(f"output folder {out} is not writable", file=str(out), hint="give a folder you can write to")
     return out
@@ -449,8 +551,11 @@ class _Lock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise user_error(f"another build is writing to {self.path.parent}", file=str(self.path.parent),
-                             hint="wait for it to finish, or write to another folder") from None
+            raise user_error(
+                f"another build is writing to {self.path.parent}",
+                file=str(self.path.parent),
+                hint="wait for it to finish, or write to another folder",
+            ) from None
         return self
 
     def __exit__(self, *exc):
@@ -481,8 +586,11 @@ def _finished_shards(out: Path, plan: list[list[_Planned]], options: dict) -> di
             sidecar = json.loads(path.read_text())
             members = sorted([tuple(s[:3]) for s in sidecar["samples"]] + [tuple(s[:3]) for s in sidecar["skipped"]])
             same_build = sidecar["format_version"] == FORMAT_VERSION and sidecar["options"] == options
-            diff = ", ".join(f"{k} {sidecar['options'].get(k)!r} there, {v!r} now" for k, v in options.items()
-                             if sidecar["options"].get(k) != v)
+            diff = ", ".join(
+                f"{k} {sidecar['options'].get(k)!r} there, {v!r} now"
+                for k, v in options.items()
+                if sidecar["options"].get(k) != v
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             continue  # not a sidecar this code wrote: the shard is rebuilt and the file replaced
         if not same_build:
@@ -496,9 +604,16 @@ def _finished_shards(out: Path, plan: list[list[_Planned]], options: dict) -> di
         if len(foreign) > MAX_ISSUES:
             break
     if foreign:
-        raise SpecError([Issue(f"{out} holds shards of another build: {text}", file=str(out),
-                               hint="write to a new folder, delete the old shards, or rebuild them all with "
-                                    "overwrite=True") for text in foreign[:MAX_ISSUES]])
+        raise SpecError(
+            [
+                Issue(
+                    f"{out} holds shards of another build: {text}",
+                    file=str(out),
+                    hint="write to a new folder, delete the old shards, or rebuild them all with overwrite=True",
+                )
+                for text in foreign[:MAX_ISSUES]
+            ]
+        )
     return finished
 
 
@@ -548,7 +663,7 @@ def _write_shard(out: Path, n: int, members: list[_Planned], options: dict, pool
     with open(tar_tmp, "wb") as f:
         writer = _HashingWriter(f)
         with tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for member, (jpeg, reason) in zip(members, results):
+            for member, (jpeg, reason) in zip(members, results, strict=True):
                 if jpeg is None:
                     skipped.append([member.key, member.label, member.source, reason])
                     continue
@@ -562,9 +677,18 @@ def _write_shard(out: Path, n: int, members: list[_Planned], options: dict, pool
         f.flush()
         os.fsync(f.fileno())
 
-    sidecar = {"format_version": FORMAT_VERSION, "file": None, "index": None, "size": 0, "sha256": None,
-               "num_samples": len(samples), "options": options,
-               "class_counts": _counts(label for _, label, _ in samples), "samples": samples, "skipped": skipped}
+    sidecar = {
+        "format_version": FORMAT_VERSION,
+        "file": None,
+        "index": None,
+        "size": 0,
+        "sha256": None,
+        "num_samples": len(samples),
+        "options": options,
+        "class_counts": _counts(label for _, label, _ in samples),
+        "samples": samples,
+        "skipped": skipped,
+    }
     if samples:
         os.replace(tar_tmp, tar_path)
         index = write_index(tar_path, expected=expected_index)
@@ -577,8 +701,9 @@ def _write_shard(out: Path, n: int, members: list[_Planned], options: dict, pool
     return sidecar
 
 
-def write_index(tar: str | os.PathLike, idx: str | os.PathLike | None = None, *,
-                expected: list[list[tuple]] | None = None) -> Path:
+def write_index(
+    tar: str | os.PathLike, idx: str | os.PathLike | None = None, *, expected: list[list[tuple]] | None = None
+) -> Path:
     """Write DALI's index of a tar shard (default: beside it, .idx) with DALI's `wds2idx`; returns its path.
 
     `wds2idx` lists the tar with GNU tar and ignores tar's exit status, so the result is checked:
@@ -595,7 +720,9 @@ def write_index(tar: str | os.PathLike, idx: str | os.PathLike | None = None, *,
             creator.create_index()
     except ValueError as exc:  # "Webdataset Tar File empty"
         tmp.unlink(missing_ok=True)
-        raise user_error(f"cannot index {tar}: {exc}", file=str(tar), hint="a shard must hold at least one file")
+        raise user_error(
+            f"cannot index {tar}: {exc}", file=str(tar), hint="a shard must hold at least one file"
+        ) from None
     lines = tmp.read_text().splitlines()
     header = lines[0].split() if lines else []
     problem = None
@@ -620,17 +747,26 @@ def _counts(labels: Iterable[int]) -> dict[str, int]:
     return {str(label): counts[label] for label in sorted(counts)}
 
 
-def _manifest(sidecars: dict[int, dict], num_shards: int, *, classes: Mapping[str, int], source: str,
-              options: dict) -> dict:
+def _manifest(
+    sidecars: dict[int, dict], num_shards: int, *, classes: Mapping[str, int], source: str, options: dict
+) -> dict:
     shards, skipped, totals = [], [], Counter()
     for n in range(num_shards):
         sidecar = sidecars[n]
         skipped += [{"path": source_name, "reason": reason} for _, _, source_name, reason in sidecar["skipped"]]
         totals.update({int(k): v for k, v in sidecar["class_counts"].items()})
         if sidecar["file"] is not None:
-            shards.append({"file": sidecar["file"], "index": sidecar["index"], "sidecar": f"{SHARD_STEM.format(n)}.json",
-                           "num_samples": sidecar["num_samples"], "size": sidecar["size"],
-                           "sha256": sidecar["sha256"], "class_counts": sidecar["class_counts"]})
+            shards.append(
+                {
+                    "file": sidecar["file"],
+                    "index": sidecar["index"],
+                    "sidecar": f"{SHARD_STEM.format(n)}.json",
+                    "num_samples": sidecar["num_samples"],
+                    "size": sidecar["size"],
+                    "sha256": sidecar["sha256"],
+                    "class_counts": sidecar["class_counts"],
+                }
+            )
     return {
         "format_version": FORMAT_VERSION,
         "source": source,

@@ -41,10 +41,14 @@ class DigitClassifier(nn.Module):
         self.body = nn.Sequential(
             # the digits carry 8x8 pixels of information: halving 32x32 first makes training 4x cheaper
             nn.AvgPool2d(2),
-            *block(3, width), nn.MaxPool2d(2),
-            *block(width, 2 * width), nn.MaxPool2d(2),
+            *block(3, width),
+            nn.MaxPool2d(2),
+            *block(width, 2 * width),
+            nn.MaxPool2d(2),
             *block(2 * width, 4 * width),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(4 * width, num_classes)
 
     @property
@@ -61,14 +65,22 @@ def demo_classifier_ready(shards_dir: str | os.PathLike = DEMO_SHARDS) -> bool:
     shards_dir = Path(shards_dir)
     try:
         record = json.loads((shards_dir / RECORD_FILE).read_text())
-        return (record["manifest_sha256"] == sha256(shards_dir / "manifest.json")
-                and record["weights_sha256"] == sha256(shards_dir / WEIGHTS_FILE))
+        return record["manifest_sha256"] == sha256(shards_dir / "manifest.json") and record["weights_sha256"] == sha256(
+            shards_dir / WEIGHTS_FILE
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def train_demo_classifier(shards_dir: str | os.PathLike = DEMO_SHARDS, *, seed: int = 0, num_epochs: int = 8,
-                          held_out_fraction: float = 0.2, batch_size: int = 64, width: int = 16) -> dict:
+def train_demo_classifier(
+    shards_dir: str | os.PathLike = DEMO_SHARDS,
+    *,
+    seed: int = 0,
+    num_epochs: int = 8,
+    held_out_fraction: float = 0.2,
+    batch_size: int = 64,
+    width: int = 16,
+) -> dict:
     """Train the classifier on SHARDS_DIR, save it there, and return its record (also `classifier.json`).
 
     Deterministic given the seed: the split, the initial weights, the batch order and the shifts all
@@ -81,8 +93,11 @@ def train_demo_classifier(shards_dir: str | os.PathLike = DEMO_SHARDS, *, seed: 
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
     if manifest is None:
-        raise user_error(f"no complete shard build in {shards_dir}", file=str(shards_dir),
-                         hint="write the demo shards first: `just demo-data`")
+        raise user_error(
+            f"no complete shard build in {shards_dir}",
+            file=str(shards_dir),
+            hint="write the demo shards first: `just demo-data`",
+        )
     batches = list(real_images(shards_dir, resolution=INPUT_SIZE))
     images = torch.cat([b[0] for b in batches]).float() / 127.5 - 1
     labels = torch.cat([b[1] for b in batches])
@@ -111,8 +126,12 @@ def train_demo_classifier(shards_dir: str | os.PathLike = DEMO_SHARDS, *, seed: 
     weights = shards_dir / WEIGHTS_FILE
     tmp = weights.with_name(f"{weights.name}.{os.getpid()}.tmp")
     # one metadata entry: safetensors writes several in a random order, and the file's sha256 identifies the net
-    architecture = {"num_classes": net.num_classes, "width": width, "input_size": INPUT_SIZE,
-                    "classes": manifest["classes"]}
+    architecture = {
+        "num_classes": net.num_classes,
+        "width": width,
+        "input_size": INPUT_SIZE,
+        "classes": manifest["classes"],
+    }
     save_file(net.state_dict(), tmp, metadata={"architecture": json.dumps(architecture)})
     os.replace(tmp, weights)
     record = {
@@ -131,8 +150,15 @@ def train_demo_classifier(shards_dir: str | os.PathLike = DEMO_SHARDS, *, seed: 
     return record
 
 
-def _fit(net: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, *,
-         num_epochs: int, batch_size: int) -> None:
+def _fit(
+    net: DigitClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    gen: torch.Generator,
+    *,
+    num_epochs: int,
+    batch_size: int,
+) -> None:
     steps_per_epoch = -(-len(labels) // batch_size)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     # one-cycle: a high peak rate gets a net this small to >97% within a few epochs
@@ -163,6 +189,9 @@ def load_demo_classifier(path: str | os.PathLike) -> tuple[DigitClassifier, dict
         net.load_state_dict(load_file(str(path)))
         classes = architecture["classes"]
     except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise user_error(f"{path} is not a demo classifier this code wrote ({type(exc).__name__}: {exc})",
-                         file=str(path), hint="retrain it: `just demo-data --force`") from None
+        raise user_error(
+            f"{path} is not a demo classifier this code wrote ({type(exc).__name__}: {exc})",
+            file=str(path),
+            hint="retrain it: `just demo-data --force`",
+        ) from None
     return net.eval().requires_grad_(False), classes

@@ -36,48 +36,94 @@ def make_scorer(spec, features: str, device, *, shards: str | None = None) -> Sc
     """A scorer against the real statistics of the spec's shards (computed once, cached there)."""
     shards = shards or spec.data.shards
     if not shards or spec.data.synthetic:
-        raise user_error("evaluation compares with real images, and the spec has no shards", path="data.shards",
-                         hint="give --shards DIR (the shards the model was trained on)")
+        raise user_error(
+            "evaluation compares with real images, and the spec has no shards",
+            path="data.shards",
+            hint="give --shards DIR (the shards the model was trained on)",
+        )
     net = feature_net_for(spec, features, device)
     return Scorer(net, reference_stats(shards, net, resolution=spec.data.resolution))
 
 
-def fake_batches(module, *, num: int, z_dim: int, num_classes: int, truncation: float | None, mode: str,
-                 seed: int, batch_size: int):
+def fake_batches(
+    module, *, num: int, z_dim: int, num_classes: int, truncation: float | None, mode: str, seed: int, batch_size: int
+):
     """`num` generated images as uint8 batches with their labels, classes in turn (balanced)."""
     device = next(module.parameters()).device
     rng = torch.Generator().manual_seed(seed)
     labels = torch.arange(num) % num_classes
     for start in range(0, num, batch_size):
-        y = labels[start:start + batch_size]
+        y = labels[start : start + batch_size]
         z = sample_latents(len(y), z_dim, truncation, mode=mode, generator=rng, device=device)
         with torch.no_grad():
             yield to_uint8(module(z, y.to(device))), y
 
 
-def evaluate_module(module, spec, scorer: Scorer, *, num: int, truncation: float | None = None,
-                    mode: str = "truncate", standing_passes: int = 0, seed: int = 0, batch_size: int = 100) -> dict:
+def evaluate_module(
+    module,
+    spec,
+    scorer: Scorer,
+    *,
+    num: int,
+    truncation: float | None = None,
+    mode: str = "truncate",
+    standing_passes: int = 0,
+    seed: int = 0,
+    batch_size: int = 100,
+) -> dict:
     """Scores of `module`'s samples. Standing statistics are taken on a copy: `module` is unchanged."""
     was_training = module.training
     net = copy.deepcopy(module) if standing_passes else module
     if standing_passes:
-        standing_stats(net, num_passes=standing_passes, batch_size=batch_size, z_dim=spec.latent.z_dim,
-                       num_classes=spec.data.num_classes, truncation=truncation, mode=mode,
-                       generator=torch.Generator().manual_seed(seed + 1))
+        standing_stats(
+            net,
+            num_passes=standing_passes,
+            batch_size=batch_size,
+            z_dim=spec.latent.z_dim,
+            num_classes=spec.data.num_classes,
+            truncation=truncation,
+            mode=mode,
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
     net.eval()
     try:
-        result = scorer(fake_batches(net, num=num, z_dim=spec.latent.z_dim, num_classes=spec.data.num_classes,
-                                     truncation=truncation, mode=mode, seed=seed, batch_size=batch_size))
+        result = scorer(
+            fake_batches(
+                net,
+                num=num,
+                z_dim=spec.latent.z_dim,
+                num_classes=spec.data.num_classes,
+                truncation=truncation,
+                mode=mode,
+                seed=seed,
+                batch_size=batch_size,
+            )
+        )
     finally:
         module.train(was_training)
-    result["protocol"] |= {"truncation": truncation, "truncation_mode": mode if truncation else None,
-                           "standing_stats_passes": standing_passes, "classes": "balanced"}
+    result["protocol"] |= {
+        "truncation": truncation,
+        "truncation_mode": mode if truncation else None,
+        "standing_stats_passes": standing_passes,
+        "classes": "balanced",
+    }
     return result
 
 
-def evaluate(source: str, *, features: str = "demo", num: int = 1000, truncations=(None,), mode: str = "truncate",
-             standing_passes: int = 0, seed: int = 0, batch_size: int = 100, device: str = "cpu",
-             shards: str | None = None, out_dir: str | None = None) -> dict:
+def evaluate(
+    source: str,
+    *,
+    features: str = "demo",
+    num: int = 1000,
+    truncations=(None,),
+    mode: str = "truncate",
+    standing_passes: int = 0,
+    seed: int = 0,
+    batch_size: int = 100,
+    device: str = "cpu",
+    shards: str | None = None,
+    out_dir: str | None = None,
+) -> dict:
     """Evaluate a run's generator (its EMA when it has one) or exported weights at each
     truncation; write eval JSON (and a FID-vs-IS plot for a sweep) and return the record."""
     from pipeline.eval.sampling import load_generator
@@ -86,8 +132,17 @@ def evaluate(source: str, *, features: str = "demo", num: int = 1000, truncation
     scorer = make_scorer(gen.spec, features, device, shards=shards)
     results = []
     for truncation in truncations:
-        result = evaluate_module(gen.module, gen.spec, scorer, num=num, truncation=truncation, mode=mode,
-                                 standing_passes=standing_passes, seed=seed, batch_size=batch_size)
+        result = evaluate_module(
+            gen.module,
+            gen.spec,
+            scorer,
+            num=num,
+            truncation=truncation,
+            mode=mode,
+            standing_passes=standing_passes,
+            seed=seed,
+            batch_size=batch_size,
+        )
         result["protocol"] |= {"generator": gen.source, "ema": gen.ema, "step": gen.step}
         results.append(result)
     out = Path(out_dir) if out_dir else gen.home / "eval"

@@ -46,8 +46,12 @@ class FeatureNet(nn.Module):
         return super().train(False)
 
     def protocol(self) -> dict:
-        return {"feature_net": self.name, "feature_net_sha256": self.checksum,
-                "feature_net_input_size": self.input_size, "resize_filter": self.resize_filter}
+        return {
+            "feature_net": self.name,
+            "feature_net_sha256": self.checksum,
+            "feature_net_input_size": self.input_size,
+            "resize_filter": self.resize_filter,
+        }
 
 
 class DemoFeatureNet(FeatureNet):
@@ -64,8 +68,9 @@ class DemoFeatureNet(FeatureNet):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.float() / 127.5 - 1
         if x.shape[-2:] != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
-                              align_corners=False)
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
+            )
         return self.net(x)
 
 
@@ -82,8 +87,9 @@ class InceptionFeatureNet(FeatureNet):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        self.net = FeatureExtractorInceptionV3(self.name, ["2048", "logits_unbiased"],
-                                               feature_extractor_weights_path=str(path))
+        self.net = FeatureExtractorInceptionV3(
+            self.name, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
+        )
         self.checksum = sha256(path)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,27 +108,38 @@ def load_feature_net(spec: str, device: str | torch.device = "cpu", *, what: str
     `what` is the setting the user gave SPEC as, named in errors."""
     kind, _, path = spec.partition(":")
     if kind not in KINDS:
-        raise user_error(f"unknown feature network {spec!r}", path=what,
-                         hint="give demo, demo:PATH, inception:PATH or inception")
+        raise user_error(
+            f"unknown feature network {spec!r}", path=what, hint="give demo, demo:PATH, inception:PATH or inception"
+        )
     if kind == "demo":
         path = Path(path or Path(DEMO_SHARDS) / WEIGHTS_FILE).expanduser()
         if not path.is_file():
-            raise user_error(f"the demo classifier {path} does not exist", path=what, file=str(path),
-                             hint="train it with `just demo-data` (it is written beside the demo shards), or give "
-                                  "demo:PATH")
+            raise user_error(
+                f"the demo classifier {path} does not exist",
+                path=what,
+                file=str(path),
+                hint="train it with `just demo-data` (it is written beside the demo shards), or give demo:PATH",
+            )
         net: FeatureNet = DemoFeatureNet(path)
     else:
         path = Path(path).expanduser() if path else default_inception_path()
         if not path.is_file():
-            raise user_error(f"the Inception weights file {path} does not exist", path=what, file=str(path),
-                             hint=f"download {INCEPTION_WEIGHTS} once from {INCEPTION_URL} and give its path as "
-                                  f"inception:PATH (or put it at {default_inception_path()}); nothing is downloaded "
-                                  "at run time")
+            raise user_error(
+                f"the Inception weights file {path} does not exist",
+                path=what,
+                file=str(path),
+                hint=f"download {INCEPTION_WEIGHTS} once from {INCEPTION_URL} and give its path as "
+                f"inception:PATH (or put it at {default_inception_path()}); nothing is downloaded "
+                "at run time",
+            )
         try:
             import torch_fidelity  # noqa: F401
         except ImportError:
-            raise user_error("the Inception feature network needs torch-fidelity, which is not installed", path=what,
-                             hint="install the `inception` extra: pip install -e '.[inception]' (it needs the "
-                                  "torchvision that matches your torch)") from None
+            raise user_error(
+                "the Inception feature network needs torch-fidelity, which is not installed",
+                path=what,
+                hint="install the `inception` extra: pip install -e '.[inception]' (it needs the "
+                "torchvision that matches your torch)",
+            ) from None
         net = InceptionFeatureNet(path)
     return net.to(device).eval().requires_grad_(False)

@@ -41,8 +41,9 @@ MAX_KID_FEATURES = 10_000
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def real_images(shards_dir: str | os.PathLike, *, resolution: int, batch_size: int = 250,
-                device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def real_images(
+    shards_dir: str | os.PathLike, *, resolution: int, batch_size: int = 250, device: str | torch.device = "cpu"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of the shards in stored order, as uint8 images (B, 3, R, R) and labels (B,) on DEVICE.
 
     Each image's shorter side is resized to R (DALI's linear filter with antialiasing) and the centre
@@ -51,10 +52,20 @@ def real_images(shards_dir: str | os.PathLike, *, resolution: int, batch_size: i
 
     shards = find_shards(shards_dir, what="shards")
     if shards.manifest is None:
-        raise user_error(f"{shards_dir} has no manifest.json", file=str(shards_dir),
-                         hint="evaluate against shards written by `python -m pipeline shards build`")
-    loader = DaliLoader(shards, min(batch_size, shards.num_samples), resolution, shards.manifest["num_classes"],
-                        crop="center", device=device, shuffle=False)
+        raise user_error(
+            f"{shards_dir} has no manifest.json",
+            file=str(shards_dir),
+            hint="evaluate against shards written by `python -m pipeline shards build`",
+        )
+    loader = DaliLoader(
+        shards,
+        min(batch_size, shards.num_samples),
+        resolution,
+        shards.manifest["num_classes"],
+        crop="center",
+        device=device,
+        shuffle=False,
+    )
     left = loader.dataset_size
     while left > 0:
         images, labels = next(loader)
@@ -99,13 +110,20 @@ def _device(net: nn.Module) -> torch.device:
 def _fid(num_features: int):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return FrechetInceptionDistance(feature=_Precomputed(num_features), reset_real_features=False,
-                                    sync_on_compute=False)
+    return FrechetInceptionDistance(
+        feature=_Precomputed(num_features), reset_real_features=False, sync_on_compute=False
+    )
 
 
-def reference_from_batches(batches: Batches, feature_net: FeatureNet, *, classes: dict[str, int] | None = None,
-                           max_kid_features: int = MAX_KID_FEATURES, seed: int = 0,
-                           source: str = "given batches") -> ReferenceStats:
+def reference_from_batches(
+    batches: Batches,
+    feature_net: FeatureNet,
+    *,
+    classes: dict[str, int] | None = None,
+    max_kid_features: int = MAX_KID_FEATURES,
+    seed: int = 0,
+    source: str = "given batches",
+) -> ReferenceStats:
     """Reference statistics of real BATCHES (uint8 images, labels or None); `classes` are the data's."""
     fid = _fid(feature_net.num_features).to(_device(feature_net))
     pick = torch.Generator().manual_seed(seed)
@@ -130,13 +148,29 @@ def reference_from_batches(batches: Batches, feature_net: FeatureNet, *, classes
     if num_samples < 2:
         raise user_error(f"{num_samples} real image(s) are too few for reference statistics", hint="give more data")
     return ReferenceStats(
-        fid.real_features_sum.cpu(), fid.real_features_cov_sum.cpu(), num_samples, kid_features, resolution,
-        feature_net.name, feature_net.checksum, source, classes, num_correct / num_labelled if num_labelled else None)
+        fid.real_features_sum.cpu(),
+        fid.real_features_cov_sum.cpu(),
+        num_samples,
+        kid_features,
+        resolution,
+        feature_net.name,
+        feature_net.checksum,
+        source,
+        classes,
+        num_correct / num_labelled if num_labelled else None,
+    )
 
 
-def reference_stats(shards_dir: str | os.PathLike, feature_net: FeatureNet, *, resolution: int | None = None,
-                    batch_size: int = 250, max_kid_features: int = MAX_KID_FEATURES, seed: int = 0,
-                    refresh: bool = False) -> ReferenceStats:
+def reference_stats(
+    shards_dir: str | os.PathLike,
+    feature_net: FeatureNet,
+    *,
+    resolution: int | None = None,
+    batch_size: int = 250,
+    max_kid_features: int = MAX_KID_FEATURES,
+    seed: int = 0,
+    refresh: bool = False,
+) -> ReferenceStats:
     """The reference statistics of the shards in SHARDS_DIR, from their cache file or computed and cached.
 
     `resolution`: the size real images are read at, the generator's (default: the shards' stored
@@ -144,25 +178,39 @@ def reference_stats(shards_dir: str | os.PathLike, feature_net: FeatureNet, *, r
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
     if manifest is None:
-        raise user_error(f"no complete shard build in {shards_dir} (its manifest.json and every shard it lists)",
-                         file=str(shards_dir), hint="build shards with `python -m pipeline shards build SRC OUT`, "
-                                                    "or `just demo-data` for the demo")
+        raise user_error(
+            f"no complete shard build in {shards_dir} (its manifest.json and every shard it lists)",
+            file=str(shards_dir),
+            hint="build shards with `python -m pipeline shards build SRC OUT`, or `just demo-data` for the demo",
+        )
     resolution = resolution or manifest["options"].get("resolution")
     if not resolution:
-        raise user_error(f"the shards in {shards_dir} keep each image's own size", path="resolution",
-                         hint="give the resolution to compare at: the generator's")
-    key = {"version": CACHE_VERSION, "manifest_sha256": sha256(shards_dir / "manifest.json"),
-           "feature_net": feature_net.name, "feature_net_sha256": feature_net.checksum, "resolution": resolution,
-           "max_kid_features": max_kid_features, "seed": seed}
+        raise user_error(
+            f"the shards in {shards_dir} keep each image's own size",
+            path="resolution",
+            hint="give the resolution to compare at: the generator's",
+        )
+    key = {
+        "version": CACHE_VERSION,
+        "manifest_sha256": sha256(shards_dir / "manifest.json"),
+        "feature_net": feature_net.name,
+        "feature_net_sha256": feature_net.checksum,
+        "resolution": resolution,
+        "max_kid_features": max_kid_features,
+        "seed": seed,
+    }
     path = shards_dir / f"fid-stats-{feature_net.name}-{feature_net.checksum[:12]}-{resolution}px.safetensors"
     cached = None if refresh else _read_cache(path, key)
     if cached is not None:
         return cached
     batches = real_images(shards_dir, resolution=resolution, batch_size=batch_size, device=_device(feature_net))
-    source = (f"{shards_dir}: all {manifest['num_samples']} images, shorter side resized to {resolution} "
-              "(DALI, linear with antialiasing), centre-cropped")
-    stats = reference_from_batches(batches, feature_net, classes=manifest["classes"],
-                                   max_kid_features=max_kid_features, seed=seed, source=source)
+    source = (
+        f"{shards_dir}: all {manifest['num_samples']} images, shorter side resized to {resolution} "
+        "(DALI, linear with antialiasing), centre-cropped"
+    )
+    stats = reference_from_batches(
+        batches, feature_net, classes=manifest["classes"], max_kid_features=max_kid_features, seed=seed, source=source
+    )
     return _write_cache(stats, path, key)
 
 
@@ -179,8 +227,13 @@ def _read_cache(path: Path, key: dict) -> ReferenceStats | None:
             return None  # the shards, the feature network or the options changed since
         info = json.loads(meta["info"])
         tensors = load_file(str(path))
-        return ReferenceStats(tensors["features_sum"], tensors["features_cov_sum"], kid_features=tensors["kid_features"],
-                              path=path, **info)
+        return ReferenceStats(
+            tensors["features_sum"],
+            tensors["features_cov_sum"],
+            kid_features=tensors["kid_features"],
+            path=path,
+            **info,
+        )
     except (SafetensorError, OSError, ValueError, KeyError, TypeError):
         return None  # unreadable or from another version: computed again and replaced
 
@@ -188,19 +241,31 @@ def _read_cache(path: Path, key: dict) -> ReferenceStats | None:
 def _write_cache(stats: ReferenceStats, path: Path, key: dict) -> ReferenceStats:
     from safetensors.torch import save_file
 
-    info = {"num_samples": stats.num_samples, "resolution": stats.resolution, "feature_net": stats.feature_net,
-            "feature_net_sha256": stats.feature_net_sha256, "source": stats.source, "classes": stats.classes,
-            "real_class_accuracy": stats.real_class_accuracy}
-    tensors = {"features_sum": stats.features_sum, "features_cov_sum": stats.features_cov_sum,
-               "kid_features": stats.kid_features.contiguous()}
+    info = {
+        "num_samples": stats.num_samples,
+        "resolution": stats.resolution,
+        "feature_net": stats.feature_net,
+        "feature_net_sha256": stats.feature_net_sha256,
+        "source": stats.source,
+        "classes": stats.classes,
+        "real_class_accuracy": stats.real_class_accuracy,
+    }
+    tensors = {
+        "features_sum": stats.features_sum,
+        "features_cov_sum": stats.features_cov_sum,
+        "kid_features": stats.kid_features.contiguous(),
+    }
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, tmp, metadata={"key": json.dumps(key), "info": json.dumps(info)})
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        warnings.warn(f"could not cache the reference statistics in {path} ({exc.strerror}); they will be computed "
-                      "again next time", stacklevel=3)
+        warnings.warn(
+            f"could not cache the reference statistics in {path} ({exc.strerror}); they will be computed "
+            "again next time",
+            stacklevel=3,
+        )
         return stats
     return replace(stats, path=path)
 
@@ -211,15 +276,26 @@ class Scorer:
     KID draws `kid_subsets` random subsets of `kid_subset_size` (fewer when fewer images are
     available); IS averages over `is_splits` splits. `seed` makes those draws repeatable."""
 
-    def __init__(self, feature_net: FeatureNet, reference: ReferenceStats, *, kid_subsets: int = 100,
-                 kid_subset_size: int = 1000, is_splits: int = 10, seed: int = 0):
+    def __init__(
+        self,
+        feature_net: FeatureNet,
+        reference: ReferenceStats,
+        *,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        is_splits: int = 10,
+        seed: int = 0,
+    ):
         from torchmetrics.image.inception import InceptionScore
         from torchmetrics.image.kid import KernelInceptionDistance
 
         if reference.feature_net_sha256 != feature_net.checksum:
-            raise user_error(f"the reference statistics were computed with {reference.feature_net} "
-                             f"(sha256 {reference.feature_net_sha256[:12]}), not with this {feature_net.name} "
-                             f"({feature_net.checksum[:12]})", hint="compute them with the same feature network")
+            raise user_error(
+                f"the reference statistics were computed with {reference.feature_net} "
+                f"(sha256 {reference.feature_net_sha256[:12]}), not with this {feature_net.name} "
+                f"({feature_net.checksum[:12]})",
+                hint="compute them with the same feature network",
+            )
         self.feature_net, self.reference, self.seed = feature_net, reference, seed
         self.kid_subset_size, self.is_splits = kid_subset_size, is_splits
         device = _device(feature_net)
@@ -229,11 +305,16 @@ class Scorer:
         self.fid.real_features_num_samples = torch.tensor(reference.num_samples, device=device)
         with warnings.catch_warnings():  # that they keep every feature in memory is what KID and IS need
             warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
-            self.kid = KernelInceptionDistance(feature=_Precomputed(feature_net.num_features), subsets=kid_subsets,
-                                               subset_size=kid_subset_size, reset_real_features=False,
-                                               sync_on_compute=False).to(device)
-            self.inception_score = InceptionScore(feature=_Precomputed(feature_net.num_classes), splits=is_splits,
-                                                  sync_on_compute=False).to(device)
+            self.kid = KernelInceptionDistance(
+                feature=_Precomputed(feature_net.num_features),
+                subsets=kid_subsets,
+                subset_size=kid_subset_size,
+                reset_real_features=False,
+                sync_on_compute=False,
+            ).to(device)
+            self.inception_score = InceptionScore(
+                feature=_Precomputed(feature_net.num_classes), splits=is_splits, sync_on_compute=False
+            ).to(device)
         self.kid.update(reference.kid_features.to(device), real=True)
         self.score_classes = feature_net.classes is not None and feature_net.classes == reference.classes
 
@@ -246,12 +327,17 @@ class Scorer:
         with torch.no_grad():
             for images, labels in fake_batches:
                 if images.dtype != torch.uint8 or images.dim() != 4:
-                    raise TypeError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
-                                    " (to_uint8 turns [-1, 1] images into them)")
+                    raise TypeError(
+                        f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+                        " (to_uint8 turns [-1, 1] images into them)"
+                    )
                 if images.shape[-1] != self.reference.resolution:
-                    raise user_error(f"generated images are {images.shape[-1]}px, the reference statistics "
-                                     f"{self.reference.resolution}px", path="resolution",
-                                     hint="compute the reference statistics at the generator's resolution")
+                    raise user_error(
+                        f"generated images are {images.shape[-1]}px, the reference statistics "
+                        f"{self.reference.resolution}px",
+                        path="resolution",
+                        hint="compute the reference statistics at the generator's resolution",
+                    )
                 features, logits = self.feature_net(images.to(device))
                 self.fid.update(features, real=False)
                 self.kid.update(features, real=False)
@@ -261,26 +347,40 @@ class Scorer:
                     num_correct += (logits.argmax(1) == labels.to(device)).sum().item()
                     num_labelled += len(labels)
         if num_samples < 2:
-            raise user_error(f"{num_samples} generated image(s) are too few to score", path="num_samples",
-                             hint="FID needs at least 2; scores are comparable only at equal counts, usually "
-                                  "10,000 or 50,000")
+            raise user_error(
+                f"{num_samples} generated image(s) are too few to score",
+                path="num_samples",
+                hint="FID needs at least 2; scores are comparable only at equal counts, usually 10,000 or 50,000",
+            )
         kid_subset_size = min(self.kid_subset_size, num_samples, len(self.reference.kid_features))
         self.kid.subset_size = kid_subset_size
         with torch.random.fork_rng(devices=[]):  # KID's subsets and IS's splits draw from the global generator
             torch.manual_seed(self.seed)
             kid_mean, kid_std = self.kid.compute()
             is_mean, is_std = self.inception_score.compute()
-        protocol = {**self.feature_net.protocol(), "num_samples": num_samples,
-                    "num_real_samples": self.reference.num_samples, "resolution": self.reference.resolution,
-                    "real_data": self.reference.source,
-                    "real_stats": str(self.reference.path) if self.reference.path else None,
-                    "kid_subsets": self.kid.subsets, "kid_subset_size": kid_subset_size,
-                    "kid_real_features": len(self.reference.kid_features), "is_splits": self.is_splits,
-                    "seed": self.seed}
-        return {"fid": self.fid.compute().item(), "kid_mean": kid_mean.item(), "kid_std": kid_std.item(),
-                "is_mean": is_mean.item(), "is_std": is_std.item(),
-                "class_accuracy": num_correct / num_labelled if num_labelled else None,
-                "real_class_accuracy": self.reference.real_class_accuracy, "protocol": protocol}
+        protocol = {
+            **self.feature_net.protocol(),
+            "num_samples": num_samples,
+            "num_real_samples": self.reference.num_samples,
+            "resolution": self.reference.resolution,
+            "real_data": self.reference.source,
+            "real_stats": str(self.reference.path) if self.reference.path else None,
+            "kid_subsets": self.kid.subsets,
+            "kid_subset_size": kid_subset_size,
+            "kid_real_features": len(self.reference.kid_features),
+            "is_splits": self.is_splits,
+            "seed": self.seed,
+        }
+        return {
+            "fid": self.fid.compute().item(),
+            "kid_mean": kid_mean.item(),
+            "kid_std": kid_std.item(),
+            "is_mean": is_mean.item(),
+            "is_std": is_std.item(),
+            "class_accuracy": num_correct / num_labelled if num_labelled else None,
+            "real_class_accuracy": self.reference.real_class_accuracy,
+            "protocol": protocol,
+        }
 
 
 def score(fake_batches: Batches, feature_net: FeatureNet, reference: ReferenceStats, **options) -> dict:

@@ -30,8 +30,10 @@ INTERPOLATIONS = ("latent", "class")
 # Rejection sampling draws this many values per round at most (64 MiB of float32), however small
 # the threshold: each slot still to fill gets as many candidates as fit.
 MAX_DRAWS_PER_ROUND = 1 << 24
-SOURCE_HINT = ("give a run directory (runs/NAME), one of its checkpoints/step-N directories, an export "
-               "directory or a generator.safetensors file")
+SOURCE_HINT = (
+    "give a run directory (runs/NAME), one of its checkpoints/step-N directories, an export "
+    "directory or a generator.safetensors file"
+)
 
 
 # ----- latents -----
@@ -39,8 +41,9 @@ def _normal(shape, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu")
 
 
-def truncated_normal(shape, threshold: torch.Tensor | float | None, *, generator: torch.Generator | None = None,
-                     device=None) -> torch.Tensor:
+def truncated_normal(
+    shape, threshold: torch.Tensor | float | None, *, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
     """N(0, 1) values conditioned on |v| <= threshold (BigGAN's truncation trick): values beyond
     the threshold are drawn again until none remain, so none pile up at +-threshold as clipping
     would make them. `threshold` None gives the plain normal. A 0-d tensor threshold is compared
@@ -70,16 +73,24 @@ def truncated_normal(shape, threshold: torch.Tensor | float | None, *, generator
     return z.to(device or z.device)
 
 
-def scaled_normal(shape, scale: torch.Tensor | float, *, generator: torch.Generator | None = None,
-                  device=None) -> torch.Tensor:
+def scaled_normal(
+    shape, scale: torch.Tensor | float, *, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
     """N(0, scale^2): the "scale the standard deviation" variant of truncation that BigGAN-PyTorch's
     code uses (values are not bounded; only their spread shrinks)."""
     z = _normal(shape, generator)
     return (z * torch.as_tensor(scale, dtype=z.dtype, device=z.device)).to(device or z.device)
 
 
-def sample_latents(n: int, z_dim: int, truncation: float | None, *, mode: str = "truncate",
-                   generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def sample_latents(
+    n: int,
+    z_dim: int,
+    truncation: float | None,
+    *,
+    mode: str = "truncate",
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
     """`n` latents of `z_dim`: plain normal (truncation None), truncated normal with threshold
     `truncation` (mode "truncate") or normal with standard deviation `truncation` (mode "scale")."""
     if mode not in TRUNCATION_MODES:
@@ -152,8 +163,10 @@ def _loaded_spec(data: dict, origin: Path):
         return LoadedSpec(Spec.model_validate(data), SourceMap(), origin)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise user_error(f"{origin}: the stored spec does not validate: {'.'.join(map(str, first['loc']))}: "
-                         f"{first['msg']}", hint="was it written by another version of the pipeline?") from None
+        raise user_error(
+            f"{origin}: the stored spec does not validate: {'.'.join(map(str, first['loc']))}: {first['msg']}",
+            hint="was it written by another version of the pipeline?",
+        ) from None
 
 
 def _build(loaded, weights: dict[str, torch.Tensor], origin: Path, device) -> nn.Module:
@@ -166,18 +179,27 @@ def _build(loaded, weights: dict[str, torch.Tensor], origin: Path, device) -> nn
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
-    wrong_shape = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-                   if k in weights and weights[k].shape != v.shape]
+    wrong_shape = [
+        f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
     if missing or unexpected or wrong_shape:
-        details = [f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-                   for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-                   if names]
-        raise user_error(f"{origin} does not hold the generator of its spec ({'; '.join(details)})",
-                         hint="the weights and the spec beside them must come from the same run")
+        details = [
+            f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+            if names
+        ]
+        raise user_error(
+            f"{origin} does not hold the generator of its spec ({'; '.join(details)})",
+            hint="the weights and the spec beside them must come from the same run",
+        )
     # Copies in fp32 whatever the training precision: a file's tensors sit at any offset in its
     # buffer, and misaligned ones make CPU kernels sum in another order (outputs off by 1e-6).
-    module.load_state_dict({k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
-                            for k, v in weights.items()}, assign=True)
+    module.load_state_dict(
+        {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in weights.items()},
+        assign=True,
+    )
     return module.to(device).eval().requires_grad_(False)
 
 
@@ -194,8 +216,10 @@ def _from_export(file: Path, device) -> LoadedGenerator:
 
     spec_file = file.parent / "spec.yaml"
     if not spec_file.is_file():
-        raise user_error(f"{spec_file} is missing: the spec of {file} is read from spec.yaml beside it",
-                         hint="training writes both to RUN/export/; copy them together")
+        raise user_error(
+            f"{spec_file} is missing: the spec of {file} is read from spec.yaml beside it",
+            hint="training writes both to RUN/export/; copy them together",
+        )
     try:
         data = yaml.safe_load(spec_file.read_text())
     except yaml.YAMLError as exc:
@@ -209,8 +233,15 @@ def _from_export(file: Path, device) -> LoadedGenerator:
         raise user_error(f"cannot read {file}: {exc}", hint="expected safetensors weights of a generator") from None
     ema = loaded.spec.train.ema is not None  # export() writes the EMA's weights when the run has one
     # export() runs only after the last step, when the step equals the spec's max_steps
-    return LoadedGenerator(_build(loaded, weights, file, device), loaded.spec, _display(file), ema,
-                           loaded.spec.train.max_steps, file, file.parent)
+    return LoadedGenerator(
+        _build(loaded, weights, file, device),
+        loaded.spec,
+        _display(file),
+        ema,
+        loaded.spec.train.max_steps,
+        file,
+        file.parent,
+    )
 
 
 def _from_checkpoint(ckpt: Path, device) -> LoadedGenerator:
@@ -222,15 +253,19 @@ def _from_checkpoint(ckpt: Path, device) -> LoadedGenerator:
         state = json.loads((ckpt / "state.json").read_text())
         spec_data, step = state["spec"], state["step"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise user_error(f"cannot read {ckpt / 'state.json'}: {exc}",
-                         hint="expected a checkpoint written by `python -m pipeline train`") from None
+        raise user_error(
+            f"cannot read {ckpt / 'state.json'}: {exc}",
+            hint="expected a checkpoint written by `python -m pipeline train`",
+        ) from None
     loaded = _loaded_spec(spec_data, ckpt / "state.json")
     run = _display(ckpt.parent.parent)
     if loaded.spec.train.ema is not None:
         file = ckpt / "ema.safetensors"
         if not file.is_file():
-            raise user_error(f"{file} is missing, though the run's spec has an EMA",
-                             hint="the checkpoint is incomplete; use an earlier one (checkpoints/step-N)")
+            raise user_error(
+                f"{file} is missing, though the run's spec has an EMA",
+                hint="the checkpoint is incomplete; use an earlier one (checkpoints/step-N)",
+            )
         weights, what = load_file(file), "EMA"
     else:
         # DeepSpeed writes the full module (ZeRO 0-2) of model-parallel rank 0 here
@@ -239,8 +274,15 @@ def _from_checkpoint(ckpt: Path, device) -> LoadedGenerator:
             raise user_error(f"{file} is missing", hint="the checkpoint is incomplete; use an earlier one")
         weights = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["module"]
         what = "G (the run has no EMA)"
-    return LoadedGenerator(_build(loaded, weights, file, device), loaded.spec, f"{run}: {what} at step {step}",
-                           loaded.spec.train.ema is not None, step, file, ckpt.parent.parent)
+    return LoadedGenerator(
+        _build(loaded, weights, file, device),
+        loaded.spec,
+        f"{run}: {what} at step {step}",
+        loaded.spec.train.ema is not None,
+        step,
+        file,
+        ckpt.parent.parent,
+    )
 
 
 def load_generator(source: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
@@ -265,8 +307,10 @@ def load_generator(source: str | Path, device: str | torch.device = "cpu") -> Lo
         return _from_checkpoint(path, device)
     last = latest(path)
     if last is None:
-        raise user_error(f"{path} holds no finished checkpoint (checkpoints/step-N/state.json) and no "
-                         "generator.safetensors", hint=SOURCE_HINT)
+        raise user_error(
+            f"{path} holds no finished checkpoint (checkpoints/step-N/state.json) and no generator.safetensors",
+            hint=SOURCE_HINT,
+        )
     return _from_checkpoint(last, device)
 
 
@@ -278,8 +322,17 @@ def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def standing_stats(module: nn.Module, *, num_passes: int, batch_size: int, z_dim: int, num_classes: int,
-                   truncation: float | None, mode: str = "truncate", generator: torch.Generator | None = None) -> None:
+def standing_stats(
+    module: nn.Module,
+    *,
+    num_passes: int,
+    batch_size: int,
+    z_dim: int,
+    num_classes: int,
+    truncation: float | None,
+    mode: str = "truncate",
+    generator: torch.Generator | None = None,
+) -> None:
     """BigGAN's standing statistics: reset every BatchNorm's running mean and variance, then set
     them to the average of the batch statistics over `num_passes` forward passes at the sampling
     distribution (latents at this truncation, classes uniform). Momentum None makes BatchNorm
@@ -288,8 +341,10 @@ def standing_stats(module: nn.Module, *, num_passes: int, batch_size: int, z_dim
     Cross-replica BatchNorms run unsynchronized, since this process runs alone (a synchronized one
     would wait for the other ranks). Leaves the module in eval mode."""
     if num_passes < 1 or batch_size < 2:
-        raise ValueError(f"standing statistics need num_passes >= 1 and batch_size >= 2 (BatchNorm over one "
-                         f"value per channel is undefined), got {num_passes} and {batch_size}")
+        raise ValueError(
+            f"standing statistics need num_passes >= 1 and batch_size >= 2 (BatchNorm over one "
+            f"value per channel is undefined), got {num_passes} and {batch_size}"
+        )
     norms = batch_norms(module)
     device = next(module.parameters()).device
     saved = [(m.momentum, getattr(m, "cross_replica", None)) for m in norms]
@@ -303,11 +358,15 @@ def standing_stats(module: nn.Module, *, num_passes: int, batch_size: int, z_dim
             m.train()
         for _ in range(num_passes if norms else 0):
             z = sample_latents(batch_size, z_dim, truncation, mode=mode, generator=generator, device=device)
-            y = torch.randint(num_classes, (batch_size,), generator=generator,
-                              device=generator.device if generator is not None else "cpu")
+            y = torch.randint(
+                num_classes,
+                (batch_size,),
+                generator=generator,
+                device=generator.device if generator is not None else "cpu",
+            )
             module(z, y.to(device))
     finally:
-        for m, (momentum, cross_replica) in zip(norms, saved):
+        for m, (momentum, cross_replica) in zip(norms, saved, strict=True):
             m.momentum = momentum
             if cross_replica is not None:
                 m.cross_replica = cross_replica
@@ -319,22 +378,42 @@ def standing_stats(module: nn.Module, *, num_passes: int, batch_size: int, z_dim
 def generate(module: nn.Module, z: torch.Tensor, y: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
     """Images for latents and labels, `batch_size` at a time, as float32 on the CPU."""
     device = next(module.parameters()).device
-    return torch.cat([module(z[i:i + batch_size].to(device), y[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(z), batch_size)])
+    return torch.cat(
+        [
+            module(z[i : i + batch_size].to(device), y[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(z), batch_size)
+        ]
+    )
 
 
-def class_grid(module: nn.Module, classes: list[int], num_per_class: int, *, z_dim: int,
-               truncation: float | None = None, mode: str = "truncate", generator: torch.Generator | None = None,
-               batch_size: int = 64) -> torch.Tensor:
+def class_grid(
+    module: nn.Module,
+    classes: list[int],
+    num_per_class: int,
+    *,
+    z_dim: int,
+    truncation: float | None = None,
+    mode: str = "truncate",
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
     """Images (len(classes), num_per_class, C, H, W): rows are classes, columns samples."""
     z = sample_latents(len(classes) * num_per_class, z_dim, truncation, mode=mode, generator=generator)
     y = torch.tensor(classes).repeat_interleave(num_per_class)
     return generate(module, z, y, batch_size=batch_size).unflatten(0, (len(classes), num_per_class))
 
 
-def latent_interpolation(module: nn.Module, classes: list[int], num_steps: int, *, z_dim: int,
-                         truncation: float | None = None, mode: str = "truncate",
-                         generator: torch.Generator | None = None, batch_size: int = 64) -> torch.Tensor:
+def latent_interpolation(
+    module: nn.Module,
+    classes: list[int],
+    num_steps: int,
+    *,
+    z_dim: int,
+    truncation: float | None = None,
+    mode: str = "truncate",
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
     """Images (len(classes), num_steps, C, H, W): each row one class, its latent moving along the
     great circle (slerp) between two latents drawn for that row."""
     start = sample_latents(len(classes), z_dim, truncation, mode=mode, generator=generator)
@@ -349,13 +428,18 @@ def class_embeddings(module: nn.Module) -> list[nn.Embedding]:
     label = module.input_names[1] if hasattr(module, "input_names") else None
     if label is None:
         raise TypeError("class interpolation needs a generator built by pipeline.graph (a GraphModule)")
-    readers = [name for name, fields in module.steps
-               if any(ref.partition(".")[0] == label for _, refs in fields for ref in refs)]
+    readers = [
+        name
+        for name, fields in module.steps
+        if any(ref.partition(".")[0] == label for _, refs in fields for ref in refs)
+    ]
     others = [name for name in readers if not isinstance(module[name], nn.Embedding)]
     if not readers or others:
-        raise user_error(f"class interpolation mixes class embeddings, but the generator's labels `{label}` feed "
-                         + (f"non-embedding nodes ({', '.join(others)})" if others else "no node"),
-                         hint="use --interpolate latent")
+        raise user_error(
+            f"class interpolation mixes class embeddings, but the generator's labels `{label}` feed "
+            + (f"non-embedding nodes ({', '.join(others)})" if others else "no node"),
+            hint="use --interpolate latent",
+        )
     return [module[name] for name in readers]
 
 
@@ -366,6 +450,7 @@ def mixed_class_embedding(module: nn.Module, y_to: torch.Tensor, weight: torch.T
 
     A forward hook replaces the embedding's output: the graph, its modules and their forward
     code stay as they are, and nothing remains once the block exits."""
+
     def mix(embedding, args, out):
         # forward, not __call__: __call__ would run this hook again
         target = embedding.forward(y_to.to(out.device))
@@ -380,9 +465,18 @@ def mixed_class_embedding(module: nn.Module, y_to: torch.Tensor, weight: torch.T
 
 
 @torch.no_grad()
-def class_interpolation(module: nn.Module, classes: list[int], num_rows: int, num_steps: int, *, z_dim: int,
-                        truncation: float | None = None, mode: str = "truncate",
-                        generator: torch.Generator | None = None, batch_size: int = 64) -> torch.Tensor:
+def class_interpolation(
+    module: nn.Module,
+    classes: list[int],
+    num_rows: int,
+    num_steps: int,
+    *,
+    z_dim: int,
+    truncation: float | None = None,
+    mode: str = "truncate",
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
     """Images (num_rows, 1 + (len(classes) - 1) * (num_steps - 1), C, H, W): each row one fixed
     latent, the class embedding moving linearly from classes[0] to classes[1] (num_steps points,
     both ends included), then on to classes[2], and so on."""
@@ -391,7 +485,7 @@ def class_interpolation(module: nn.Module, classes: list[int], num_rows: int, nu
     class_embeddings(module)  # fails early and clearly for a graph it cannot mix
     weights, starts, ends = [], [], []
     for a, b in itertools.pairwise(classes):
-        t = torch.linspace(0, 1, num_steps)[0 if not weights else 1:]  # segments share their end points
+        t = torch.linspace(0, 1, num_steps)[0 if not weights else 1 :]  # segments share their end points
         weights.append(t)
         starts.append(torch.full_like(t, a, dtype=torch.long))
         ends.append(torch.full_like(t, b, dtype=torch.long))
@@ -455,10 +549,21 @@ def default_classes(num_classes: int, num_rows: int = 10) -> list[int]:
     return torch.linspace(0, num_classes - 1, min(num_rows, num_classes)).long().tolist()
 
 
-def write_samples(gen: LoadedGenerator, out_dir: str | Path, *, classes: list[int] | None = None,
-                  num_per_class: int = 8, truncation: float | None = None, mode: str = "truncate",
-                  standing_passes: int = 8, batch_size: int = 64, seed: int = 0, interpolate: str | None = None,
-                  num_steps: int = 8, gif: bool = False) -> dict:
+def write_samples(
+    gen: LoadedGenerator,
+    out_dir: str | Path,
+    *,
+    classes: list[int] | None = None,
+    num_per_class: int = 8,
+    truncation: float | None = None,
+    mode: str = "truncate",
+    standing_passes: int = 8,
+    batch_size: int = 64,
+    seed: int = 0,
+    interpolate: str | None = None,
+    num_steps: int = 8,
+    gif: bool = False,
+) -> dict:
     """Write `grid.png` (rows = classes, columns = samples), one PNG per image in `images/`
     (`class<c>-<i>.png`), optionally an interpolation strip `interpolation-<kind>.png` (and `.gif`),
     and `samples.json` recording the protocol; return that record.
@@ -468,19 +573,32 @@ def write_samples(gen: LoadedGenerator, out_dir: str | Path, *, classes: list[in
     from `seed` alone, the standing statistics from seed + 1: the same seed draws the same
     latents whether standing statistics are on or not."""
     classes = default_classes(gen.num_classes) if classes is None else list(classes)
-    _check_request(gen, classes, num_per_class, truncation, mode, standing_passes, batch_size, interpolate,
-                   num_steps, gif)
+    _check_request(
+        gen, classes, num_per_class, truncation, mode, standing_passes, batch_size, interpolate, num_steps, gif
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = gen.module
     if standing_passes:
-        standing_stats(module, num_passes=standing_passes, batch_size=batch_size, z_dim=gen.z_dim,
-                       num_classes=gen.num_classes, truncation=truncation, mode=mode,
-                       generator=torch.Generator().manual_seed(seed + 1))
+        standing_stats(
+            module,
+            num_passes=standing_passes,
+            batch_size=batch_size,
+            z_dim=gen.z_dim,
+            num_classes=gen.num_classes,
+            truncation=truncation,
+            mode=mode,
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
     module.eval()
     latent_rng = torch.Generator().manual_seed(seed)
-    options = {"z_dim": gen.z_dim, "truncation": truncation, "mode": mode, "generator": latent_rng,
-               "batch_size": batch_size}
+    options = {
+        "z_dim": gen.z_dim,
+        "truncation": truncation,
+        "mode": mode,
+        "generator": latent_rng,
+        "batch_size": batch_size,
+    }
 
     grid = class_grid(module, classes, num_per_class, **options)
     save_png(grid, out_dir / "grid.png")
@@ -508,24 +626,31 @@ def write_samples(gen: LoadedGenerator, out_dir: str | Path, *, classes: list[in
         "ema": gen.ema,
         "step": gen.step,
         "truncation": None if truncation is None else {"value": truncation, "mode": mode},
-        "standing_stats": ({"num_passes": standing_passes, "batch_size": batch_size, "seed": seed + 1}
-                           if standing_passes else None),
+        "standing_stats": (
+            {"num_passes": standing_passes, "batch_size": batch_size, "seed": seed + 1} if standing_passes else None
+        ),
         "seed": seed,
         "classes": classes,
         "num_per_class": num_per_class,
-        "interpolation": None if interpolate is None else {
-            "kind": interpolate, "num_steps": num_steps,
+        "interpolation": None
+        if interpolate is None
+        else {
+            "kind": interpolate,
+            "num_steps": num_steps,
             "rows": "classes" if interpolate == "latent" else f"{num_per_class} fixed latents",
-            "path": "slerp between two latents per row" if interpolate == "latent"
-                    else "linear in the class embedding, " + " -> ".join(map(str, classes))},
+            "path": "slerp between two latents per row"
+            if interpolate == "latent"
+            else "linear in the class embedding, " + " -> ".join(map(str, classes)),
+        },
         "files": files,
     }
     (out_dir / "samples.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
-def _check_request(gen, classes, num_per_class, truncation, mode, standing_passes, batch_size, interpolate,
-                   num_steps, gif) -> None:
+def _check_request(
+    gen, classes, num_per_class, truncation, mode, standing_passes, batch_size, interpolate, num_steps, gif
+) -> None:
     problems = []
     bad = [c for c in classes if not 0 <= c < gen.num_classes]
     if bad or not classes:

@@ -1,9 +1,9 @@
 from pipeline.graph.build import (  # noqa: F401
-                                  GraphModule,
-                                  NetworkPlan,
-                                  analyze_network,
-                                  analyze_spec,
-                                  build_network,
-                                  compile_network,
-                                  instantiate,
+    GraphModule,
+    NetworkPlan,
+    analyze_network,
+    analyze_spec,
+    build_network,
+    compile_network,
+    instantiate,
 )

@@ -82,7 +82,7 @@ class GraphModule(nn.ModuleDict):
         self.output_refs = tuple(plan.outputs)
 
     def forward(self, *args):
-        values = dict(zip(self.input_names, args))
+        values = dict(zip(self.input_names, args, strict=True))
         for name, fields in self.steps:
             values[name] = self[name](*(gather(values, mode, refs) for mode, refs in fields))
         outs = tuple(lookup(values, ref) for ref in self.output_refs)
@@ -109,14 +109,22 @@ def gather(values: dict, mode: str, refs: list[str]):
 def graph_inputs(spec, which: str) -> dict[str, Shape]:
     d = spec.data
     first = (spec.latent.z_dim,) if which == "generator" else (d.channels, d.resolution, d.resolution)
-    return dict(zip(INPUT_NAMES[which], (first, ())))
+    return dict(zip(INPUT_NAMES[which], (first, ()), strict=True))
 
 
 def context(spec, which: str, meta: bool) -> BuildContext:
     net = getattr(spec, which)
-    return BuildContext(num_classes=spec.data.num_classes, image_channels=spec.data.channels, init=net.init,
-                        sn=net.sn, sn_eps=net.sn_eps, bn_eps=net.bn_eps, bn_momentum=net.bn_momentum,
-                        cross_replica_bn=net.cross_replica_bn, meta=meta)
+    return BuildContext(
+        num_classes=spec.data.num_classes,
+        image_channels=spec.data.channels,
+        init=net.init,
+        sn=net.sn,
+        sn_eps=net.sn_eps,
+        bn_eps=net.bn_eps,
+        bn_momentum=net.bn_momentum,
+        cross_replica_bn=net.cross_replica_bn,
+        meta=meta,
+    )
 
 
 def _shape_str(shape) -> str:
@@ -143,8 +151,12 @@ class _Checker:
         reserved = set(dir(GraphModule))
         for name in nodes:
             if name in inputs:
-                self.issue(f"node name {name!r} is a graph input name", "nodes", name,
-                           hint=f"{', '.join(inputs)} are the inputs of the {self.which}; rename the node")
+                self.issue(
+                    f"node name {name!r} is a graph input name",
+                    "nodes",
+                    name,
+                    hint=f"{', '.join(inputs)} are the inputs of the {self.which}; rename the node",
+                )
             elif name in reserved:
                 self.issue(f"node name {name!r} is reserved by torch.nn.Module", "nodes", name, hint="rename the node")
         known = list(nodes) + list(inputs)
@@ -156,13 +168,20 @@ class _Checker:
                     if base == name:
                         self.issue(f"node {name!r} takes its own output as input", *loc)
                     elif base not in nodes and base not in inputs:
-                        self.issue(f"unknown input {ref!r}", *loc,
-                                   hint=did_you_mean(base, known) or f"inputs are {', '.join(inputs)} or a node name")
+                        self.issue(
+                            f"unknown input {ref!r}",
+                            *loc,
+                            hint=did_you_mean(base, known) or f"inputs are {', '.join(inputs)} or a node name",
+                        )
         for i, ref in enumerate(self.net.output):
             base = ref.partition(".")[0]
             if base not in nodes:
-                self.issue(f"unknown output node {ref!r}", "output", *((i,) if len(self.net.output) > 1 else ()),
-                           hint=did_you_mean(base, nodes))
+                self.issue(
+                    f"unknown output node {ref!r}",
+                    "output",
+                    *((i,) if len(self.net.output) > 1 else ()),
+                    hint=did_you_mean(base, nodes),
+                )
         if self.issues:
             return []  # unused nodes and cycles would only echo a mistyped name
         order: list[str] = []
@@ -172,9 +191,13 @@ class _Checker:
             if name in inputs or state.get(name) == 2:
                 return
             if state.get(name) == 1:
-                cycle = stack[stack.index(name):] + [name]
-                self.issue("cycle: " + " -> ".join(cycle), "nodes", name,
-                           hint="a network is a DAG; one of these inputs must come from an earlier node")
+                cycle = stack[stack.index(name) :] + [name]
+                self.issue(
+                    "cycle: " + " -> ".join(cycle),
+                    "nodes",
+                    name,
+                    hint="a network is a DAG; one of these inputs must come from an earlier node",
+                )
                 return
             state[name] = 1
             for refs in nodes[name].refs().values():
@@ -187,8 +210,12 @@ class _Checker:
             visit(ref.partition(".")[0], [])
         for name in nodes:
             if name not in state:
-                self.issue(f"node {name!r} is not used by any output", "nodes", name,
-                           hint="connect it to the graph or remove it")
+                self.issue(
+                    f"node {name!r} is not used by any output",
+                    "nodes",
+                    name,
+                    hint="connect it to the graph or remove it",
+                )
         if self.issues:
             return []
         # The same set, re-ordered to follow the YAML wherever dependencies allow (reports read better).
@@ -229,10 +256,15 @@ class _Checker:
             shape = plan.shapes[base]
             several = isinstance(shape, list)
             if several and not index:
-                raise BlockError(f"{base!r} has {len(shape)} outputs; refer to one as {base}.0 .. {base}.{len(shape) - 1}", key)
+                raise BlockError(
+                    f"{base!r} has {len(shape)} outputs; refer to one as {base}.0 .. {base}.{len(shape) - 1}", key
+                )
             if index and (not several or int(index) >= len(shape)):
-                raise BlockError(f"{ref!r}: {base!r} has {'only ' + str(len(shape)) if several else 'a single'} output"
-                                 f"{'s' if several else ''}", key)
+                raise BlockError(
+                    f"{ref!r}: {base!r} has {'only ' + str(len(shape)) if several else 'a single'} output"
+                    f"{'s' if several else ''}",
+                    key,
+                )
             shapes.append(shape[int(index)] if index else shape)
         if not refs:
             return None
@@ -241,14 +273,17 @@ class _Checker:
         if mode == "many":
             return shapes
         if any(len(s) != 1 for s in shapes):
-            raise BlockError(f"conditioning inputs must be feature vectors, got {', '.join(map(_shape_str, shapes))}", key)
+            raise BlockError(
+                f"conditioning inputs must be feature vectors, got {', '.join(map(_shape_str, shapes))}", key
+            )
         return (sum(s[0] for s in shapes),)
 
     def run_node(self, name: str, node: Node, ctx, plan: NetworkPlan, values: dict) -> bool:
         fields = [(mode, node.refs()[key]) for _, key, mode in node.ref_fields()]
         try:
-            in_shapes = {key: self.input_shape(plan, name, key, mode, node.refs()[key])
-                         for _, key, mode in node.ref_fields()}
+            in_shapes = {
+                key: self.input_shape(plan, name, key, mode, node.refs()[key]) for _, key, mode in node.ref_fields()
+            }
         except BlockError as exc:
             self.issue(exc.message, "nodes", name, *([exc.field] if exc.field else []), hint=exc.hint)
             return False
@@ -276,8 +311,16 @@ class _Checker:
                 return False
             shape = [tuple(o.shape[1:]) for o in out] if isinstance(out, (tuple, list)) else tuple(out.shape[1:])
             sn_flops = sum(m.flops_per_forward for m in module.modules() if isinstance(m, SpectralNorm))
-            plan.rows.append(Row(label, inst.kind, _shape_str(shape), sum(p.numel() for p in module.parameters()),
-                                 counter.get_total_flops() / PROBE_BATCH, sn_flops))
+            plan.rows.append(
+                Row(
+                    label,
+                    inst.kind,
+                    _shape_str(shape),
+                    sum(p.numel() for p in module.parameters()),
+                    counter.get_total_flops() / PROBE_BATCH,
+                    sn_flops,
+                )
+            )
             instances.append((inst, dict(in_shapes)))
             modules.append(module)
             if node.repeat > 1:
@@ -312,18 +355,29 @@ def analyze_spec(loaded) -> dict[str, NetworkPlan]:
         got = plans["generator"].output_shapes[0]
         if got != image:
             file, line = loaded.where(("generator", "output"))
-            issues.append(Issue(
-                f"the generator outputs {_shape_str(got)}, but data.resolution {d.resolution} with "
-                f"{d.channels} channels makes images of {_shape_str(image)}, the discriminator's input",
-                "generator.output", file, line,
-                "add or remove up-sampling stages, or set data.resolution to the generator's output size"))
+            issues.append(
+                Issue(
+                    f"the generator outputs {_shape_str(got)}, but data.resolution {d.resolution} with "
+                    f"{d.channels} channels makes images of {_shape_str(image)}, the discriminator's input",
+                    "generator.output",
+                    file,
+                    line,
+                    "add or remove up-sampling stages, or set data.resolution to the generator's output size",
+                )
+            )
     if "discriminator" in plans:
         got = plans["discriminator"].output_shapes[0]
         if got != (1,):
             file, line = loaded.where(("discriminator", "output"))
-            issues.append(Issue(f"the discriminator's first output must be one logit per image (shape 1), got "
-                                f"{_shape_str(got)}", "discriminator.output", file, line,
-                                "end with a d_head, or reshape to [1]"))
+            issues.append(
+                Issue(
+                    f"the discriminator's first output must be one logit per image (shape 1), got {_shape_str(got)}",
+                    "discriminator.output",
+                    file,
+                    line,
+                    "end with a d_head, or reshape to [1]",
+                )
+            )
     if issues:
         raise SpecError(issues)
     return plans

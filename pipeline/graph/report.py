@@ -28,7 +28,12 @@ def print_report(loaded, plans, console: Console | None = None) -> None:
             table.add_row(row.name, row.kind, row.shape, f"{row.params:,}", _si(row.flops))
         console.print(table)
         if plan.sn_flops_per_forward:
-            console.print(f"  + spectral norm power iteration: {_si(plan.sn_flops_per_forward)} FLOPs per training "
-                          "forward, whatever the batch size")
-    console.print("FLOPs: convolutions and matrix products as torch.utils.flop_counter counts them "
-                  "(2 per multiply-add), forward, per image.", style="dim")
+            console.print(
+                f"  + spectral norm power iteration: {_si(plan.sn_flops_per_forward)} FLOPs per training "
+                "forward, whatever the batch size"
+            )
+    console.print(
+        "FLOPs: convolutions and matrix products as torch.utils.flop_counter counts them "
+        "(2 per multiply-add), forward, per image.",
+        style="dim",
+    )

@@ -65,7 +65,9 @@ class Regions:
 def timed(name: str, fn):
     """`fn` with every call marked as region `name` (for work done inside a library, such as
     DeepSpeed's gradient all-reduce inside `engine.backward`)."""
+
     def wrapper(*args, **kwargs):
         with region(name):
             return fn(*args, **kwargs)
+
     return wrapper

@@ -14,26 +14,35 @@ def _si(value: float, unit: str) -> str:
 
 def summary(r: dict) -> str:
     if r.get("model") == "none":
-        return (f"# Profile of {r['spec']}: the loader alone\n\n"
-                f"{r['device']}, {r['world_size']} rank(s), batch {r['batch_per_rank']} per rank, "
-                f"{r['data']} data: **{r['loader_images_per_s']:,.1f} images/s** "
-                f"({', '.join(f'{v:,.1f}' for v in r['loader_images_per_s_per_rank'])} per rank) "
-                f"over {r['batches_per_rank']} batches per rank.\n")
+        return (
+            f"# Profile of {r['spec']}: the loader alone\n\n"
+            f"{r['device']}, {r['world_size']} rank(s), batch {r['batch_per_rank']} per rank, "
+            f"{r['data']} data: **{r['loader_images_per_s']:,.1f} images/s** "
+            f"({', '.join(f'{v:,.1f}' for v in r['loader_images_per_s_per_rank'])} per rank) "
+            f"over {r['batches_per_rank']} batches per rank.\n"
+        )
     lines = [
         f"# Profile of {r['spec']}",
         "",
-        (f"{r['device']}, {r['world_size']} rank(s); batch {r['batch_size']} ({r['batch_per_rank']} per rank x "
-         f"{r['accumulation']} accumulation), {r['d_steps']} D step(s) + 1 G step, {r['precision']}, "
-         f"{'compiled' if r['compiled'] else 'eager'}, {r['data']} data; {r['steps']} timed steps "
-         f"after {r['warmup']} warm-up."),
+        (
+            f"{r['device']}, {r['world_size']} rank(s); batch {r['batch_size']} ({r['batch_per_rank']} per rank x "
+            f"{r['accumulation']} accumulation), {r['d_steps']} D step(s) + 1 G step, {r['precision']}, "
+            f"{'compiled' if r['compiled'] else 'eager'}, {r['data']} data; {r['steps']} timed steps "
+            f"after {r['warmup']} warm-up."
+        ),
         "",
-        (f"- **{r['images_per_s']:,.1f} real images/s** through D (all ranks; per rank: "
-         f"{', '.join(f'{v:,.1f}' for v in r['images_per_s_per_rank'])}), "
-         f"{r['iteration_s']:.4g} s per step (median {r['iteration_s_median']:.4g}, "
-         f"min {r['iteration_s_min']:.4g}, max {r['iteration_s_max']:.4g})"),
+        (
+            f"- **{r['images_per_s']:,.1f} real images/s** through D (all ranks; per rank: "
+            f"{', '.join(f'{v:,.1f}' for v in r['images_per_s_per_rank'])}), "
+            f"{r['iteration_s']:.4g} s per step (median {r['iteration_s_median']:.4g}, "
+            f"min {r['iteration_s_min']:.4g}, max {r['iteration_s_max']:.4g})"
+        ),
         f"- {_si(r['flops_per_iteration'], 'FLOP')} per step -> {_si(r['achieved_flops_per_s'], 'FLOP/s')} achieved"
-        + (f", **MFU {r['mfu']:.1%}** of {_si(r['peak_flops_per_s'], 'FLOP/s')} ({r['peak_source']})"
-           if r["mfu"] is not None else f"; MFU unknown: {r['peak_source']}"),
+        + (
+            f", **MFU {r['mfu']:.1%}** of {_si(r['peak_flops_per_s'], 'FLOP/s')} ({r['peak_source']})"
+            if r["mfu"] is not None
+            else f"; MFU unknown: {r['peak_source']}"
+        ),
         f"- peak memory per rank ({r['peak_memory_kind']}): "
         + ", ".join(f"{m / 2**30:.2f} GiB" for m in r["peak_memory_bytes_per_rank"]),
         f"- warm-up steps: {', '.join(f'{s:.3g} s' for s in r['warmup_s'])}"
@@ -46,9 +55,16 @@ def summary(r: dict) -> str:
     for name, seconds in r["phases_s"].items():
         if seconds or name in ("data_wait", "comm"):
             lines.append(f"| {name} | {seconds:.4g} | {seconds / r['iteration_s']:.1%} |")
-    lines += ["", (f"Communication: {r['comm_share']:.1%} of the step (DeepSpeed's gradient all-reduce; "
-                   "cross-replica BN statistics are inside the forward phases)."), "",
-              f"**Verdict: {r['verdict']}.**", ""]
+    lines += [
+        "",
+        (
+            f"Communication: {r['comm_share']:.1%} of the step (DeepSpeed's gradient all-reduce; "
+            "cross-replica BN statistics are inside the forward phases)."
+        ),
+        "",
+        f"**Verdict: {r['verdict']}.**",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -64,8 +80,11 @@ def plot_phases(r: dict, path: Path) -> None:
     for i, (_, v) in enumerate(items[::-1]):
         ax.text(v * 1e3, i, f" {v / r['iteration_s']:.0%}", va="center", fontsize=8)
     ax.set_xlabel("milliseconds per step")
-    ax.set_title(f"{r['spec']}: {r['images_per_s']:,.3g} images/s, {r['precision']}, "
-                 f"{'compiled' if r['compiled'] else 'eager'}, {r['world_size']} rank(s)", fontsize=9)
+    ax.set_title(
+        f"{r['spec']}: {r['images_per_s']:,.3g} images/s, {r['precision']}, "
+        f"{'compiled' if r['compiled'] else 'eager'}, {r['world_size']} rank(s)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.dist import engines as dist
+from pipeline.distributed import engines as dist
 from pipeline.profile.flops import step_flops
 from pipeline.profile.peak import device_peak
 from pipeline.profile.regions import Regions, timed
@@ -60,15 +60,23 @@ def profile_loader_only(loaded, *, steps: int, warmup: int, device: str | None =
     world = dist.setup(device)
     micro, accum = batch_plan(t, world.size)
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-    loader = loader_from_spec(spec, batch_size=micro, device=world.device, rank=world.rank, world_size=world.size,
-                              dtype=dtype)
+    loader = loader_from_spec(
+        spec, batch_size=micro, device=world.device, rank=world.rank, world_size=world.size, dtype=dtype
+    )
     batches = steps * t.d_steps * accum
     rate = loader_rate(loader, batches, warmup * t.d_steps * accum, micro, world.device)
     per_rank = _gather(rate)
-    report = {"spec": spec.name, "model": "none", "data": "synthetic" if spec.data.synthetic else "real",
-              "device": _device_name(world.device), "world_size": world.size, "batch_per_rank": micro,
-              "batches_per_rank": batches, "loader_images_per_s": sum(per_rank),
-              "loader_images_per_s_per_rank": per_rank}
+    report = {
+        "spec": spec.name,
+        "model": "none",
+        "data": "synthetic" if spec.data.synthetic else "real",
+        "device": _device_name(world.device),
+        "world_size": world.size,
+        "batch_per_rank": micro,
+        "batches_per_rank": batches,
+        "loader_images_per_s": sum(per_rank),
+        "loader_images_per_s_per_rank": per_rank,
+    }
     return _write(loaded, report, world)
 
 
@@ -113,7 +121,8 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     trace_path = None
     if trace_steps:
         activities = [torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []
+        )
         with torch.profiler.profile(activities=activities) as prof, Regions(dev):
             for _ in range(trace_steps):
                 tr.run_step()
@@ -139,22 +148,34 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     model_rate = tr.images_per_step / max(iteration_s - phases["data_wait"], 1e-12)
     compute_s = [s - iteration_s for s in warm_s]
     report = {
-        "spec": spec.name, "data": "synthetic" if spec.data.synthetic else "real",
-        "device": _device_name(dev), "world_size": world.size, "batch_size": t.batch_size,
-        "batch_per_rank": tr.micro, "accumulation": tr.accum, "d_steps": t.d_steps, "precision": t.precision,
-        "compiled": spec.compile.enabled, "steps": steps, "warmup": warmup,
+        "spec": spec.name,
+        "data": "synthetic" if spec.data.synthetic else "real",
+        "device": _device_name(dev),
+        "world_size": world.size,
+        "batch_size": t.batch_size,
+        "batch_per_rank": tr.micro,
+        "accumulation": tr.accum,
+        "d_steps": t.d_steps,
+        "precision": t.precision,
+        "compiled": spec.compile.enabled,
+        "steps": steps,
+        "warmup": warmup,
         "images_per_step": tr.images_per_step,
-        "images_per_s": images_per_s, "images_per_s_per_rank": images_per_rank,
-        "iteration_s": iteration_s, "iteration_s_median": statistics.median(step_s),
-        "iteration_s_min": min(step_s), "iteration_s_max": max(step_s),
+        "images_per_s": images_per_s,
+        "images_per_s_per_rank": images_per_rank,
+        "iteration_s": iteration_s,
+        "iteration_s_median": statistics.median(step_s),
+        "iteration_s_min": min(step_s),
+        "iteration_s_max": max(step_s),
         "phases_s": phases,
         "phases_sum_s": sum(v for k, v in phases.items() if k != "other"),
         "comm_share": phases["comm"] / iteration_s,
-        "flops_per_iteration": flops_iteration, "flops_per_iteration_by_phase": {
-            k: v * world.size for k, v in flops.items() if k != "sn"},
+        "flops_per_iteration": flops_iteration,
+        "flops_per_iteration_by_phase": {k: v * world.size for k, v in flops.items() if k != "sn"},
         "sn_flops_per_iteration": flops["sn"] * world.size,
         "achieved_flops_per_s": achieved,
-        "peak_flops_per_s": peak * world.size if peak else None, "peak_source": peak_source,
+        "peak_flops_per_s": peak * world.size if peak else None,
+        "peak_source": peak_source,
         "mfu": achieved / (peak * world.size) if peak else None,
         "compile_s": sum(compute_s) if spec.compile.enabled else None,
         "warmup_s": warm_s,
@@ -174,12 +195,17 @@ def verdict(r: dict) -> str:
     largest = max(phases, key=phases.get)
     share = phases[largest] / r["iteration_s"]
     if r["loader_images_per_s"] is not None and r["loader_images_per_s"] < r["model_images_per_s"]:
-        return (f"data-bound: the loader alone delivers {r['loader_images_per_s']:,.0f} images/s, the model "
-                f"consumes {r['model_images_per_s']:,.0f}; add loader threads (data.num_threads), decode on the "
-                f"GPU, or store smaller JPEGs. Largest phase: {largest} ({share:.0%})")
-    basis = ("the loader was not measured (synthetic data)" if r["loader_images_per_s"] is None else
-             f"the loader alone delivers {r['loader_images_per_s']:,.0f} images/s, the model consumes "
-             f"{r['model_images_per_s']:,.0f}")
+        return (
+            f"data-bound: the loader alone delivers {r['loader_images_per_s']:,.0f} images/s, the model "
+            f"consumes {r['model_images_per_s']:,.0f}; add loader threads (data.num_threads), decode on the "
+            f"GPU, or store smaller JPEGs. Largest phase: {largest} ({share:.0%})"
+        )
+    basis = (
+        "the loader was not measured (synthetic data)"
+        if r["loader_images_per_s"] is None
+        else f"the loader alone delivers {r['loader_images_per_s']:,.0f} images/s, the model consumes "
+        f"{r['model_images_per_s']:,.0f}"
+    )
     return f"compute-bound; {basis}. Largest phase: {largest} ({share:.0%} of the step)"
 
 

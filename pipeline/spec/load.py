@@ -49,15 +49,21 @@ def resolve_spec_path(arg: str) -> Path:
 
 def _base_path(name: object, file: str, line: int | None) -> Path:
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
-        raise user_error(f"{name!r} is not a spec name", path="base", file=file, line=line,
-                         hint="base names a spec inside specs/, e.g. base: biggan_deep_128")
+        raise user_error(
+            f"{name!r} is not a spec name",
+            path="base",
+            file=file,
+            line=line,
+            hint="base names a spec inside specs/, e.g. base: biggan_deep_128",
+        )
     path = (SPECS_DIR / f"{name.removesuffix('.yaml')}.yaml").resolve()
     if path.parent != SPECS_DIR.resolve():
         raise user_error(f"{name!r} is outside specs/", path="base", file=file, line=line)
     if not path.exists():
         names = [p.stem for p in SPECS_DIR.glob("*.yaml")]
-        raise user_error(f"base spec {name!r} not found in specs/", path="base", file=file, line=line,
-                         hint=did_you_mean(name, names))
+        raise user_error(
+            f"base spec {name!r} not found in specs/", path="base", file=file, line=line, hint=did_you_mean(name, names)
+        )
     return path
 
 
@@ -76,7 +82,11 @@ def _merge(base: dict, child: dict) -> dict:
         old = out.get(key)
         if value is None and isinstance(old, dict):
             del out[key]
-        elif isinstance(old, dict) and isinstance(value, dict) and old.get("kind", value.get("kind")) == value.get("kind", old.get("kind")):
+        elif (
+            isinstance(old, dict)
+            and isinstance(value, dict)
+            and old.get("kind", value.get("kind")) == value.get("kind", old.get("kind"))
+        ):
             out[key] = _merge(old, value)
         else:
             out[key] = value
@@ -136,12 +146,15 @@ def _keys_at(tp, data) -> tuple[dict[str, object] | None, bool]:
 def parse_override(text: str) -> tuple[list[str], object]:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise user_error(f"override {text!r} is not key=value", file=COMMAND_LINE,
-                         hint="write a dotted key and a value, e.g. train.max_steps=100 or compile.enabled=true")
+        raise user_error(
+            f"override {text!r} is not key=value",
+            file=COMMAND_LINE,
+            hint="write a dotted key and a value, e.g. train.max_steps=100 or compile.enabled=true",
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise user_error(f"cannot parse the value of {key}: {exc}", file=COMMAND_LINE)
+        raise user_error(f"cannot parse the value of {key}: {exc}", file=COMMAND_LINE) from None
     return key.split("."), value
 
 
@@ -153,8 +166,12 @@ def apply_override(data: dict, sources: SourceMap, keys: list[str], value) -> No
         dotted = ".".join(keys[: depth + 1])
         if allowed is None or (key not in allowed and not (open_keys and depth == len(keys) - 1)):
             choices = list(allowed or {})
-            raise user_error(f"unknown key {key!r}", path=dotted, file=COMMAND_LINE,
-                             hint=did_you_mean(key, choices) if choices else "this value has no sub-keys")
+            raise user_error(
+                f"unknown key {key!r}",
+                path=dotted,
+                file=COMMAND_LINE,
+                hint=did_you_mean(key, choices) if choices else "this value has no sub-keys",
+            )
         if depth == len(keys) - 1:
             node[key] = value
             sources[tuple(keys)] = (COMMAND_LINE, None)
@@ -163,7 +180,7 @@ def apply_override(data: dict, sources: SourceMap, keys: list[str], value) -> No
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict):
-            raise user_error(f"{'.'.join(keys[:depth + 1])} is a value, not a section", path=dotted, file=COMMAND_LINE)
+            raise user_error(f"{'.'.join(keys[: depth + 1])} is a value, not a section", path=dotted, file=COMMAND_LINE)
         tp, node = allowed[key], child
 
 
@@ -236,5 +253,6 @@ def load_spec(arg: str | Path, overrides: list[str] = (), *, check_graphs: bool 
     loaded = LoadedSpec(spec, sources, path)
     if check_graphs:
         from pipeline.graph import analyze_spec
+
         analyze_spec(loaded)
     return loaded

@@ -25,14 +25,23 @@ class NetworkSpec(Section):
     """A network as a DAG of named nodes. The generator's inputs are `z` (latent.z_dim) and `y`
     (class labels); the discriminator's are `image` (data.channels x resolution x resolution) and `y`."""
 
-    nodes: dict[NodeName, node_union()] = Field(description=(
-        "Named nodes, each with a `kind` from the block registry, its inputs (`in`, `cond`, `y`) "
-        "by name and the parameters of its kind."))
-    output: Annotated[list[str], BeforeValidator(_as_list), Field(min_length=1)] = Field(description=(
-        "Output node(s). The generator's first output is the image; the discriminator's first is "
-        "one logit per image, further ones (e.g. U-Net per-pixel logits) may follow."))
-    init: Init = Field("orthogonal", description="Weight init: orthogonal, normal (N(0, 0.02)), xavier, "
-                       "equalized_lr (N(0, 1) scaled at run time by sqrt(2/fan_in)) or default (torch's).")
+    nodes: dict[NodeName, node_union()] = Field(
+        description=(
+            "Named nodes, each with a `kind` from the block registry, its inputs (`in`, `cond`, `y`) "
+            "by name and the parameters of its kind."
+        )
+    )
+    output: Annotated[list[str], BeforeValidator(_as_list), Field(min_length=1)] = Field(
+        description=(
+            "Output node(s). The generator's first output is the image; the discriminator's first is "
+            "one logit per image, further ones (e.g. U-Net per-pixel logits) may follow."
+        )
+    )
+    init: Init = Field(
+        "orthogonal",
+        description="Weight init: orthogonal, normal (N(0, 0.02)), xavier, "
+        "equalized_lr (N(0, 1) scaled at run time by sqrt(2/fan_in)) or default (torch's).",
+    )
     sn: bool = Field(False, description="Spectral norm on every conv, linear and embedding (nodes may override).")
     sn_eps: PositiveFloat = Field(1e-6, description="Epsilon of spectral norm's power iteration.")
     bn_eps: PositiveFloat = Field(1e-5, description="BatchNorm epsilon.")
@@ -47,7 +56,8 @@ class LatentSpec(Section):
 
 class AugmentSpec(Section):
     crop: Literal["random_resized", "center", "random"] = Field(
-        "center", description="random_resized crop, or resize of the shorter side then a center/random crop.")
+        "center", description="random_resized crop, or resize of the shorter side then a center/random crop."
+    )
     area: tuple[float, float] = Field((0.08, 1.0), description="Range of the image area a random_resized crop keeps.")
     flip: bool = Field(True, description="Random horizontal flips.")
 
@@ -57,15 +67,24 @@ class DataSpec(Section):
     channels: PositiveInt = Field(3, description="Image channels.")
     num_classes: PositiveInt = Field(description="Number of classes; labels are 0 .. num_classes - 1.")
     shards: str | None = Field(None, description="WebDataset shards: a directory, a file or a glob of .tar files.")
-    synthetic: bool = Field(False, description="Random images and labels instead of shards (measuring the model "
-                            "alone; checking distributed training).")
+    synthetic: bool = Field(
+        False,
+        description="Random images and labels instead of shards (measuring the model "
+        "alone; checking distributed training).",
+    )
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
-    shuffle_buffer: PositiveInt = Field(1024, description="Samples in DALI's shuffle buffer (shards are shuffled "
-                                        "when written; this only mixes neighbours).")
+    shuffle_buffer: PositiveInt = Field(
+        1024,
+        description="Samples in DALI's shuffle buffer (shards are shuffled when written; this only mixes neighbours).",
+    )
     num_threads: PositiveInt | None = Field(None, description="DALI CPU threads per rank; default: all cores.")
-    on_bad_sample: Literal["error", "skip"] = Field("error", description=(
-        "A sample missing its .cls, with a non-integer label or one outside num_classes: stop with an error "
-        "naming its shard and key, or skip it (counted)."))
+    on_bad_sample: Literal["error", "skip"] = Field(
+        "error",
+        description=(
+            "A sample missing its .cls, with a non-integer label or one outside num_classes: stop with an error "
+            "naming its shard and key, or skip it (counted)."
+        ),
+    )
 
 
 class OptimizerSpec(Section):
@@ -87,38 +106,65 @@ class TrainSpec(Section):
     g_opt: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=1e-4))
     d_opt: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=4e-4))
     ema: EmaSpec | None = Field(default_factory=EmaSpec, description="EMA of G; null for none.")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="non_saturating: one-sided label smoothing of "
-                                   "D's real targets (1 - smoothing; Salimans et al. 2016).")
-    label_flip: float = Field(0.0, ge=0, le=1, description="non_saturating: probability of flipping each of D's "
-                              "real/fake targets.")
-    ortho_reg: float = Field(0.0, ge=0, description=(
-        "BigGAN's modified orthogonal regularization beta * ||W W^T * (1 - I)||_F^2 (0: off); BigGAN-PyTorch's "
-        "--G_ortho strength s corresponds to beta = s / 2."))
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="non_saturating: one-sided label smoothing of "
+        "D's real targets (1 - smoothing; Salimans et al. 2016).",
+    )
+    label_flip: float = Field(
+        0.0, ge=0, le=1, description="non_saturating: probability of flipping each of D's real/fake targets."
+    )
+    ortho_reg: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "BigGAN's modified orthogonal regularization beta * ||W W^T * (1 - I)||_F^2 (0: off); BigGAN-PyTorch's "
+            "--G_ortho strength s corresponds to beta = s / 2."
+        ),
+    )
     r1_gamma: float = Field(0.0, ge=0, description="R1 penalty weight on real images (Mescheder et al. 2018; 0: off).")
     gp_weight: float = Field(0.0, ge=0, description="WGAN-GP gradient penalty weight (10 in Gulrajani et al.; 0: off).")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description=(
-        "bf16: torch.autocast (convolutions and matrix products in bf16; norms, losses, master weights and "
-        "optimizer states in fp32) and bf16 images from the loader."))
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description=(
+            "bf16: torch.autocast (convolutions and matrix products in bf16; norms, losses, master weights and "
+            "optimizer states in fp32) and bf16 images from the loader."
+        ),
+    )
     zero_stage: Literal[0, 1, 2] = Field(0, description="DeepSpeed ZeRO stage.")
     max_steps: PositiveInt = Field(100_000, description="Generator steps of the run.")
     log_every: PositiveInt = Field(10, description="Generator steps between lines of metrics.jsonl.")
     sample_every: PositiveInt = Field(500, description="Generator steps between sample grids.")
-    checkpoint_every: PositiveInt = Field(1000, description="Generator steps between checkpoints (one is also "
-                                          "written at the end and on Ctrl-C).")
+    checkpoint_every: PositiveInt = Field(
+        1000, description="Generator steps between checkpoints (one is also written at the end and on Ctrl-C)."
+    )
     keep_checkpoints: PositiveInt = Field(3, description="Checkpoints kept; older ones are deleted.")
 
 
 class EvalSpec(Section):
-    every: PositiveInt | None = Field(None, description=(
-        "Evaluate FID, KID, IS and class accuracy of the generator (the EMA's when there is one) every "
-        "this many steps and at the end, logged to metrics.jsonl; null: never during training."))
+    every: PositiveInt | None = Field(
+        None,
+        description=(
+            "Evaluate FID, KID, IS and class accuracy of the generator (the EMA's when there is one) every "
+            "this many steps and at the end, logged to metrics.jsonl; null: never during training."
+        ),
+    )
     num_samples: int = Field(1000, ge=2, description="Generated images per evaluation (classes balanced).")
-    features: str = Field("demo", description=(
-        "Feature network: demo (the classifier beside the spec's shards, trained on demand), demo:PATH, "
-        "or inception:PATH (the standard FID Inception weights, a local file)."))
+    features: str = Field(
+        "demo",
+        description=(
+            "Feature network: demo (the classifier beside the spec's shards, trained on demand), demo:PATH, "
+            "or inception:PATH (the standard FID Inception weights, a local file)."
+        ),
+    )
     truncation: float | None = Field(None, gt=0, description="Truncation threshold of z; null: none.")
-    standing_stats: int = Field(0, ge=0, description=(
-        "Forward passes of standing BatchNorm statistics before sampling; 0: the running statistics."))
+    standing_stats: int = Field(
+        0,
+        ge=0,
+        description=("Forward passes of standing BatchNorm statistics before sampling; 0: the running statistics."),
+    )
 
 
 class RunSpec(Section):
@@ -128,7 +174,8 @@ class RunSpec(Section):
 class CompileSpec(Section):
     enabled: bool = Field(False, description="torch.compile the generator and the discriminator.")
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode.")
+        "default", description="torch.compile mode."
+    )
     fullgraph: bool = Field(False, description="Fail instead of falling back to eager on graph breaks.")
 
 
@@ -140,9 +187,13 @@ class Spec(Section):
     """A GAN: its two networks, latent, data, training and compile settings."""
 
     name: str = Field(description="Name of the spec (default: the file name); runs go to runs/NAME.")
-    base: str | None = Field(None, description=(
-        "A spec in specs/ this one extends: mappings merge key by key, other values replace, a node "
-        "whose kind changes is replaced whole, and `null` in place of a node or section removes it."))
+    base: str | None = Field(
+        None,
+        description=(
+            "A spec in specs/ this one extends: mappings merge key by key, other values replace, a node "
+            "whose kind changes is replaced whole, and `null` in place of a node or section removes it."
+        ),
+    )
     description: str = Field("", description="One line on what this spec is and where its numbers come from.")
     seed: int = Field(0, description="Random seed.")
     latent: LatentSpec
@@ -151,7 +202,8 @@ class Spec(Section):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     compile: Annotated[CompileSpec, BeforeValidator(_compile_shorthand)] = Field(
-        default_factory=CompileSpec, description="torch.compile settings; `compile: true` is short for enabled.")
+        default_factory=CompileSpec, description="torch.compile settings; `compile: true` is short for enabled."
+    )
     generator: NetworkSpec
     discriminator: NetworkSpec
 

@@ -37,10 +37,15 @@ def _walk(node: yaml.Node, loc: Loc, file: str, out: SourceMap, issues: list[Iss
             if key == "<<":  # merge key: its content is attributed to the merged anchor
                 continue
             if key in seen:
-                issues.append(Issue(
-                    f"duplicate key {key!r} (first defined on line {seen[key]})",
-                    path=".".join(map(str, loc + (key,))), file=file, line=line,
-                    hint="every key, and so every node name, may appear only once in a mapping"))
+                issues.append(
+                    Issue(
+                        f"duplicate key {key!r} (first defined on line {seen[key]})",
+                        path=".".join(map(str, loc + (key,))),
+                        file=file,
+                        line=line,
+                        hint="every key, and so every node name, may appear only once in a mapping",
+                    )
+                )
             seen[key] = line
             out[loc + (key,)] = (file, line)
             _walk(value_node, loc + (key,), file, out, issues)
@@ -56,12 +61,15 @@ def load_yaml_mapping(path: Path, display: str | None = None) -> tuple[dict, Sou
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise user_error("file not found", file=display,
-                         hint="give a spec name from specs/ (e.g. spec=biggan_deep_256) or a path to a .yaml file")
+        raise user_error(
+            "file not found",
+            file=display,
+            hint="give a spec name from specs/ (e.g. spec=biggan_deep_256) or a path to a .yaml file",
+        ) from None
     except IsADirectoryError:
-        raise user_error("is a directory, not a spec file", file=display)
+        raise user_error("is a directory, not a spec file", file=display) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise user_error(f"cannot read the file: {exc}", file=display)
+        raise user_error(f"cannot read the file: {exc}", file=display) from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.load(text, Loader=yaml.SafeLoader)
@@ -71,16 +79,27 @@ def load_yaml_mapping(path: Path, display: str | None = None) -> tuple[dict, Sou
         problem = " ".join(filter(None, [exc.context, exc.problem]))
         if exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
             problem += f" (in what starts on line {exc.context_mark.line + 1})"
-        raise user_error(f"YAML syntax error: {problem}", file=display, line=line,
-                         hint="check indentation, colons and brackets around this line")
+        raise user_error(
+            f"YAML syntax error: {problem}",
+            file=display,
+            line=line,
+            hint="check indentation, colons and brackets around this line",
+        ) from None
     except yaml.YAMLError as exc:
-        raise user_error(f"YAML error: {exc}", file=display)
+        raise user_error(f"YAML error: {exc}", file=display) from None
     if root is None or data is None:
-        raise user_error("the file is empty", file=display,
-                         hint="a spec is a YAML mapping with sections such as generator:, discriminator:, data:")
+        raise user_error(
+            "the file is empty",
+            file=display,
+            hint="a spec is a YAML mapping with sections such as generator:, discriminator:, data:",
+        )
     if not isinstance(data, dict):
-        raise user_error(f"the document is a {type(data).__name__}, not a mapping", file=display, line=1,
-                         hint="a spec is a YAML mapping with sections such as generator:, discriminator:, data:")
+        raise user_error(
+            f"the document is a {type(data).__name__}, not a mapping",
+            file=display,
+            line=1,
+            hint="a spec is a YAML mapping with sections such as generator:, discriminator:, data:",
+        )
     sources = SourceMap({(): (display, 1)})
     issues: list[Issue] = []
     _walk(root, (), display, sources, issues)

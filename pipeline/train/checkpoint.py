@@ -16,13 +16,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.dist.engines import barrier
+from pipeline.distributed.engines import barrier
 from pipeline.errors import user_error
 
 TAG = "ckpt"
 # Settings a resumed run may change: they steer the run, not the model or its optimisation.
-MAY_DIFFER = ("description", "run", "compile", "eval", "train.max_steps", "train.log_every", "train.sample_every",
-              "train.checkpoint_every", "train.keep_checkpoints", "data.shards", "data.num_threads")
+MAY_DIFFER = (
+    "description",
+    "run",
+    "compile",
+    "eval",
+    "train.max_steps",
+    "train.log_every",
+    "train.sample_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "data.shards",
+    "data.num_threads",
+)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -30,8 +41,11 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def latest(run_dir: Path) -> Path | None:
-    done = [p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")
-            and (p / "state.json").exists()]
+    done = [
+        p
+        for p in (run_dir / "checkpoints").glob("step-*")
+        if not p.name.endswith(".tmp") and (p / "state.json").exists()
+    ]
     return max(done, key=lambda p: p.name) if done else None
 
 
@@ -49,12 +63,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def spec_differences(saved: dict, current: dict) -> list[str]:
     a, b = _flat(saved), _flat(current)
     keep = [k for k in sorted(set(a) | set(b)) if not any(k == m or k.startswith(m + ".") for m in MAY_DIFFER)]
-    return [f"{k}: {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now" for k in keep
-            if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now"
+        for k in keep
+        if a.get(k) != b.get(k)
+    ]
 
 
-def save(run_dir: Path, step: int, *, g_engine, d_engine, ema, world, loader_state: str, state: dict,
-         keep: int) -> Path:
+def save(
+    run_dir: Path, step: int, *, g_engine, d_engine, ema, world, loader_state: str, state: dict, keep: int
+) -> Path:
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if world.is_main:
@@ -86,15 +104,19 @@ def load(path: Path, *, g_engine, d_engine, ema, world, spec_dict: dict) -> tupl
     state = json.loads((path / "state.json").read_text())
     differences = spec_differences(state["spec"], spec_dict)
     if differences:
-        raise user_error(f"the checkpoint {path} was written by a different spec:\n      "
-                         + "\n      ".join(differences),
-                         hint="use the spec the run was started with, or start a new run with run.dir=PATH")
+        raise user_error(
+            f"the checkpoint {path} was written by a different spec:\n      " + "\n      ".join(differences),
+            hint="use the spec the run was started with, or start a new run with run.dir=PATH",
+        )
     if state["world_size"] != world.size:
-        raise user_error(f"the checkpoint {path} was written by {state['world_size']} rank(s), this run has "
-                         f"{world.size}", hint="resume with the same number of processes")
+        raise user_error(
+            f"the checkpoint {path} was written by {state['world_size']} rank(s), this run has {world.size}",
+            hint="resume with the same number of processes",
+        )
     for engine, sub in ((g_engine, "G"), (d_engine, "D")):
-        loaded, _ = engine.load_checkpoint(str(path / sub), tag=TAG, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
+        loaded, _ = engine.load_checkpoint(
+            str(path / sub), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if loaded is None:
             raise user_error(f"cannot load {path / sub}")
     if ema is not None:

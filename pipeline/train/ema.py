@@ -32,8 +32,7 @@ class EMA:
     changes it by less than bf16's resolution).
     """
 
-    def __init__(self, model: nn.Module, decay: float, start_images: int = 0, *,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, decay: float, start_images: int = 0, *, dtype: torch.dtype | None = None):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay, self.start_images = decay, start_images
@@ -47,8 +46,10 @@ class EMA:
         model = _unwrap(model)
         params, buffers = list(model.parameters()), list(model.buffers())
         if len(params) != len(self._params) or len(buffers) != len(self._buffers):
-            raise ValueError(f"EMA holds {len(self._params)} parameters and {len(self._buffers)} buffers, "
-                             f"the model has {len(params)} and {len(buffers)}: not the same network")
+            raise ValueError(
+                f"EMA holds {len(self._params)} parameters and {len(self._buffers)} buffers, "
+                f"the model has {len(params)} and {len(buffers)}: not the same network"
+            )
         return params, buffers
 
     @torch.no_grad()
@@ -60,8 +61,8 @@ class EMA:
             torch._foreach_copy_(self._params, params)
         else:
             # lerp(ema, p, 1 - decay) = ema + (1 - decay)(p - ema) = decay * ema + (1 - decay) p
-            if any(e.dtype != p.dtype for e, p in zip(self._params, params)):
-                params = [p.to(e.dtype) for e, p in zip(self._params, params)]
+            if any(e.dtype != p.dtype for e, p in zip(self._params, params, strict=True)):
+                params = [p.to(e.dtype) for e, p in zip(self._params, params, strict=True)]
             torch._foreach_lerp_(self._params, params, 1.0 - self.decay)
         if self._buffers:
             torch._foreach_copy_(self._buffers, buffers)

@@ -11,16 +11,16 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
 
 from pipeline.data.dali import loader_from_spec
-from pipeline.dist import engines as dist
+from pipeline.distributed import engines as dist
 from pipeline.errors import Issue, SpecError, user_error
 from pipeline.eval.sampling import save_png
 from pipeline.graph import build_network, compile_network
@@ -57,8 +57,9 @@ def make_loss(train):
     """The spec's loss with its options (label smoothing and flipping belong to non_saturating)."""
     options = {"label_smoothing": train.label_smoothing, "flip_prob": train.label_flip}
     if train.loss != "non_saturating" and any(options.values()):
-        raise user_error(f"label_smoothing and label_flip apply to the non_saturating loss, not {train.loss}",
-                         path="train.loss")
+        raise user_error(
+            f"label_smoothing and label_flip apply to the non_saturating loss, not {train.loss}", path="train.loss"
+        )
     return get_loss(train.loss, **(options if train.loss == "non_saturating" else {}))
 
 
@@ -75,9 +76,11 @@ def batch_plan(train, world_size: int) -> tuple[int, int]:
     """(micro-batch per rank, accumulation steps) with batch = micro x accumulation x world size."""
     micro = train.batch_per_rank or max(1, train.batch_size // world_size)
     if train.batch_size % (micro * world_size):
-        raise user_error(f"train.batch_size {train.batch_size} is not a multiple of batch_per_rank {micro} x "
-                         f"{world_size} rank(s)", path="train.batch_size",
-                         hint="choose batch_size = batch_per_rank x gradient accumulation x number of ranks")
+        raise user_error(
+            f"train.batch_size {train.batch_size} is not a multiple of batch_per_rank {micro} x {world_size} rank(s)",
+            path="train.batch_size",
+            hint="choose batch_size = batch_per_rank x gradient accumulation x number of ranks",
+        )
     return micro, train.batch_size // (micro * world_size)
 
 
@@ -117,15 +120,28 @@ class Trainer:
         self.step, self.images_seen, loader_state = 0, 0, None
         last = checkpoint.latest(self.run_dir) if resume else None
         if last is not None:
-            state, local = checkpoint.load(last, g_engine=self.g_engine, d_engine=self.d_engine, ema=self.ema,
-                                           world=world, spec_dict=self.spec_dict)
+            state, local = checkpoint.load(
+                last,
+                g_engine=self.g_engine,
+                d_engine=self.d_engine,
+                ema=self.ema,
+                world=world,
+                spec_dict=self.spec_dict,
+            )
             self.step, self.images_seen, loader_state = state["step"], state["images_seen"], local["loader"]
             torch.set_rng_state(local["rng"]["cpu"])
             self.latent_rng.set_state(local["rng"]["latents"])
             if "cuda" in local["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(local["rng"]["cuda"])
-        self.loader = loader_from_spec(spec, batch_size=self.micro, device=world.device, rank=world.rank,
-                                       world_size=world.size, state=loader_state, dtype=self.dtype)
+        self.loader = loader_from_spec(
+            spec,
+            batch_size=self.micro,
+            device=world.device,
+            rank=world.rank,
+            world_size=world.size,
+            state=loader_state,
+            dtype=self.dtype,
+        )
         self.phases = [Phase("D", t.d_steps, self.d_step), Phase("G", 1, self.g_step)]
 
     def mixed(self):
@@ -153,8 +169,9 @@ class Trainer:
                 # D's raw module, as in the G step: the engine's forward adds output hooks that make
                 # R1's torch.autograd.grad fail ("direct calls to backward"); engine.backward below
                 # still scales by the accumulation steps and reduces the gradients
-                logits = self.d_engine.module(torch.cat([real, fake.to(real.dtype)]),
-                                              torch.cat([y_real, y_fake])).float()
+                logits = self.d_engine.module(
+                    torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake])
+                ).float()
                 real_logits, fake_logits = logits[:micro], logits[micro:]
                 d_loss = self.loss.d(real_logits, fake_logits)
                 if t.r1_gamma:
@@ -166,8 +183,12 @@ class Trainer:
             with region("opt_D"):
                 norm = grad_norm(self.d_engine)
                 self.d_engine.step()
-        return {"loss_d": d_loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item(),
-                **({"grad_norm_d": norm} if norm is not None else {})}
+        return {
+            "loss_d": d_loss.item(),
+            "d_real": real_logits.mean().item(),
+            "d_fake": fake_logits.mean().item(),
+            **({"grad_norm_d": norm} if norm is not None else {}),
+        }
 
     def g_step(self) -> dict:
         with frozen(self.D):
@@ -245,11 +266,22 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
         e = spec.eval
         scorer = scorer or make_scorer(spec, e.features, world.device)
         net = tr.ema.module if tr.ema is not None else tr.g_engine.module
-        result = evaluate_module(net, spec, scorer, num=e.num_samples, truncation=e.truncation,
-                                 standing_passes=e.standing_stats, seed=spec.seed)
+        result = evaluate_module(
+            net,
+            spec,
+            scorer,
+            num=e.num_samples,
+            truncation=e.truncation,
+            standing_passes=e.standing_stats,
+            seed=spec.seed,
+        )
         result["protocol"]["ema"] = tr.ema is not None
-        record = {"step": at, "images_seen": tr.images_seen, **{k: v for k, v in result.items() if k != "protocol"},
-                  "eval_protocol": result["protocol"]}
+        record = {
+            "step": at,
+            "images_seen": tr.images_seen,
+            **{k: v for k, v in result.items() if k != "protocol"},
+            "eval_protocol": result["protocol"],
+        }
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if writer is not None:
@@ -258,15 +290,29 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
                     writer.add_scalar(f"eval/{key}", record[key], tr.images_seen)
 
     def save_checkpoint(at: int) -> Path:
-        return checkpoint.save(run_dir, at, g_engine=tr.g_engine, d_engine=tr.d_engine, ema=tr.ema, world=world,
-                               loader_state=tr.loader.state_dict(), keep=t.keep_checkpoints,
-                               state={"step": at, "images_seen": tr.images_seen, "world_size": world.size,
-                                      "spec": tr.spec_dict, "latent_rng": tr.latent_rng.get_state()})
+        return checkpoint.save(
+            run_dir,
+            at,
+            g_engine=tr.g_engine,
+            d_engine=tr.d_engine,
+            ema=tr.ema,
+            world=world,
+            loader_state=tr.loader.state_dict(),
+            keep=t.keep_checkpoints,
+            state={
+                "step": at,
+                "images_seen": tr.images_seen,
+                "world_size": world.size,
+                "spec": tr.spec_dict,
+                "latent_rng": tr.latent_rng.get_state(),
+            },
+        )
 
     # ----- Ctrl-C / SIGTERM: finish the step, save, stop
     stop = {"signal": None}
-    previous = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        s: signal.signal(s, lambda signum, _: stop.update(signal=signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     writer = _tensorboard(run_dir) if world.is_main else None
     progress = _Progress(t.max_steps, tr.step, enabled=world.is_main)
     tick, tick_images, done = time.perf_counter(), tr.images_seen, 0
@@ -279,15 +325,27 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
             bad = [k for k in ("loss_d", "loss_g") if not math.isfinite(values[k])]
             if bad:
                 last = checkpoint.latest(run_dir)
-                raise TrainingStopped([Issue(f"{' and '.join(bad)} became {values[bad[0]]} at step {step}; stopped. "
-                                             f"The last good checkpoint is {last or '(none yet)'}",
-                                             hint="lower the learning rates, use fp32, or resume from that checkpoint "
-                                                  "with different settings in a new run.dir")])
+                raise TrainingStopped(
+                    [
+                        Issue(
+                            f"{' and '.join(bad)} became {values[bad[0]]} at step {step}; stopped. "
+                            f"The last good checkpoint is {last or '(none yet)'}",
+                            hint="lower the learning rates, use fp32, or resume from that checkpoint "
+                            "with different settings in a new run.dir",
+                        )
+                    ]
+                )
             if step % t.log_every == 0 or step == t.max_steps:
                 now = time.perf_counter()
                 values = dist.all_mean(values, world.device)
-                record = {"step": step, "images_seen": tr.images_seen, **values, "lr_g": t.g_opt.lr,
-                          "lr_d": t.d_opt.lr, "images_per_s": (tr.images_seen - tick_images) / (now - tick)}
+                record = {
+                    "step": step,
+                    "images_seen": tr.images_seen,
+                    **values,
+                    "lr_g": t.g_opt.lr,
+                    "lr_d": t.d_opt.lr,
+                    "images_per_s": (tr.images_seen - tick_images) / (now - tick),
+                }
                 tick, tick_images = now, tr.images_seen
                 if world.is_main:
                     with open(metrics_path, "a") as f:
@@ -326,8 +384,9 @@ def export(run_dir: Path, generator: torch.nn.Module, spec_dict: dict) -> Path:
 
     out = run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()},
-              out / "generator.safetensors")
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()}, out / "generator.safetensors"
+    )
     (out / "spec.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
     return out
 
@@ -350,8 +409,12 @@ class _Progress:
         if enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.bar = Progress(
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
         elif enabled:
@@ -367,5 +430,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-

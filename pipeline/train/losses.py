@@ -97,14 +97,14 @@ class NonSaturating(GanLoss):
             if real_target == 1.0:
                 return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
             real_targets = torch.full_like(real_logits, real_target)
-            return (F.binary_cross_entropy_with_logits(real_logits, real_targets)
-                    + F.softplus(fake_logits).mean())
+            return F.binary_cross_entropy_with_logits(real_logits, real_targets) + F.softplus(fake_logits).mean()
         # Targets as tensors only when flipping, which consumes RNG draws.
         one, zero = real_logits.new_tensor(real_target), real_logits.new_tensor(0.0)
         real_targets = torch.where(self._flipped(real_logits), zero, one).expand_as(real_logits)
         fake_targets = torch.where(self._flipped(fake_logits), one, zero).expand_as(fake_logits)
-        return (F.binary_cross_entropy_with_logits(real_logits, real_targets)
-                + F.binary_cross_entropy_with_logits(fake_logits, fake_targets))
+        return F.binary_cross_entropy_with_logits(real_logits, real_targets) + F.binary_cross_entropy_with_logits(
+            fake_logits, fake_targets
+        )
 
     def g(self, fake_logits: Tensor) -> Tensor:
         return F.softplus(-_promote(fake_logits)).mean()
@@ -161,8 +161,10 @@ def get_loss(name: str, **options) -> GanLoss:
     does not take."""
     if name not in LOSSES:
         hint = did_you_mean(name, LOSSES)
-        raise UnknownLossError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}"
-                               + (f" ({hint})" if hint and hint.startswith("did") else ""))
+        raise UnknownLossError(
+            f"unknown loss {name!r}; known: {', '.join(LOSSES)}"
+            + (f" ({hint})" if hint and hint.startswith("did") else "")
+        )
     loss = LOSSES[name]
     if not options:
         return loss

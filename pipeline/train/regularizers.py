@@ -113,8 +113,15 @@ def r1_penalty(d_out: Tensor, real_images: Tensor) -> Tensor:
     return grad.square().flatten(1).sum(dim=1).mean()
 
 
-def gradient_penalty(discriminator: Callable[[Tensor, Tensor], Tensor], real: Tensor, fake: Tensor,
-                     y: Tensor, *, target: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+def gradient_penalty(
+    discriminator: Callable[[Tensor, Tensor], Tensor],
+    real: Tensor,
+    fake: Tensor,
+    y: Tensor,
+    *,
+    target: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """WGAN-GP's gradient penalty (Gulrajani et al. 2017, "Improved Training of Wasserstein GANs"):
     mean over the batch of (||∇ D(x̂, y)||₂ - target)², at x̂ = ε real + (1 - ε) fake with
     ε ~ U(0, 1) per sample (from `generator`, else the global RNG on real's device).

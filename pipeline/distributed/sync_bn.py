@@ -66,13 +66,15 @@ def sync_batch_norm(
     dtype = _compute_dtype(x.dtype)
 
     xc = x.to(dtype)
-    local = torch.cat([
-        xc.sum(dims),
-        (xc * xc).sum(dims),
-        torch.full((1,), x.numel() // max(channels, 1), dtype=dtype, device=x.device),
-    ])
+    local = torch.cat(
+        [
+            xc.sum(dims),
+            (xc * xc).sum(dims),
+            torch.full((1,), x.numel() // max(channels, 1), dtype=dtype, device=x.device),
+        ]
+    )
     total = funcol.all_reduce(local, "sum", group)  # one collective: [S1 (C), S2 (C), n (1)]
-    s1, s2, n = total[:channels], total[channels:2 * channels], total[2 * channels:]
+    s1, s2, n = total[:channels], total[channels : 2 * channels], total[2 * channels :]
 
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp_min(0)

@@ -44,15 +44,20 @@ def setup(device: str | None = None) -> World:
     if not torch.distributed.is_initialized() and "RANK" not in os.environ:
         # A single process: a group of one on a free port, without RANK / MASTER_PORT in the
         # environment, which child processes would inherit.
-        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                             world_size=1)
+        torch.distributed.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        )
         os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it is set
     deepspeed.init_distributed(dist_backend=backend, verbose=False)  # wraps an existing group
     local = int(os.environ.get("LOCAL_RANK", 0))
     if gpu:
         torch.cuda.set_device(local)
-    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), local,
-                 torch.device("cuda", local) if gpu else torch.device("cpu"))
+    return World(
+        torch.distributed.get_rank(),
+        torch.distributed.get_world_size(),
+        local,
+        torch.device("cuda", local) if gpu else torch.device("cpu"),
+    )
 
 
 def engine_config(train, micro_batch: int, accumulation: int, world_size: int) -> dict:
@@ -76,8 +81,7 @@ def make_engine(module: torch.nn.Module, opt, config: dict):
     """A DeepSpeed engine around `module` with Adam (lr, betas, eps from the spec)."""
     import deepspeed
 
-    optimizer = torch.optim.Adam(module.parameters(), lr=opt.lr, betas=tuple(float(b) for b in opt.betas),
-                                 eps=opt.eps)
+    optimizer = torch.optim.Adam(module.parameters(), lr=opt.lr, betas=tuple(float(b) for b in opt.betas), eps=opt.eps)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
     return engine
 
@@ -93,4 +97,4 @@ def all_mean(values: dict[str, float], device) -> dict[str, float]:
         return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
-    return dict(zip(values, (t / torch.distributed.get_world_size()).tolist()))
+    return dict(zip(values, (t / torch.distributed.get_world_size()).tolist(), strict=True))
