@@ -46,6 +46,10 @@ demo-data *args:
 shards *args:
     @{{python}} -m pipeline shards "$@"
 
+# seconds from `train` to its first logged step (the demo, shards present); --checkout DIR compares checkouts
+bench-first-step *args:
+    @{{python}} benchmarks/first_step.py "$@"
+
 # images/s of the DALI pipeline against a webdataset + PIL DataLoader on the same shards
 bench-data *args:
     @{{python}} benchmarks/data.py "$@"

@@ -1,32 +1,43 @@
 """Time `python -m pipeline validate SPEC --json` end to end (fresh processes), side by side with
-the fixed costs it cannot avoid: starting Python with torch imported, and the first operator on
-the meta device (which imports torch._dynamo). Usage: python benchmarks/validate.py spec=NAME [runs]"""
+the fixed costs: starting Python with torch imported, and torch's first Python meta kernel, which
+imports torch._dynamo (validate's analysis avoids that import; see pipeline/graph/build.py).
 
+    python benchmarks/validate.py [spec=NAME] [RUNS] [--checkout DIR ...]
+
+`--checkout DIR` also times `validate` in another checkout (e.g. a `git worktree` of an earlier
+commit), interleaved with the rest, so a shared machine's load hits all alike."""
+
+import argparse
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
-def wall(cmd: list[str]) -> float:
+def wall(cmd: list[str], cwd: Path | None = None) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=cwd)
     return time.perf_counter() - start
 
 
 def main() -> None:
-    spec = sys.argv[1].removeprefix("spec=") if len(sys.argv) > 1 else "biggan_deep_512"
-    runs = int(sys.argv[2]) if len(sys.argv) > 2 else 5
-    py = sys.executable
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec", nargs="?", default="spec=biggan_deep_512")
+    parser.add_argument("runs", nargs="?", type=int, default=5)
+    parser.add_argument("--checkout", action="append", type=Path, default=[], help="another checkout to time")
+    ns = parser.parse_args()
+    spec, runs, py = ns.spec.removeprefix("spec="), ns.runs, sys.executable
     commands = {
-        "validate": [py, "-m", "pipeline", "validate", spec, "--json"],
-        "import torch": [py, "-c", "import torch"],
-        "import torch + first meta op": [py, "-c", "import torch; torch.relu(torch.empty(1, device='meta'))"],
+        "validate": ([py, "-m", "pipeline", "validate", spec, "--json"], None),
+        **{f"validate in {c}": ([py, "-m", "pipeline", "validate", spec, "--json"], c) for c in ns.checkout},
+        "import torch": ([py, "-c", "import torch"], None),
+        "import torch + first meta op": ([py, "-c", "import torch; torch.relu(torch.empty(1, device='meta'))"], None),
     }
     times = {name: [] for name in commands}
-    for _ in range(runs):  # interleaved, so that load on the machine hits all three alike
-        for name, cmd in commands.items():
-            times[name].append(wall(cmd))
+    for _ in range(runs):  # interleaved, so that load on the machine hits all alike
+        for name, (cmd, cwd) in commands.items():
+            times[name].append(wall(cmd, cwd))
     base = statistics.median(times["validate"])
     print(f"spec {spec}, {runs} runs each, median wall seconds (min):")
     for name, values in times.items():

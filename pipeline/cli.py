@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from pipeline.data import DEMO_SHARDS
 from pipeline.errors import SpecError, user_error
 
 
@@ -46,36 +48,43 @@ def _network_json(plan) -> dict:
 def cmd_validate(ns) -> int:
     from pipeline.graph import analyze_spec
     from pipeline.spec import load_spec
+    from pipeline.train.preflight import preflight
 
     spec_arg, overrides = split_spec_args(ns.args)
     loaded = load_spec(spec_arg, overrides, check_graphs=False)
     plans = analyze_spec(loaded)
+    train_needs = preflight(loaded.spec, world_size=1)  # a valid spec may still lack its data
     if ns.json:
         out = {
             "name": loaded.spec.name,
             "file": str(loaded.path),
             **{which: _network_json(plan) for which, plan in plans.items()},
+            "train_needs": [issue.format() for issue in train_needs],
         }
         print(json.dumps(out, indent=2))
         return 0
     from pipeline.graph.report import print_report
 
     print_report(loaded, plans)
+    if train_needs:
+        missing = "1 thing is" if len(train_needs) == 1 else f"{len(train_needs)} things are"
+        print(f"The spec is valid. Before `train` can run it (on 1 rank), {missing} missing:")
+        for issue in train_needs:
+            print("  " + issue.format().replace("\n", "\n  "))
+    else:
+        print("The spec is valid, and `train` has what it needs to start (data found, batch splits over 1 rank).")
     return 0
-
-
-DEMO_SHARDS = "shards/demo"
 
 
 def launch(num: int, command: str, argv: list[str]) -> int:
     """Run `num` ranks of `python -m pipeline COMMAND` on this machine (the environment DeepSpeed's
-    launcher would set). Several machines: use `deepspeed --hostfile FILE -m pipeline train ...`."""
+    launcher would set). Several machines: `deepspeed --hostfile FILE --module pipeline train ...`."""
     import os
     import subprocess
 
-    from pipeline.distributed.engines import _free_port
+    from pipeline.distributed.engines import free_port
 
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(num):
         env = dict(
@@ -108,35 +117,79 @@ def split_run_args(args: list[str]) -> tuple[int, str | None, list[str]]:
 
 
 def ensure_demo_shards(loaded) -> None:
-    if loaded.spec.data.shards == DEMO_SHARDS and not loaded.spec.data.synthetic:
-        from pipeline.data.demo import build_demo_shards, demo_shards_ready
+    from pipeline.data.demo import build_demo_shards, demo_shards_ready
 
-        if not demo_shards_ready(DEMO_SHARDS):
-            print(f"writing the demo shards to {DEMO_SHARDS}", file=sys.stderr)
-            build_demo_shards(DEMO_SHARDS)
+    if loaded.spec.data.shards == DEMO_SHARDS and not loaded.spec.data.synthetic and not demo_shards_ready():
+        print(f"writing the demo shards to {DEMO_SHARDS}", file=sys.stderr)
+        build_demo_shards(DEMO_SHARDS)
 
 
 def cmd_train(ns) -> int:
     from pipeline.spec import load_spec
+    from pipeline.train.preflight import check_before_building, world_size_from_environment
 
     ranks, device, rest = split_run_args(ns.args)
-    if ranks > 1:
-        return launch(ranks, "train", rest + ([f"device={device}"] if device else []))
     spec_arg, overrides = split_spec_args(rest, default="demo")
     loaded = load_spec(spec_arg, overrides)
-    ensure_demo_shards(loaded)
+    ensure_demo_shards(loaded)  # once, before any rank starts
+    if ranks > 1:
+        check_before_building(loaded.spec, ranks)  # one refusal, not one per rank
+        return launch(ranks, "train", rest + ([f"device={device}"] if device else []))
     from pipeline.train.loop import train
 
-    run_dir = train(loaded, device=device)
-    print(f"run written to {run_dir}", file=sys.stderr)
+    summary = train(loaded, device=device)
+    if world_size_from_environment() == 1 or os.environ.get("RANK", "0") == "0":
+        print(train_report(summary), file=sys.stderr)
     return 0
+
+
+def train_report(summary) -> str:
+    """What a finished `train` says: where the run stands and the scores of its last evaluation."""
+    run_dir = summary.run_dir
+    if summary.steps_run == 0:
+        lines = [
+            f"{run_dir} is already complete: step {summary.step} (train.max_steps {summary.max_steps}); nothing "
+            "to train. Train longer with train.max_steps=N, or start a new run with run.dir=PATH."
+        ]
+    else:
+        lines = [f"{run_dir}: trained to step {summary.step} of {summary.max_steps} ({summary.images_seen:,} images)"]
+    metrics = run_dir / "metrics.jsonl"
+    evals = []
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a half-written last line (a crash mid-append)
+            if "fid" in record:
+                evals.append(record)
+    if evals:
+        last, protocol = evals[-1], evals[-1].get("eval_protocol", {})
+        accuracy = last.get("class_accuracy")
+        lines.append(
+            f"last evaluation, step {last['step']}: FID {last['fid']:.2f}, IS {last['is_mean']:.2f}"
+            + (f", class accuracy {accuracy:.1%}" if accuracy is not None else "")
+            + f" ({protocol.get('num_samples', '?')} samples, {protocol.get('feature_net', '?')} features, "
+            f"standing statistics {protocol.get('standing_stats_passes', '?')} passes, "
+            f"{'EMA' if protocol.get('ema') else 'raw generator'})"
+        )
+    if (run_dir / "export" / "generator.safetensors").exists():
+        lines.append(f"generator weights: {run_dir / 'export' / 'generator.safetensors'}")
+    return "\n".join(lines)
 
 
 def cmd_profile(ns) -> int:
     from pipeline.spec import load_spec
+    from pipeline.train.preflight import check_before_building
 
     ranks, device, rest = split_run_args(ns.args)
+    if ns.steps < 1 or ns.warmup < 0 or ns.trace_steps < 0:
+        raise user_error("--steps must be at least 1, --warmup and --trace-steps at least 0")
+    spec_arg, overrides = split_spec_args(rest, default="demo")
+    loaded = load_spec(spec_arg, overrides + (["data.synthetic=true"] if ns.data == "synthetic" else []))
+    ensure_demo_shards(loaded)  # once, before any rank starts
     if ranks > 1:
+        check_before_building(loaded.spec, ranks)  # one refusal, not one per rank
         options = [
             "--steps",
             str(ns.steps),
@@ -150,11 +203,6 @@ def cmd_profile(ns) -> int:
             str(ns.trace_steps),
         ]
         return launch(ranks, "profile", rest + ([f"device={device}"] if device else []) + options)
-    if ns.steps < 1 or ns.warmup < 0 or ns.trace_steps < 0:
-        raise user_error("--steps must be at least 1, --warmup and --trace-steps at least 0")
-    spec_arg, overrides = split_spec_args(rest, default="demo")
-    loaded = load_spec(spec_arg, overrides + (["data.synthetic=true"] if ns.data == "synthetic" else []))
-    ensure_demo_shards(loaded)
     from pipeline.profile.run import profile, profile_loader_only
 
     if ns.model == "none":
@@ -200,7 +248,11 @@ def cmd_sample(ns) -> int:
         num_steps=ns.steps,
         gif=ns.gif,
     )
-    print(f"{gen.source}: {len(record['classes'])} classes x {ns.num} images written to {out}")
+    passes = record["standing_stats"]["num_passes"] if record["standing_stats"] else 0
+    print(
+        f"{gen.source}: {len(record['classes'])} classes x {ns.num} images written to {out} "
+        f"(standing statistics: {passes} passes)"
+    )
     for name in record["files"].values():
         print(f"  {name}")
     return 0
@@ -228,14 +280,14 @@ def cmd_eval(ns) -> int:
 
     from pipeline.eval.evaluate import evaluate
 
-    if ns.num < 2 or ns.standing_stats < 0 or ns.batch_size < 2:
+    if (ns.num is not None and ns.num < 2) or (ns.standing_stats or 0) < 0 or ns.batch_size < 2:
         raise user_error("--num and --batch-size must be at least 2, --standing-stats at least 0")
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    record = evaluate(
+    record = evaluate(  # options not given (None) follow the run's own spec
         ns.source,
         features=ns.features,
         num=ns.num,
-        truncations=parse_truncations(ns.truncation),
+        truncations=None if ns.truncation is None else parse_truncations(ns.truncation),
         mode=ns.truncation_mode,
         standing_passes=ns.standing_stats,
         seed=ns.seed,
@@ -402,13 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the embedded demo shards (scikit-learn's digits at 32x32) and train "
         "the demo classifier beside them",
     )
-    p.add_argument("--out", default="shards/demo", help="output directory (default shards/demo)")
+    p.add_argument("--out", default=DEMO_SHARDS, help=f"output directory (default {DEMO_SHARDS})")
     p.add_argument(
         "--force",
         action="store_true",
         help="rebuild the shards and retrain the classifier even if complete ones are there",
     )
     p.set_defaults(func=cmd_demo_data)
+    from pipeline.eval.protocol import STANDING_STATS_PASSES
+
+    # sample and eval: what is not given follows the protocol of the run's own spec (`eval:`)
     p = sub.add_parser("sample", help="write sample grids, per-image PNGs and interpolations of a trained generator")
     p.add_argument(
         "source",
@@ -431,9 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--standing-stats",
         type=int,
-        default=8,
         metavar="N",
-        help="forward passes of standing BatchNorm statistics before sampling; 0: off (default 8)",
+        help="forward passes of standing BatchNorm statistics before sampling; 0: off (default: the "
+        f"spec's eval.standing_stats, {STANDING_STATS_PASSES} unless the spec says otherwise)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
@@ -453,25 +508,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num",
         type=int,
-        default=1000,
-        help="generated images, classes balanced (default 1000; published FIDs use 50,000)",
+        help="generated images, classes balanced (default: the spec's eval.num_samples, 1000 unless the "
+        "spec says otherwise; published FIDs use 50,000)",
     )
-    p.add_argument("--truncation", default="none", help="threshold, or a sweep: 0.25,0.5,1,none (default none)")
+    p.add_argument(
+        "--truncation",
+        help="threshold, or a sweep: 0.25,0.5,1,none (default: the spec's eval.truncation, none unless the "
+        "spec says otherwise)",
+    )
     p.add_argument(
         "--truncation-mode",
         choices=("truncate", "scale"),
         default="truncate",
         help="truncate: resample values beyond the threshold (BigGAN); scale: scale z's std",
     )
-    p.add_argument("--standing-stats", type=int, default=0, help="passes of standing BN statistics (default 0: off)")
+    p.add_argument(
+        "--standing-stats",
+        type=int,
+        metavar="N",
+        help="passes of standing BatchNorm statistics; 0: off (default: the spec's eval.standing_stats, "
+        f"{STANDING_STATS_PASSES} unless the spec says otherwise)",
+    )
     p.add_argument(
         "--features",
-        default="demo",
-        help="demo (the classifier beside the shards), demo:PATH or "
-        "inception:PATH (the FID Inception weights file; nothing is downloaded)",
+        help="demo (the classifier beside the shards), demo:PATH or inception:PATH (the FID Inception "
+        "weights file; nothing is downloaded). Default: the spec's eval.features, demo unless it says otherwise",
     )
     p.add_argument("--shards", help="real data to compare with (default: the spec's data.shards)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed of the latents (default: the spec's seed, as in training)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--out", help="directory for the JSON and plot (default RUN/eval)")
@@ -499,6 +563,6 @@ def main(argv: list[str] | None = None) -> int:
         for issue in exc.issues:
             print("  " + issue.format().replace("\n", "\n  "), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # train's own says which checkpoint it wrote
+        print(str(exc) or "interrupted", file=sys.stderr)
         return 130

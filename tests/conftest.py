@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,92 @@ def write_spec(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    """The repository root: where subprocesses run `python -m pipeline` from."""
+    return ROOT
+
+
+@pytest.fixture(params=SPECS)
+def shipped_spec(request) -> str:
+    """The name of each spec in specs/ in turn: a test taking it runs once per shipped spec."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def family_block_kinds() -> set[str]:
+    """The block kinds of the ProGAN, DCGAN and U-Net modules, whose forward tests are in
+    test_family_blocks.py; every other kind's are in test_blocks.py."""
+    from pipeline.blocks import REGISTRY
+
+    family_modules = {f"pipeline.blocks.{name}" for name in ("progan", "dcgan", "unet")}
+    return {kind for kind, params in REGISTRY.items() if params.__module__ in family_modules}
+
+
+@pytest.fixture(scope="session")
+def clean_env() -> dict:
+    """The environment for a `python -m pipeline` subprocess: CPU, and none of the variables of a
+    surrounding distributed launch (the subprocess starts its own ranks)."""
+    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in launch} | {"DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def metrics():
+    """metrics(run_dir): the rows of a run's metrics.jsonl."""
+
+    def read(run_dir: Path) -> list[dict]:
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    return read
+
+
+def _copy_shards(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.fixture(scope="session")
+def copy_shards():
+    """copy_shards(src, dst): a private copy of the shard directory SRC at DST (which must not
+    exist), for a test that changes its shards."""
+    return _copy_shards
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """The demo shards, built once per session and shared: tests read them and never write there
+    (a test that changes shards changes a `copy_shards` copy). Checked at the end of the session."""
+    from pipeline.data.demo import build_demo_shards
+
+    out = tmp_path_factory.mktemp("demo-shards")
+    build_demo_shards(out)
+    before = _snapshot(out)
+    yield out
+    assert _snapshot(out) == before, f"a test changed the shared demo shards in {out}"
+
+
+@pytest.fixture(scope="session")
+def demo_shards_with_classifier(demo_shards, tmp_path_factory):
+    """A copy of the demo shards with the demo classifier trained beside them, once per session,
+    by `python -m pipeline demo-data` (which finds the shards there). Shared like `demo_shards`;
+    evaluation caches its reference statistics there (the same file whichever test writes it first)."""
+    from pipeline.cli import main
+
+    out = _copy_shards(demo_shards, tmp_path_factory.mktemp("demo-classifier") / "shards")
+    assert main(["demo-data", "--out", str(out)]) == 0
+    before = _snapshot(out)
+    yield out
+    after = {name: stat for name, stat in _snapshot(out).items() if not name.startswith("fid-stats-")}
+    assert after == before, f"a test changed the shared demo shards and classifier in {out}"
 
 
 sys.path.insert(0, str(ROOT))

@@ -6,16 +6,14 @@ import json
 
 import pytest
 
-from pipeline.data.demo import build_demo_shards
 from pipeline.spec import load_spec
 from pipeline.train.loop import train
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """A 2-step demo run evaluated at steps 0 and 2 (the classifier is trained on demand)."""
-    shards = tmp_path_factory.mktemp("demo")
-    build_demo_shards(shards)
+def demo_run(demo_shards_with_classifier, tmp_path_factory):
+    """A 2-step demo run evaluated at steps 0 and 2, by the demo classifier beside its shards."""
+    shards = demo_shards_with_classifier
     run_dir = tmp_path_factory.mktemp("run")
     loaded = load_spec(
         "demo",
@@ -50,6 +48,8 @@ def test_training_logs_scores_with_their_protocol(demo_run):
 
 
 def test_eval_command_sweeps_truncation(cli, demo_run, tmp_path):
+    from pathlib import Path
+
     run_dir, _ = demo_run
     result = cli(
         "eval", run_dir, "--num", "40", "--truncation", "0.5,none", "--standing-stats", "2", "--out", tmp_path, "--json"
@@ -58,8 +58,10 @@ def test_eval_command_sweeps_truncation(cli, demo_run, tmp_path):
     record = json.loads(result.out)
     assert [r["protocol"]["truncation"] for r in record["results"]] == [0.5, None]
     assert record["results"][0]["protocol"]["step"] == 2 and record["results"][0]["protocol"]["ema"] is True
-    assert json.loads((tmp_path / "step-00000002.json").read_text())["results"] == record["results"]
-    assert (tmp_path / "step-00000002-fid-is.png").read_bytes()[:4] == b"\x89PNG"
+    json_file, plot = Path(record["json"]), Path(record["plot"])
+    assert json_file.parent == tmp_path and json_file.name.startswith("step-00000002-")
+    assert json.loads(json_file.read_text())["results"] == record["results"]
+    assert plot.name == f"{json_file.stem}-fid-is.png" and plot.read_bytes()[:4] == b"\x89PNG"
     # the same generator, the same seed: the export scores like the run
     again = cli(
         "eval",

@@ -68,6 +68,10 @@ def test_forward_shape(params, in_shape, out_shape):
     assert torch.isfinite(out).all()
 
 
+def test_every_family_kind_has_a_forward_test(family_block_kinds):
+    assert family_block_kinds - {c[0]["kind"] for c in FEATURE_MAP_CASES} == set()
+
+
 def test_pixel_head_with_labels_shape():
     module = build({"kind": "pixel_head", "in": "x", "y": "y"}, {"in": (8, 6, 6), "y": ()})
     assert module(torch.randn(2, 8, 6, 6), labels(2)).shape == (2, 1, 6, 6)

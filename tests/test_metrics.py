@@ -1,13 +1,12 @@
 """The metric code (FID, KID, IS, class accuracy, cached reference statistics) and the demo classifier, on CPU.
 
 Most tests use `QuadrantNet`, a feature network whose features are known functions of the pixels,
-so the expected scores follow from the definitions; the demo classifier is trained once per module.
+so the expected scores follow from the definitions; the demo classifier is trained once per session.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from PIL import Image
 from pipeline.errors import SpecError
 from pipeline.eval.classifier import RECORD_FILE, WEIGHTS_FILE, demo_classifier_ready, train_demo_classifier
 from pipeline.eval.features import INCEPTION_WEIGHTS, FeatureNet, load_feature_net
-from pipeline.eval.metrics import Scorer, real_images, reference_from_batches, reference_stats, score, to_uint8
+from pipeline.eval.metrics import Scorer, real_images, reference_from_batches, reference_stats, to_uint8
 
 NUM_CLASSES = 10
 CLASSES = {str(c): c for c in range(NUM_CLASSES)}
@@ -87,8 +86,9 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift(reference):
 
 def test_fid_against_other_samples_of_the_same_distribution_is_small(reference):
     other = make_images(seed=1)[0]
-    fid_same = score(batches(other), QuadrantNet(), reference, **FAST)["fid"]
-    fid_shifted = score(batches(other + 20), QuadrantNet(), reference, **FAST)["fid"]
+    scorer = Scorer(QuadrantNet(), reference, **FAST)
+    fid_same = scorer(batches(other))["fid"]
+    fid_shifted = scorer(batches(other + 20))["fid"]
     assert 0 < fid_same < 0.2 * fid_shifted
 
 
@@ -102,16 +102,16 @@ def test_kid_is_near_zero_for_the_same_set_and_grows_with_a_shift(reference):
 
 def test_scores_are_repeatable_given_the_seed(reference):
     images, labels = make_images(seed=2)
-    first = score(batches(images, labels), QuadrantNet(), reference, **FAST)
-    again = score(batches(images, labels), QuadrantNet(), reference, **FAST)
-    other_seed = score(batches(images, labels), QuadrantNet(), reference, seed=1, **FAST)
+    first = Scorer(QuadrantNet(), reference, **FAST)(batches(images, labels))
+    again = Scorer(QuadrantNet(), reference, **FAST)(batches(images, labels))
+    other_seed = Scorer(QuadrantNet(), reference, seed=1, **FAST)(batches(images, labels))
     assert first == again
     assert first["kid_mean"] != other_seed["kid_mean"]
 
 
 def test_inception_score_of_uniform_predictions_is_one(reference):
     images, labels = make_images()
-    scores = score(batches(images, labels), QuadrantNet("uniform"), reference, **FAST)
+    scores = Scorer(QuadrantNet("uniform"), reference, **FAST)(batches(images, labels))
     assert scores["is_mean"] == pytest.approx(1.0, abs=1e-6)
     assert scores["is_std"] == pytest.approx(0.0, abs=1e-6)
 
@@ -119,28 +119,30 @@ def test_inception_score_of_uniform_predictions_is_one(reference):
 @pytest.mark.filterwarnings("ignore:std\\(\\):UserWarning")  # std() of one split: there is no spread
 def test_inception_score_of_confident_evenly_spread_predictions_is_the_number_of_classes(reference):
     images, labels = make_images()  # 40 images of each class
-    scores = score(batches(images, labels), QuadrantNet(), reference, is_splits=1, **FAST)
-    assert scores["is_mean"] == pytest.approx(NUM_CLASSES, rel=1e-4)
+    scorer = Scorer(QuadrantNet(), reference, is_splits=1, **FAST)
+    assert scorer(batches(images, labels))["is_mean"] == pytest.approx(NUM_CLASSES, rel=1e-4)
     one_class = images.clone()
     one_class[:, 0, 0, 0] = 3
-    assert score(batches(one_class), QuadrantNet(), reference, is_splits=1, **FAST)["is_mean"] == pytest.approx(1.0)
+    assert scorer(batches(one_class))["is_mean"] == pytest.approx(1.0)
 
 
 def test_class_accuracy_counts_samples_classified_as_their_condition(reference):
     images, labels = make_images()
-    assert score(batches(images, labels), QuadrantNet(), reference, **FAST)["class_accuracy"] == 1.0
+    scorer = Scorer(QuadrantNet(), reference, **FAST)
+    assert scorer(batches(images, labels))["class_accuracy"] == 1.0
     wrong = labels.clone()
     wrong[:100] = (wrong[:100] + 1) % NUM_CLASSES
-    assert score(batches(images, wrong), QuadrantNet(), reference, **FAST)["class_accuracy"] == 0.75
-    assert score(batches(images), QuadrantNet(), reference, **FAST)["class_accuracy"] is None
+    assert scorer(batches(images, wrong))["class_accuracy"] == 0.75
+    assert scorer(batches(images))["class_accuracy"] is None
     foreign = QuadrantNet()
     foreign.classes = {"cat": 0, "dog": 1}  # its logits are not the data's classes
-    assert score(batches(images, labels), foreign, reference, **FAST)["class_accuracy"] is None
+    assert Scorer(foreign, reference, **FAST)(batches(images, labels))["class_accuracy"] is None
 
 
 def test_the_protocol_is_recorded_with_the_scores(reference):
     images, labels = make_images()
-    scores = score(batches(images[:250], labels[:250]), QuadrantNet(), reference, kid_subsets=5, kid_subset_size=1000)
+    scorer = Scorer(QuadrantNet(), reference, kid_subsets=5, kid_subset_size=1000)
+    scores = scorer(batches(images[:250], labels[:250]))
     protocol = scores["protocol"]
     assert protocol["feature_net"] == "quadrant-test-net" and protocol["feature_net_sha256"] == "0" * 64
     assert protocol["num_samples"] == 250 and protocol["num_real_samples"] == 400
@@ -153,12 +155,13 @@ def test_scoring_checks_its_inputs(reference):
     images, _ = make_images()
     with pytest.raises(SpecError, match="computed with"):
         Scorer(QuadrantNet(checksum="1" * 64), reference)
+    scorer = Scorer(QuadrantNet(), reference)
     with pytest.raises(SpecError, match="32px"):
-        score([(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), None)], QuadrantNet(), reference)
+        scorer([(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), None)])
     with pytest.raises(TypeError, match="uint8"):
-        score([(images.float(), None)], QuadrantNet(), reference)
+        scorer([(images.float(), None)])
     with pytest.raises(SpecError, match="too few"):
-        score([(images[:1], None)], QuadrantNet(), reference)
+        scorer([(images[:1], None)])
 
 
 def test_kid_real_features_are_a_capped_random_subset():
@@ -267,14 +270,11 @@ def test_unknown_or_missing_feature_networks_are_user_errors(tmp_path):
 
 
 # ----- the demo classifier -----
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    """The demo shards and classifier, written by `python -m pipeline demo-data --out DIR`."""
-    from pipeline.cli import main
-
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["demo-data", "--out", str(out)]) == 0
-    return out
+@pytest.fixture
+def demo_dir(demo_shards_with_classifier):
+    """The demo shards and classifier, written by `python -m pipeline demo-data --out DIR` once per
+    session and shared: read them, never write there."""
+    return demo_shards_with_classifier
 
 
 def test_demo_data_trains_the_classifier_to_high_held_out_accuracy(demo_dir, cli):
@@ -293,10 +293,11 @@ def test_demo_classifier_scores_real_digits_as_real_and_noise_as_noise(demo_dir)
     assert reference.real_class_accuracy >= 0.95
     held_out = json.loads((demo_dir / RECORD_FILE).read_text())["held_out_positions"]
     images, labels = (torch.cat(t) for t in zip(*real_images(demo_dir, resolution=32), strict=True))
-    real = score(batches(images[held_out], labels[held_out]), net, reference, **FAST)
+    scorer = Scorer(net, reference, **FAST)
+    real = scorer(batches(images[held_out], labels[held_out]))
     assert real["class_accuracy"] >= 0.9
     noise = torch.randint(0, 256, images[held_out].shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    fake = score(batches(noise, labels[held_out]), net, reference, **FAST)
+    fake = scorer(batches(noise, labels[held_out]))
     assert fake["fid"] > 20 * real["fid"] and fake["kid_mean"] > 20 * abs(real["kid_mean"])
     assert fake["class_accuracy"] < 0.5
     # digits at twice the size are resized back and classified as before
@@ -304,13 +305,8 @@ def test_demo_classifier_scores_real_digits_as_real_and_noise_as_noise(demo_dir)
     assert (net(upscaled)[1].argmax(1) == net(images[:200])[1].argmax(1)).float().mean() >= 0.9
 
 
-def test_demo_classifier_training_is_deterministic_and_tied_to_its_shards(demo_dir, tmp_path):
-    copies = [tmp_path / "a", tmp_path / "b"]
-    for copy in copies:
-        copy.mkdir()
-        for f in demo_dir.glob("shard-*"):
-            shutil.copy(f, copy / f.name)
-        shutil.copy(demo_dir / "manifest.json", copy / "manifest.json")
+def test_demo_classifier_training_is_deterministic_and_tied_to_its_shards(demo_shards, copy_shards, tmp_path):
+    copies = [copy_shards(demo_shards, tmp_path / "a"), copy_shards(demo_shards, tmp_path / "b")]
     first, second = (train_demo_classifier(copy, num_epochs=1) for copy in copies)
     assert first["weights_sha256"] == second["weights_sha256"]
     assert first["held_out_positions"] == second["held_out_positions"]

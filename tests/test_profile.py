@@ -9,24 +9,15 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.data.demo import build_demo_shards
 from pipeline.profile.flops import step_flops
-from pipeline.profile.peak import gpu_peak
+from pipeline.profile.peak import GPU_PEAK_TFLOPS, gpu_peak
 from pipeline.profile.run import verdict
 from pipeline.spec import load_spec
 from pipeline.train.loop import Trainer
 
 TINY = ["data.synthetic=true", "train.batch_size=4"]
-
-
-@pytest.fixture(scope="module")
-def demo_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    build_demo_shards(out)
-    return out
 
 
 @pytest.mark.parametrize(
@@ -96,9 +87,7 @@ def test_loader_alone_and_real_data(cli, demo_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_report_per_rank_and_total(tmp_path):
-    from test_train import clean_env
-
+def test_two_ranks_report_per_rank_and_total(tmp_path, root, clean_env):
     done = subprocess.run(
         [
             sys.executable,
@@ -116,8 +105,8 @@ def test_two_ranks_report_per_rank_and_total(tmp_path):
             "--trace-steps",
             "0",
         ],
-        cwd=ROOT,
-        env=clean_env(),
+        cwd=root,
+        env=clean_env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -147,12 +136,22 @@ def test_verdict_names_the_bound_and_the_largest_phase():
     assert verdict(report).startswith("compute-bound")
 
 
-def test_gpu_peak_table():
-    sxm, what = gpu_peak("NVIDIA H100 80GB HBM3", "bf16")
-    assert sxm == pytest.approx(989.4e12) and "H100" in what
-    assert gpu_peak("NVIDIA H100 PCIe", "bf16")[0] == pytest.approx(756e12)
-    assert gpu_peak("NVIDIA A100-SXM4-80GB", "bf16")[0] == pytest.approx(312e12)
-    assert gpu_peak("NVIDIA A10", "bf16")[0] == pytest.approx(125e12)
+def test_gpu_peak_finds_the_most_specific_entry_for_a_device_name(monkeypatch):
+    # names as torch.cuda.get_device_name gives them -> the table entry they are
+    for name, entry in [
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),  # not the SXM part, whose name fragment it contains
+        ("NVIDIA A100-SXM4-80GB", "A100"),  # not the A10, whose name fragment it contains
+        ("NVIDIA A10", "A10"),
+    ]:
+        peak, what = gpu_peak(name, "bf16")
+        assert (peak, what) == (GPU_PEAK_TFLOPS[entry]["bf16"] * 1e12, f"{entry} dense bf16 (data sheet)"), name
+    for entry in GPU_PEAK_TFLOPS:  # no entry hides behind an earlier, shorter one
+        assert gpu_peak(f"NVIDIA {entry}", "bf16")[1].startswith(f"{entry} dense"), entry
     assert gpu_peak("Some Future GPU", "bf16") is None
-    assert torch.backends.cudnn.allow_tf32 is True  # fp32 training then runs convolutions in TF32
-    assert gpu_peak("NVIDIA H100 80GB HBM3", "fp32")[0] == pytest.approx(494.7e12)
+    assert gpu_peak("NVIDIA L40", "bf16") is None  # not the L4, whose name is a prefix of it
+    # fp32 training runs convolutions in TF32 (PyTorch's default), so its peak is TF32's unless that is off
+    assert torch.backends.cudnn.allow_tf32 is True
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "fp32")[0] == GPU_PEAK_TFLOPS["H100"]["tf32"] * 1e12
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "fp32")[0] == GPU_PEAK_TFLOPS["H100"]["fp32"] * 1e12

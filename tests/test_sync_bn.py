@@ -4,7 +4,6 @@ eagerly and under torch.compile(fullgraph=True); on a single process it is plain
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch import nn
 
 from pipeline.blocks.layers import BatchNorm
 from pipeline.distributed import sync_bn
+from pipeline.distributed.engines import free_port
 from pipeline.distributed.sync_bn import sync_batch_norm
 
 WORLD = 2
@@ -135,14 +135,8 @@ def _worker(rank: int, port: int, outdir: str, compiled: bool) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(tmp_path: Path, compiled: bool) -> list[dict]:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), compiled), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), compiled), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,10 +10,8 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file
 
-from pipeline.data.demo import build_demo_shards
 from pipeline.errors import SpecError
 from pipeline.graph import build_network
 from pipeline.spec import load_spec
@@ -31,22 +28,37 @@ FAST = [
 ]  # evaluation has its own tests (test_evaluate.py)
 
 
-@pytest.fixture(scope="module")
-def demo_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    build_demo_shards(out)
-    return out
+# How long a subprocess may take to log the steps a test waits for; a bound for a hung run only,
+# far above what a loaded machine needs.
+PATIENCE_S = 900
 
 
 def overrides(demo_shards, run_dir, *extra):
     return [f"data.shards={demo_shards}", f"run.dir={run_dir}", *FAST, *extra]
 
 
-def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def wait_for_steps(proc: subprocess.Popen, run_dir, num_steps: int, stderr_path) -> None:
+    """Return once the training subprocess PROC has logged NUM_STEPS lines to RUN_DIR/metrics.jsonl;
+    fail with its stderr if it exits first, or if they have not come after PATIENCE_S."""
+    log = run_dir / "metrics.jsonl"
+    start = time.monotonic()
+    # complete lines only: the one being written may not be JSON yet
+    while not (log.exists() and log.read_text().count("\n") >= num_steps):
+        if proc.poll() is not None:
+            pytest.fail(
+                f"training exited with status {proc.returncode} before logging {num_steps} steps:\n"
+                + stderr_path.read_text()[-3000:]
+            )
+        if time.monotonic() - start > PATIENCE_S:
+            proc.kill()
+            proc.wait()
+            pytest.fail(
+                f"training had not logged {num_steps} steps after {PATIENCE_S} s:\n" + stderr_path.read_text()[-3000:]
+            )
+        time.sleep(0.2)
 
 
-def test_demo_trains_through_the_cli(cli, demo_shards, tmp_path):
+def test_demo_trains_through_the_cli(cli, demo_shards, tmp_path, metrics):
     run_dir = tmp_path / "run"
     result = cli("train", "spec=demo", *overrides(demo_shards, run_dir, "train.max_steps=3"))
     assert result.code == 0, result.err
@@ -67,7 +79,7 @@ def test_demo_trains_through_the_cli(cli, demo_shards, tmp_path):
     g.load_state_dict(exported)  # loadable as is
 
 
-def test_resume_continues_exactly(demo_shards, tmp_path):
+def test_resume_continues_exactly(demo_shards, tmp_path, metrics):
     """A run stopped after step 3 (checkpoint at 2) and resumed matches an uninterrupted run, bitwise."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     loop.train(load_spec("demo", overrides(demo_shards, straight, "train.max_steps=5")))
@@ -115,7 +127,7 @@ def test_nan_stops_with_the_last_good_checkpoint_intact(demo_shards, tmp_path, m
     assert state["step"] == 2 and not (run_dir / "checkpoints" / "step-00000003").exists()
 
 
-def test_bf16_training_runs(demo_shards, tmp_path):
+def test_bf16_training_runs(demo_shards, tmp_path, metrics):
     run_dir = tmp_path / "bf16"
     loop.train(
         load_spec(
@@ -153,39 +165,32 @@ def test_batch_plan():
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits(demo_shards, tmp_path):
-    run_dir = tmp_path / "run"
+def test_ctrl_c_saves_a_checkpoint_and_exits(demo_shards, tmp_path, root, clean_env, metrics):
+    run_dir, stderr_path = tmp_path / "run", tmp_path / "stderr.txt"
     args = overrides(demo_shards, run_dir, "train.max_steps=1000", "train.checkpoint_every=1000")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "train", "spec=demo", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=dict(os.environ, DS_ACCELERATOR="cpu"),
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2):
-        time.sleep(0.5)
+    with open(stderr_path, "w") as stderr:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "train", "spec=demo", *args],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=clean_env,
+        )
+    wait_for_steps(proc, run_dir, 2, stderr_path)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err.decode()[-2000:]
+    proc.wait(timeout=PATIENCE_S)
+    assert proc.returncode == 130, stderr_path.read_text()[-2000:]
     saved = sorted((run_dir / "checkpoints").iterdir())
     assert len(saved) == 1
     step = json.loads((saved[0] / "state.json").read_text())["step"]
     assert step >= 2 and step == metrics(run_dir)[-1]["step"]
-
-
-def clean_env() -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    return env | {"DS_ACCELERATOR": "cpu"}
+    said = stderr_path.read_text()
+    assert f"interrupted at step {step} of 1000; checkpoint written to {saved[0]}" in said, said[-2000:]
+    assert "Run the same command again to resume from it." in said
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank(tmp_path):
+def test_two_ranks_equal_one_rank(tmp_path, root, clean_env, metrics):
     """Same global batch (synthetic data, latents drawn globally), cross-replica BN in G, gradients
     averaged by DeepSpeed: the losses of 2 gloo ranks match those of 1 rank step for step."""
     # Adam's update lr * g / (|g| + eps) turns fp32 round-off in near-zero gradients (which differs
@@ -207,11 +212,11 @@ def test_two_ranks_equal_one_rank(tmp_path):
     for name, extra in (("one", []), ("two", ["procs=2"])):
         done = subprocess.run(
             [sys.executable, "-m", "pipeline", "train", *common, *extra, f"run.dir={tmp_path / name}"],
-            cwd=ROOT,
-            env=clean_env(),
+            cwd=root,
+            env=clean_env,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=PATIENCE_S,
         )
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -223,18 +228,17 @@ def test_two_ranks_equal_one_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_equals_the_uninterrupted_run(demo_shards, tmp_path):
-    args = overrides(demo_shards, tmp_path / "killed", "train.max_steps=6", "train.checkpoint_every=2")
+def test_sigkill_and_resume_equals_the_uninterrupted_run(demo_shards, tmp_path, root, clean_env, metrics):
+    killed, stderr_path = tmp_path / "killed", tmp_path / "stderr.txt"
+    args = overrides(demo_shards, killed, "train.max_steps=6", "train.checkpoint_every=2")
     command = [sys.executable, "-m", "pipeline", "train", "spec=demo", *args]
-    proc = subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = tmp_path / "killed"
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((killed / "metrics.jsonl").exists() and len(metrics(killed)) >= 3):
-        time.sleep(0.2)
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen(command, cwd=root, env=clean_env, stdout=subprocess.DEVNULL, stderr=stderr)
+    wait_for_steps(proc, killed, 3, stderr_path)
     proc.kill()  # SIGKILL: no handler runs, whatever was being written stays as it was
     proc.wait()
     assert len(metrics(killed)) < 6
-    resumed = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command, cwd=root, env=clean_env, capture_output=True, text=True, timeout=PATIENCE_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     loop.train(
         load_spec(
@@ -247,7 +251,7 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(demo_shards, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_zero_stages_train_and_resume(demo_shards, tmp_path, stage):
+def test_zero_stages_train_and_resume(demo_shards, tmp_path, stage, metrics):
     run_dir = tmp_path / f"zero{stage}"
     args = ["train.max_steps=2", f"train.zero_stage={stage}"]
     loop.train(load_spec("demo", overrides(demo_shards, run_dir, *args)))
@@ -255,7 +259,7 @@ def test_zero_stages_train_and_resume(demo_shards, tmp_path, stage):
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one(demo_shards, tmp_path, monkeypatch):
+def test_failed_checkpoint_write_keeps_the_previous_one(demo_shards, tmp_path, monkeypatch, metrics):
     run_dir = tmp_path / "run"
     loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=2")))
     before = {p.relative_to(run_dir): p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}

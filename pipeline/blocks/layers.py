@@ -158,7 +158,10 @@ class BuildContext:
         return self._finish(layer, in_channels * kernel_size * kernel_size, sn)
 
     def embedding(self, num_embeddings: int, dim: int, *, sn: bool | None = None) -> nn.Module:
-        return self._finish(nn.Embedding(num_embeddings, dim), num_embeddings, sn)
+        # On meta, an uninitialised weight: nn.Embedding's own normal_ init would be torch's
+        # Python reference kernel there, whose first call imports torch._dynamo (over 1 s).
+        weight = torch.empty(num_embeddings, dim) if self.meta else None
+        return self._finish(nn.Embedding(num_embeddings, dim, _weight=weight), num_embeddings, sn)
 
     # ----- norms -----
     def batch_norm(self, channels: int, *, affine: bool = True) -> BatchNorm:

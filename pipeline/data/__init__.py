@@ -4,3 +4,5 @@
 Submodules are imported where they are used: DALI and torch are heavy, PIL and scikit-learn are
 not needed to validate a spec.
 """
+
+DEMO_SHARDS = "shards/demo"  # where `just demo-data` and `just train` write the demo shards (working directory)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import SpecError, user_error
+from pipeline.precision import DTYPES
 
 CLS_WIDTH = 8  # digits of a label, padded with zero bytes; labels up to 99,999,999
 MEAN_STD = 127.5  # uint8 [0, 255] -> [-1, 1]
@@ -319,6 +320,24 @@ class DaliLoader:
         return torch.from_numpy(images.as_array())
 
 
+def check_data(spec) -> ShardSet | None:
+    """The shards a spec's `data:` section reads (None for synthetic data), from the files alone:
+    nothing is decoded, so `train` and `validate` can tell at once what is missing."""
+    d = spec.data
+    if d.synthetic:
+        return None
+    if d.channels != 3:
+        raise user_error(f"the DALI pipeline decodes RGB images; data.channels is {d.channels}", path="data.channels")
+    if not d.shards:
+        raise user_error(
+            "not set: there is no data to train on",
+            path="data.shards",
+            hint="set data.shards=DIR (a directory of .tar shards) on the command line or in the spec, or "
+            "data.synthetic=true to measure the model alone",
+        )
+    return find_shards(d.shards)
+
+
 def loader_from_spec(
     spec,
     *,
@@ -332,23 +351,15 @@ def loader_from_spec(
     """The training loader a spec describes: its `data:` section and `train` batch and precision."""
     d = spec.data
     if dtype is None:
-        dtype = torch.bfloat16 if spec.train.precision == "bf16" else torch.float32
+        dtype = DTYPES[spec.train.precision]
     batch_size = batch_size or spec.train.batch_per_rank or spec.train.batch_size
-    if d.synthetic:
+    shards = check_data(spec)
+    if shards is None:
         from pipeline.data.synthetic import SyntheticLoader
 
         return SyntheticLoader(
             batch_size, d.resolution, d.num_classes, d.channels, device, dtype, rank, world_size, spec.seed, state
         )
-    if d.channels != 3:
-        raise user_error(f"the DALI pipeline decodes RGB images; data.channels is {d.channels}", path="data.channels")
-    if not d.shards:
-        raise user_error(
-            "data.shards is not set",
-            path="data.shards",
-            hint="set data.shards=DIR (a directory of .tar shards) on the command line or in the spec",
-        )
-    shards = find_shards(d.shards)
     stored = ((shards.manifest or {}).get("options") or {}).get("resolution")
     if stored and stored < d.resolution:
         warnings.warn(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.data import DEMO_SHARDS
 from pipeline.data.shards import Log, read_manifest, write_samples
 
 DEMO_SOURCE = "sklearn.datasets.load_digits"
@@ -35,7 +36,7 @@ def demo_samples() -> list:
 
 
 def build_demo_shards(
-    out: str | os.PathLike = "shards/demo",
+    out: str | os.PathLike = DEMO_SHARDS,
     *,
     shard_size: int = 500,
     seed: int = 0,
@@ -63,7 +64,7 @@ def build_demo_shards(
     )
 
 
-def demo_shards_ready(out: str | os.PathLike = "shards/demo") -> bool:
+def demo_shards_ready(out: str | os.PathLike = DEMO_SHARDS) -> bool:
     """Whether OUT holds a finished demo build: its manifest, and every shard it lists with its index."""
     manifest = read_manifest(Path(out))
     return (

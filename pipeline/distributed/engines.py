@@ -26,7 +26,8 @@ class World:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -40,12 +41,21 @@ def setup(device: str | None = None) -> World:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    if not gpu:
+        # DeepSpeed's CPU backend JIT-builds a shared-memory op with the C++ compiler (about a
+        # minute on 2 cores, and a traceback without a compiler) for its inference all-reduce,
+        # which training never calls: gradients and cross-replica BN reduce through gloo. Marked
+        # incompatible, the op is skipped (deepspeed/comm/torch.py, build_shm_op).
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
     backend = "nccl" if gpu else "gloo"
     if not torch.distributed.is_initialized() and "RANK" not in os.environ:
         # A single process: a group of one on a free port, without RANK / MASTER_PORT in the
         # environment, which child processes would inherit.
         torch.distributed.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
         )
         os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it is set
     deepspeed.init_distributed(dist_backend=backend, verbose=False)  # wraps an existing group

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data import DEMO_SHARDS
 from pipeline.data.check import sha256
 from pipeline.data.shards import read_manifest
 from pipeline.errors import user_error
 
-DEMO_SHARDS = "shards/demo"
 WEIGHTS_FILE = "classifier.safetensors"
 RECORD_FILE = "classifier.json"
 INPUT_SIZE = 32

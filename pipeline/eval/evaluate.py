@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data import DEMO_SHARDS
 from pipeline.errors import user_error
 from pipeline.eval.features import FeatureNet, load_feature_net
 from pipeline.eval.metrics import Scorer, reference_stats, to_uint8
+from pipeline.eval.protocol import protocol_tag
 from pipeline.eval.sampling import sample_latents, standing_stats
 
 
@@ -24,7 +26,7 @@ def feature_net_for(spec, features: str, device) -> FeatureNet:
         from pipeline.data.shards import read_manifest
         from pipeline.eval.classifier import WEIGHTS_FILE, demo_classifier_ready, train_demo_classifier
 
-        shards = Path(spec.data.shards or "shards/demo")
+        shards = Path(spec.data.shards or DEMO_SHARDS)
         manifest = read_manifest(shards)
         if not demo_classifier_ready(shards) and manifest is not None and manifest["source"] == DEMO_SOURCE:
             train_demo_classifier(shards)
@@ -67,11 +69,14 @@ def evaluate_module(
     num: int,
     truncation: float | None = None,
     mode: str = "truncate",
-    standing_passes: int = 0,
+    standing_passes: int | None = None,
     seed: int = 0,
     batch_size: int = 100,
 ) -> dict:
-    """Scores of `module`'s samples. Standing statistics are taken on a copy: `module` is unchanged."""
+    """Scores of `module`'s samples. Standing statistics (by default the spec's
+    `eval.standing_stats` passes) are taken on a copy: `module` is unchanged."""
+    if standing_passes is None:
+        standing_passes = spec.eval.standing_stats
     was_training = module.training
     net = copy.deepcopy(module) if standing_passes else module
     if standing_passes:
@@ -105,6 +110,8 @@ def evaluate_module(
         "truncation": truncation,
         "truncation_mode": mode if truncation else None,
         "standing_stats_passes": standing_passes,
+        "standing_stats_batch_size": batch_size if standing_passes else None,
+        "latent_seed": seed,  # the standing statistics draw from seed + 1
         "classes": "balanced",
     }
     return result
@@ -113,22 +120,33 @@ def evaluate_module(
 def evaluate(
     source: str,
     *,
-    features: str = "demo",
-    num: int = 1000,
-    truncations=(None,),
+    features: str | None = None,
+    num: int | None = None,
+    truncations=None,
     mode: str = "truncate",
-    standing_passes: int = 0,
-    seed: int = 0,
+    standing_passes: int | None = None,
+    seed: int | None = None,
     batch_size: int = 100,
     device: str = "cpu",
     shards: str | None = None,
     out_dir: str | None = None,
 ) -> dict:
     """Evaluate a run's generator (its EMA when it has one) or exported weights at each
-    truncation; write eval JSON (and a FID-vs-IS plot for a sweep) and return the record."""
+    truncation; write eval JSON (and a FID-vs-IS plot for a sweep) and return the record.
+
+    What is not given follows the protocol training scored with, from the spec stored with the
+    weights: `eval.features`, `eval.num_samples`, `eval.truncation`, `eval.standing_stats` and
+    the spec's `seed`. The files are named by step and protocol (`protocol_tag`): another
+    protocol never overwrites them, the same one does, and a sweep's plot has the JSON's name."""
     from pipeline.eval.sampling import load_generator
 
     gen = load_generator(source, device)
+    protocol = gen.spec.eval
+    features = protocol.features if features is None else features
+    num = protocol.num_samples if num is None else num
+    truncations = [protocol.truncation] if truncations is None else list(truncations)
+    standing_passes = protocol.standing_stats if standing_passes is None else standing_passes
+    seed = gen.spec.seed if seed is None else seed
     scorer = make_scorer(gen.spec, features, device, shards=shards)
     results = []
     for truncation in truncations:
@@ -147,7 +165,8 @@ def evaluate(
         results.append(result)
     out = Path(out_dir) if out_dir else gen.home / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"step-{gen.step:08d}" if gen.step is not None else "weights"
+    weights = f"step-{gen.step:08d}" if gen.step is not None else "weights"
+    stem = f"{weights}-{protocol_tag(results)}"
     record = {"source": gen.source, "results": results, "json": str(out / f"{stem}.json")}
     if len(results) > 1:
         record["plot"] = str(out / f"{stem}-fid-is.png")

@@ -381,8 +381,3 @@ class Scorer:
             "real_class_accuracy": self.reference.real_class_accuracy,
             "protocol": protocol,
         }
-
-
-def score(fake_batches: Batches, feature_net: FeatureNet, reference: ReferenceStats, **options) -> dict:
-    """One evaluation: `Scorer(feature_net, reference, **options)(fake_batches)`."""
-    return Scorer(feature_net, reference, **options)(fake_batches)

@@ -557,7 +557,7 @@ def write_samples(
     num_per_class: int = 8,
     truncation: float | None = None,
     mode: str = "truncate",
-    standing_passes: int = 8,
+    standing_passes: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
     interpolate: str | None = None,
@@ -568,11 +568,14 @@ def write_samples(
     (`class<c>-<i>.png`), optionally an interpolation strip `interpolation-<kind>.png` (and `.gif`),
     and `samples.json` recording the protocol; return that record.
 
-    With `standing_passes` > 0, standing statistics replace the BatchNorm statistics of
-    `gen.module` first (batches of `batch_size`, at the sampling truncation). The latents come
-    from `seed` alone, the standing statistics from seed + 1: the same seed draws the same
-    latents whether standing statistics are on or not."""
+    With `standing_passes` > 0 (by default the spec's `eval.standing_stats`, the passes training
+    scores with), standing statistics replace the BatchNorm statistics of `gen.module` first
+    (batches of `batch_size`, at the sampling truncation). The latents come from `seed` alone,
+    the standing statistics from seed + 1: the same seed draws the same latents whether standing
+    statistics are on or not."""
     classes = default_classes(gen.num_classes) if classes is None else list(classes)
+    if standing_passes is None:
+        standing_passes = gen.spec.eval.standing_stats
     _check_request(
         gen, classes, num_per_class, truncation, mode, standing_passes, batch_size, interpolate, num_steps, gif
     )

@@ -8,6 +8,8 @@ infer the next node's input shape, and counts FLOPs with `torch.utils.flop_count
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -333,9 +335,53 @@ class _Checker:
         return True
 
 
+class _NoDynamoImport(types.ModuleType):
+    """Stands in for torch._dynamo while a network is analyzed on the meta device.
+
+    torch wraps its Python meta kernels (elementwise references, `cat`, flop_counter's dispatch)
+    in `torch._compile._disable_dynamo`, which imports torch._dynamo (over 1 s, most of a
+    `validate`) on the first call only to mark the kernel as not to be traced, and caches the
+    mark on the kernel. Analysis never compiles, so the stand-in marks nothing (the kernel runs
+    as it is); on leaving, the stand-in and every cached mark are removed, and the next caller
+    imports the real module. Anything else asked of it loads the real module and answers from it."""
+
+    def __init__(self):
+        super().__init__("torch._dynamo")
+        self.marked: list = []
+
+    def disable(self, fn, recursive=True, wrapping=True):
+        self.marked.append(fn)
+        return fn
+
+    def __getattr__(self, name: str):
+        self._leave()
+        import torch._dynamo
+
+        return getattr(torch._dynamo, name)
+
+    def __enter__(self):
+        if "torch._dynamo" in sys.modules:
+            return self  # already paid for: nothing to save
+        sys.modules["torch._dynamo"] = self
+        return self
+
+    def __exit__(self, *exc):
+        self._leave()
+
+    def _leave(self):
+        if sys.modules.get("torch._dynamo") is self:
+            del sys.modules["torch._dynamo"]
+        if torch.__dict__.get("_dynamo") is self:
+            del torch._dynamo
+        for fn in self.__dict__.get("marked", ()):
+            fn.__dict__.pop("__dynamo_disable", None)
+        self.marked = []
+
+
 def analyze_network(loaded, which: str) -> NetworkPlan:
     checker = _Checker(loaded, which)
-    plan = checker.analyze(graph_inputs(loaded.spec, which))
+    with _NoDynamoImport():
+        plan = checker.analyze(graph_inputs(loaded.spec, which))
     if checker.issues:
         raise SpecError(checker.issues)
     return plan
@@ -394,14 +440,15 @@ def instantiate(loaded, plan: NetworkPlan, device: str | torch.device = "cpu") -
     return GraphModule(modules, plan)
 
 
-def build_network(loaded, which: str, device: str | torch.device = "cpu") -> GraphModule:
-    """Analyze, instantiate and, when the spec's `compile.enabled` says so, torch.compile a network.
+def build_network(loaded, which: str, device: str | torch.device = "cpu", *, compile: bool = True) -> GraphModule:
+    """Analyze, instantiate and, when the spec's `compile.enabled` says so (and `compile` is not
+    False, for a caller that copies the module first), torch.compile a network.
 
     Compiling with `nn.Module.compile()` keeps the module's own state-dict keys (no `_orig_mod.`).
     Shapes are static: G and D share `GraphModule.forward`'s code object, and without
     `dynamic=False` the second network would look like a shape change and recompile dynamically."""
     module = instantiate(loaded, analyze_network(loaded, which), device)
-    return compile_network(module, loaded.spec.compile)
+    return compile_network(module, loaded.spec.compile) if compile else module
 
 
 def compile_network(module: GraphModule, settings) -> GraphModule:

@@ -9,9 +9,12 @@ threads this process uses.
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
+
+from pipeline.precision import DTYPES
 
 # name fragment (as in torch.cuda.get_device_name) -> dense peak TFLOP/s by precision.
 # Sources: NVIDIA H100 / H200 / A100 / L40S / L4 / A10 data sheets (dense figures, i.e. half the
@@ -29,10 +32,10 @@ GPU_PEAK_TFLOPS = {
 
 
 def gpu_peak(name: str, precision: str) -> tuple[float, str] | None:
-    """(peak FLOP/s, what it is) for a known GPU, else None. The first matching fragment wins, so
-    more specific names come first in the table."""
+    """(peak FLOP/s, what it is) for a known GPU, else None. A fragment matches whole words ("L4"
+    is not the L40); the first match wins, so more specific names come first in the table."""
     for fragment, peaks in GPU_PEAK_TFLOPS.items():
-        if fragment in name:
+        if re.search(rf"\b{re.escape(fragment)}\b", name):
             kind = "bf16" if precision == "bf16" else ("tf32" if torch.backends.cudnn.allow_tf32 else "fp32")
             return peaks[kind] * 1e12, f"{fragment} dense {kind} (data sheet)"
     return None
@@ -40,7 +43,7 @@ def gpu_peak(name: str, precision: str) -> tuple[float, str] | None:
 
 def cpu_peak(precision: str, *, size: int = 1024, seconds: float = 1.0) -> tuple[float, str]:
     """Measured: the best rate of `size`-square matrix products over about `seconds`."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = DTYPES[precision]
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up: thread pool and packing buffers
     best, end = float("inf"), time.perf_counter() + seconds

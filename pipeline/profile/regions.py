@@ -42,9 +42,6 @@ class Regions:
         global _active
         _active = None
 
-    def reset(self) -> None:
-        self.seconds.clear()
-
     @contextmanager
     def time(self, name: str):
         self.sync()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.distributed import engines as dist
+from pipeline.precision import DTYPES
 from pipeline.profile.flops import step_flops
 from pipeline.profile.peak import device_peak
 from pipeline.profile.regions import Regions, timed
@@ -54,12 +55,12 @@ def loader_rate(loader, batches: int, warmup: int, images_per_batch: int, device
 def profile_loader_only(loaded, *, steps: int, warmup: int, device: str | None = None) -> dict:
     """`--model none`: the input pipeline alone, as many batches as `steps` training steps take."""
     from pipeline.data.dali import loader_from_spec
-    from pipeline.train.loop import batch_plan
+    from pipeline.train.preflight import batch_plan
 
     spec, t = loaded.spec, loaded.spec.train
     world = dist.setup(device)
     micro, accum = batch_plan(t, world.size)
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    dtype = DTYPES[t.precision]
     loader = loader_from_spec(
         spec, batch_size=micro, device=world.device, rank=world.rank, world_size=world.size, dtype=dtype
     )
@@ -232,7 +233,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _out_dir(loaded) -> Path:
-    return Path(loaded.spec.run.dir or f"runs/{loaded.spec.name}") / "profile"
+    return loaded.spec.run_dir / "profile"
 
 
 def _write(loaded, report: dict, world) -> dict:

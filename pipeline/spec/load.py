@@ -13,14 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipeline.blocks.registry import REGISTRY
 from pipeline.errors import Issue, SpecError, did_you_mean, user_error
 from pipeline.spec.schema import Spec
 from pipeline.spec.yaml_io import SourceMap, load_yaml_mapping
 
-SPECS_DIR = Path(__file__).resolve().parents[2] / "specs"
+# The shipped specs: `specs/` beside the package in a checkout (and an editable install); inside
+# the package in a wheel, where pyproject.toml maps `specs/` to `pipeline/specs/`.
+_PACKAGE = Path(__file__).resolve().parents[1]
+SPECS_DIR = next((d for d in (_PACKAGE.parent / "specs", _PACKAGE / "specs") if d.is_dir()), _PACKAGE.parent / "specs")
 COMMAND_LINE = "command line"
 
 
@@ -74,20 +77,38 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _merge(base: dict, child: dict) -> dict:
+def _null_has_a_meaning(tp) -> bool:
+    """Whether the schema gives `null` a meaning of its own at a field of type `tp`."""
+    if tp is None:
+        return False
+    try:
+        TypeAdapter(tp).validate_python(None)
+    except ValidationError:
+        return False
+    return True
+
+
+def _merge(base: dict, child: dict, tp=Spec) -> dict:
     """Mappings merge key by key; other values replace; a node whose kind changes is replaced
-    whole; `null` in place of a mapping (a section or a node) removes it."""
+    whole; `null` in place of a mapping (a section or a node) removes it, so the default applies,
+    unless null means something there (`train.ema: null`: no EMA; `eval: null`: no evaluation
+    during training): then it means that, as in a spec without a base."""
     out = dict(base)
+    fields, open_keys = _keys_at(tp, base)
     for key, value in child.items():
         old = out.get(key)
+        field = None if open_keys else (fields or {}).get(key)
         if value is None and isinstance(old, dict):
-            del out[key]
+            if _null_has_a_meaning(field):
+                out[key] = None
+            else:
+                del out[key]
         elif (
             isinstance(old, dict)
             and isinstance(value, dict)
             and old.get("kind", value.get("kind")) == value.get("kind", old.get("kind"))
         ):
-            out[key] = _merge(old, value)
+            out[key] = _merge(old, value, (fields or {}).get(key))
         else:
             out[key] = value
     return out

@@ -3,12 +3,24 @@ the JSON Schema (`python -m pipeline schema`) and the errors come from these doc
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.blocks import node_union
 from pipeline.blocks.registry import Init
+from pipeline.eval.protocol import STANDING_STATS_PASSES
 
 NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
@@ -51,7 +63,6 @@ class NetworkSpec(Section):
 
 class LatentSpec(Section):
     z_dim: PositiveInt = Field(description="Dimension of the latent vector z, the generator input `z`.")
-    distribution: Literal["normal"] = Field("normal", description="Distribution of z during training.")
 
 
 class AugmentSpec(Section):
@@ -144,11 +155,14 @@ class TrainSpec(Section):
 
 
 class EvalSpec(Section):
-    every: PositiveInt | None = Field(
-        None,
+    """Evaluation during training, and the protocol `eval` and `sample` score a run with by default."""
+
+    every: int = Field(
+        0,
+        ge=0,
         description=(
-            "Evaluate FID, KID, IS and class accuracy of the generator (the EMA's when there is one) every "
-            "this many steps and at the end, logged to metrics.jsonl; null: never during training."
+            "Evaluate FID, KID, IS and class accuracy of the generator (the EMA's when there is one) at step 0, "
+            "every this many steps and at the end, logged to metrics.jsonl; 0: never during training."
         ),
     )
     num_samples: int = Field(1000, ge=2, description="Generated images per evaluation (classes balanced).")
@@ -161,10 +175,25 @@ class EvalSpec(Section):
     )
     truncation: float | None = Field(None, gt=0, description="Truncation threshold of z; null: none.")
     standing_stats: int = Field(
-        0,
+        STANDING_STATS_PASSES,
         ge=0,
-        description=("Forward passes of standing BatchNorm statistics before sampling; 0: the running statistics."),
+        description=(
+            "Forward passes of standing BatchNorm statistics before sampling (BigGAN's protocol); 0: the running "
+            "statistics. `eval` and `sample` of the run use it unless given --standing-stats."
+        ),
     )
+
+    # `eval.every: null` and `eval: null` are what people write for "off" (null was the only
+    # spelling once, so stored specs hold it): both mean what 0 means
+    @field_validator("every", mode="before")
+    @classmethod
+    def _null_every_is_never(cls, value):
+        return 0 if value is None else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_section_is_never(cls, data):
+        return {"every": 0} if data is None else data
 
 
 class RunSpec(Section):
@@ -191,7 +220,8 @@ class Spec(Section):
         None,
         description=(
             "A spec in specs/ this one extends: mappings merge key by key, other values replace, a node "
-            "whose kind changes is replaced whole, and `null` in place of a node or section removes it."
+            "whose kind changes is replaced whole, and `null` in place of a node or section removes it, "
+            "except where null has a meaning of its own (`train.ema: null`, `eval: null`)."
         ),
     )
     description: str = Field("", description="One line on what this spec is and where its numbers come from.")
@@ -206,6 +236,11 @@ class Spec(Section):
     )
     generator: NetworkSpec
     discriminator: NetworkSpec
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the run lives: `run.dir`, by default runs/NAME (relative to the working directory)."""
+        return Path(self.run.dir or f"runs/{self.name}")
 
     def resolved(self) -> dict:
         """The spec as stored in runs, checkpoints and exports: plain data with YAML's key names

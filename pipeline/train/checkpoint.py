@@ -49,6 +49,11 @@ def latest(run_dir: Path) -> Path | None:
     return max(done, key=lambda p: p.name) if done else None
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json: counters, world size and the resolved spec."""
+    return json.loads((path / "state.json").read_text())
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in d.items():
@@ -101,7 +106,7 @@ def save(
 
 def load(path: Path, *, g_engine, d_engine, ema, world, spec_dict: dict) -> tuple[dict, dict]:
     """Restore engines and EMA; return (state.json, this rank's RNG and loader state)."""
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     differences = spec_differences(state["spec"], spec_dict)
     if differences:
         raise user_error(

@@ -8,11 +8,6 @@ import torch
 from torch import nn
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under torch.compile's wrapper, whose names carry no `_orig_mod.` prefix."""
-    return getattr(model, "_orig_mod", model)
-
-
 class EMA:
     """A separate copy of G whose parameters are an exponential moving average of G's.
 
@@ -36,14 +31,13 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay, self.start_images = decay, start_images
-        self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
         if dtype is not None:
             self.module.to(dtype=dtype)  # floating tensors only; integer buffers keep their type
         self._params = list(self.module.parameters())
         self._buffers = list(self.module.buffers())
 
     def _sources(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        model = _unwrap(model)
         params, buffers = list(model.parameters()), list(model.buffers())
         if len(params) != len(self._params) or len(buffers) != len(self._buffers):
             raise ValueError(

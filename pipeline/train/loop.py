@@ -24,15 +24,43 @@ from pipeline.distributed import engines as dist
 from pipeline.errors import Issue, SpecError, user_error
 from pipeline.eval.sampling import save_png
 from pipeline.graph import build_network, compile_network
+from pipeline.precision import DTYPES, autocast
 from pipeline.profile.regions import region
 from pipeline.train import checkpoint
 from pipeline.train.ema import EMA
 from pipeline.train.losses import get_loss
+from pipeline.train.preflight import batch_plan, check_before_building, world_size_from_environment
 from pipeline.train.regularizers import gradient_penalty, ortho_penalty, r1_penalty
 
 
 class TrainingStopped(SpecError):
     """A run stopped on purpose (NaN); the last good checkpoint is intact."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the step in progress was finished and checkpointed; the message says where."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_dir: Path
+    step: int  # the run's step when this call ended
+    max_steps: int
+    steps_run: int  # steps trained by this call; 0 when the run was already complete
+    images_seen: int
+
+
+def already_complete(spec) -> RunSummary | None:
+    """The summary of a run that needs nothing more: its latest checkpoint is at (or past)
+    `train.max_steps` for this very spec and its export is written. Nothing is built for it."""
+    run_dir = spec.run_dir
+    last = checkpoint.latest(run_dir)
+    if last is None or not (run_dir / "export" / "generator.safetensors").exists():
+        return None
+    state = checkpoint.read_state(last)
+    if state["step"] < spec.train.max_steps or checkpoint.spec_differences(state["spec"], spec.resolved()):
+        return None  # more to train, or a changed spec that the full path refuses with the differences
+    return RunSummary(run_dir, state["step"], spec.train.max_steps, 0, state["images_seen"])
 
 
 @contextmanager
@@ -72,18 +100,6 @@ def grad_norm(engine) -> float | None:
     return torch.nn.utils.get_total_norm(grads).item() if grads else None
 
 
-def batch_plan(train, world_size: int) -> tuple[int, int]:
-    """(micro-batch per rank, accumulation steps) with batch = micro x accumulation x world size."""
-    micro = train.batch_per_rank or max(1, train.batch_size // world_size)
-    if train.batch_size % (micro * world_size):
-        raise user_error(
-            f"train.batch_size {train.batch_size} is not a multiple of batch_per_rank {micro} x {world_size} rank(s)",
-            path="train.batch_size",
-            hint="choose batch_size = batch_per_rank x gradient accumulation x number of ranks",
-        )
-    return micro, train.batch_size // (micro * world_size)
-
-
 class Trainer:
     """Everything a run builds: process group, networks, EMA, engines, data, and the phases of one
     step (`d_steps` discriminator steps, then one generator step). `train` and `profile` both build
@@ -93,16 +109,17 @@ class Trainer:
     def __init__(self, loaded, *, device: str | None = None, resume: bool = True):
         spec, t = loaded.spec, loaded.spec.train
         self.spec, self.t = spec, t
+        check_before_building(spec, world_size_from_environment())  # before anything is built
         self.world = world = dist.setup(device)
         self.micro, self.accum = batch_plan(t, world.size)
-        self.run_dir = Path(spec.run.dir or f"runs/{spec.name}")
+        self.run_dir = spec.run_dir
         self.spec_dict = spec.resolved()
 
         # ----- networks, EMA and engines: identical initial weights on every rank
         torch.manual_seed(spec.seed)
-        self.G = build_network(loaded, "generator", world.device)  # compiled below, after the EMA copy
+        self.G = build_network(loaded, "generator", world.device, compile=False)  # compiled after the EMA copy
         self.D = build_network(loaded, "discriminator", world.device)
-        # the EMA is kept in fp32 even under bf16
+        # the EMA (an eager copy) is kept in fp32 even under bf16
         self.ema = EMA(self.G, t.ema.decay, t.ema.start_images, dtype=torch.float32) if t.ema else None
         compile_network(self.G, spec.compile)
         config = dist.engine_config(t, self.micro, self.accum, world.size)
@@ -110,7 +127,7 @@ class Trainer:
         self.d_engine = dist.make_engine(self.D, t.d_opt, config)
         self.loss = make_loss(t)
         # bf16: convolutions and matrix products in bf16, norms, losses and master weights in fp32
-        self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        self.dtype = DTYPES[t.precision]
 
         # ----- latents: one generator for the global batch, each rank takes its slice, so that a
         # run on N ranks draws the same z as a run on one
@@ -145,7 +162,7 @@ class Trainer:
         self.phases = [Phase("D", t.d_steps, self.d_step), Phase("G", 1, self.g_step)]
 
     def mixed(self):
-        return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.t.precision == "bf16")
+        return autocast(self.world.device.type, self.t.precision)
 
     def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         world = self.world
@@ -228,10 +245,13 @@ class Trainer:
         return self.t.d_steps * self.t.batch_size
 
 
-def train(loaded, *, device: str | None = None, stop_after: int | None = None) -> Path:
-    """Train (or resume) the run a spec describes; return the run directory.
+def train(loaded, *, device: str | None = None, stop_after: int | None = None) -> RunSummary:
+    """Train (or resume) the run a spec describes; say where it ended.
     `stop_after` ends the process's work after that many steps without a final checkpoint (tests
     use it to stand in for a killed run)."""
+    complete = already_complete(loaded.spec)
+    if complete is not None:
+        return complete
     tr = Trainer(loaded, device=device)
     spec, t, world, run_dir = tr.spec, tr.t, tr.world, tr.run_dir
     if world.is_main:
@@ -315,7 +335,7 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
     }
     writer = _tensorboard(run_dir) if world.is_main else None
     progress = _Progress(t.max_steps, tr.step, enabled=world.is_main)
-    tick, tick_images, done = time.perf_counter(), tr.images_seen, 0
+    tick, tick_images, done = time.perf_counter(), tr.images_seen, 0  # done: steps trained by this call
     try:
         if world.is_main and spec.eval.every and tr.step == 0:
             write_eval(0)  # the untrained generator: the baseline the scores fall from
@@ -359,13 +379,17 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
                 write_samples(step)
             if world.is_main and spec.eval.every and (step % spec.eval.every == 0 or step == t.max_steps):
                 write_eval(step)
+            progress.advance(step)
             done += 1
             if stop_after is not None and done >= stop_after:
-                return run_dir
+                return RunSummary(run_dir, step, t.max_steps, done, tr.images_seen)
             if step % t.checkpoint_every == 0 or step == t.max_steps or stop["signal"] is not None:
-                save_checkpoint(step)
+                saved = save_checkpoint(step)
             if stop["signal"] is not None:
-                raise KeyboardInterrupt
+                raise Interrupted(
+                    f"interrupted at step {step} of {t.max_steps}; checkpoint written to {saved}. "
+                    "Run the same command again to resume from it."
+                )
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -375,7 +399,7 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
     if world.is_main:
         export(run_dir, tr.ema.module if tr.ema is not None else tr.g_engine.module, tr.spec_dict)
     dist.barrier()
-    return run_dir
+    return RunSummary(run_dir, tr.step, t.max_steps, done, tr.images_seen)
 
 
 def export(run_dir: Path, generator: torch.nn.Module, spec_dict: dict) -> Path:
@@ -400,32 +424,46 @@ def _tensorboard(run_dir: Path):
 
 
 class _Progress:
-    """A progress bar with images/s and ETA on a terminal; silent otherwise."""
+    """A progress bar with images/s and the time left on a terminal; a line per log interval
+    otherwise. The time left is this process's mean seconds per step times the steps left (rich's
+    own estimate needs several updates within 30 s, which a slow machine never gives)."""
 
     def __init__(self, total: int, start: int, enabled: bool):
         import sys
 
+        self.total, self.start, self.enabled, self.t0 = total, start, enabled, time.perf_counter()
         self.bar = None
         if enabled and sys.stdout.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn
 
             self.bar = Progress(
                 TextColumn("step {task.completed}/{task.total}"),
                 BarColumn(),
                 TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
+                TextColumn("{task.fields[left]}"),
             )
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.task = self.bar.add_task("train", total=total, completed=start, info="", left="")
             self.bar.start()
-        elif enabled:
-            self.total = total
+
+    def time_left(self, step: int) -> str:
+        if step <= self.start:
+            return "time left: -"
+        seconds = int((time.perf_counter() - self.t0) / (step - self.start) * max(0, self.total - step))
+        return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d} left"
+
+    def advance(self, step: int) -> None:
+        """After every step (cheap): the bar and the time left move even between log lines."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, left=self.time_left(step))
 
     def update(self, step: int, record: dict) -> None:
         info = f"{record['images_per_s']:.0f} img/s  D {record['loss_d']:.3f}  G {record['loss_g']:.3f}"
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-        elif hasattr(self, "total"):
-            print(f"step {step}/{self.total}  images {record['images_seen']}  {info}", flush=True)
+            self.bar.update(self.task, completed=step, info=info, left=self.time_left(step))
+        elif self.enabled:
+            print(
+                f"step {step}/{self.total}  images {record['images_seen']}  {info}  {self.time_left(step)}", flush=True
+            )
 
     def close(self) -> None:
         if self.bar is not None:

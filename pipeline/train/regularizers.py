@@ -1,7 +1,7 @@
 """Regularizers as pure functions returning a scalar tensor; the loop scales them, adds them to
 a loss and calls backward() once.
 
-- `ortho_penalty` / `ortho_grad_`: BigGAN's modified orthogonal regularization, on G.
+- `ortho_penalty`: BigGAN's modified orthogonal regularization, on G.
 - `r1_penalty`: R1 on real images (Mescheder et al. 2018), on D.
 - `gradient_penalty`: WGAN-GP's penalty on interpolates (Gulrajani et al. 2017), on D.
 """
@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-# Prefixes that wrappers add to parameter names: torch.compile's OptimizedModule and the
-# DeepSpeed engine. Stripped before matching `skip`, so either the wrapper or the module works.
-_WRAPPER_PREFIXES = ("_orig_mod", "module")
+# The prefix a DeepSpeed engine adds to its module's parameter names; stripped before matching
+# `skip`, so either the engine or its module works. (nn.Module.compile, which this project uses,
+# adds none.)
+_ENGINE_PREFIX = "module"
 
 
 # ----- BigGAN's modified orthogonal regularization -----
@@ -30,7 +31,7 @@ def ortho_weights(model: nn.Module, skip: Sequence[str] = ("shared",)) -> Iterat
         if param.dim() < 2:
             continue
         parts = name.split(".")
-        while len(parts) > 1 and parts[0] in _WRAPPER_PREFIXES:
+        while len(parts) > 1 and parts[0] == _ENGINE_PREFIX:
             parts = parts[1:]
         if parts[0] in skip:
             continue
@@ -60,7 +61,7 @@ def ortho_penalty(model: nn.Module, beta: float, *, skip: Sequence[str] = ("shar
     Convention: this is the paper's formula, whose gradient is 4 beta (W Wᵀ ⊙ (1 - I)) W.
     BigGAN-PyTorch's `utils.ortho(model, strength)` adds 2 strength (W Wᵀ ⊙ (1 - I)) W to the
     gradients, i.e. the gradient of (strength / 2) ||...||²_F: its strength s equals our
-    beta = s / 2 (its `--G_ortho 1e-4` is beta 5e-5 here). `ortho_grad_` uses our convention.
+    beta = s / 2 (its `--G_ortho 1e-4` is beta 5e-5 here).
 
     Returns a scalar tensor (zero when nothing is covered) that the loop adds to the G loss."""
     total = None
@@ -71,32 +72,6 @@ def ortho_penalty(model: nn.Module, beta: float, *, skip: Sequence[str] = ("shar
         param = next(iter(model.parameters()), None)
         return torch.zeros((), device=param.device if param is not None else None)
     return beta * total
-
-
-@torch.no_grad()
-def ortho_grad_(model: nn.Module, beta: float, skip: Sequence[str] = ("shared",)) -> None:
-    """Adds the gradient of `ortho_penalty(model, beta, skip=skip)` to each covered parameter's
-    `.grad` in closed form, the way BigGAN-PyTorch applies its regularization after backward()
-    (no autograd graph, one matrix product per weight):
-
-        d/dW beta ||W Wᵀ ⊙ (1 - I)||²_F = 4 beta (W Wᵀ ⊙ (1 - I)) W
-
-    (our convention, see `ortho_penalty`; BigGAN-PyTorch's factor is 2). A parameter without a
-    gradient gets one. For out > in this computes W (Wᵀ W) - diag(||wᵢ||²) W, the same value
-    without the out x out product."""
-    for _, param in ortho_weights(model, skip):
-        w = param.flatten(1)
-        if w.shape[0] <= w.shape[1]:
-            gram = w @ w.t()
-            gram.diagonal().zero_()
-            grad = gram @ w
-        else:
-            grad = w @ (w.t() @ w) - w.square().sum(dim=1, keepdim=True) * w
-        grad = grad.view_as(param).mul_(4.0 * beta)
-        if param.grad is None:
-            param.grad = grad
-        else:
-            param.grad.add_(grad)
 
 
 # ----- gradient penalties on D -----

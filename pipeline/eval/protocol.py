@@ -1,0 +1,29 @@
+"""The evaluation protocol: everything besides the weights that decides a score. Its one default
+(standing statistics), shared by the spec schema, training's periodic evaluation, `eval` and
+`sample`; and the name under which `eval` files the results of one protocol.
+
+Imports nothing heavy: the spec schema reads the default from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+STANDING_STATS_PASSES = 16
+"""Forward passes of standing BatchNorm statistics before sampling when neither the spec nor a flag
+says otherwise: BigGAN's sampling protocol, and what BENCHMARKS.md's demo numbers use."""
+
+# keys of a result's protocol that say which weights were scored, not how
+_WEIGHTS_KEYS = ("generator", "ema", "step")
+
+
+def protocol_tag(results: list[dict]) -> str:
+    """A file name for the protocol of `results` (one per truncation): the knobs most often varied,
+    for people, then a hash of everything recorded about how the scores were made, so that two
+    protocols never share a name and the same protocol always gets the same one."""
+    protocols = [{k: v for k, v in r["protocol"].items() if k not in _WEIGHTS_KEYS} for r in results]
+    digest = hashlib.sha256(json.dumps(protocols, sort_keys=True).encode()).hexdigest()[:8]
+    truncations = "_".join("none" if p["truncation"] is None else f"{p['truncation']:g}" for p in protocols)
+    first = protocols[0]
+    return f"n{first['num_samples']}-ss{first['standing_stats_passes']}-t{truncations}-{digest}"

@@ -1,0 +1,66 @@
+"""What `train` needs beyond a valid spec, checked from the spec alone before anything is built.
+
+Data to read (shards with index files, or `data.synthetic`), a global batch that splits over the
+ranks, and a C++ compiler where `torch.compile` needs one. `train` refuses at once with every
+problem found (no engine or network is built first); `validate` lists them as still to do.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from pipeline.errors import Issue, SpecError, user_error
+
+
+def batch_plan(train, world_size: int) -> tuple[int, int]:
+    """(micro-batch per rank, accumulation steps) with batch = micro x accumulation x world size."""
+    micro = train.batch_per_rank or max(1, train.batch_size // world_size)
+    if train.batch_size % (micro * world_size):
+        raise user_error(
+            f"train.batch_size {train.batch_size} is not a multiple of batch_per_rank {micro} x {world_size} rank(s)",
+            path="train.batch_size",
+            hint="choose batch_size = batch_per_rank x gradient accumulation x number of ranks",
+        )
+    return micro, train.batch_size // (micro * world_size)
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor would call (its default: $CXX, else g++), if any."""
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((found for c in candidates if (found := shutil.which(c))), None)
+
+
+def preflight(spec, world_size: int = 1) -> list[Issue]:
+    """Every reason `train` would stop before its first step that the spec alone can tell."""
+    from pipeline.data.dali import check_data  # imports no DALI; only looks at files
+
+    issues: list[Issue] = []
+    for check in (lambda: check_data(spec), lambda: batch_plan(spec.train, world_size)):
+        try:
+            check()
+        except SpecError as exc:
+            issues.extend(exc.issues)
+    if spec.compile.enabled and cxx_compiler() is None:
+        issues.append(
+            Issue(
+                "torch.compile needs a C++ compiler (inductor generates C++ on the CPU and builds Triton's "
+                "launchers on a GPU); none found ($CXX, g++, c++, clang++)",
+                path="compile.enabled",
+                hint="install one (Debian/Ubuntu: apt-get install g++) or set compile.enabled=false",
+            )
+        )
+    return issues
+
+
+def check_before_building(spec, world_size: int) -> None:
+    """Refuse at once, with every problem, what would stop `train` before its first step."""
+    issues = preflight(spec, world_size)
+    if issues:
+        raise SpecError(issues)
+
+
+def world_size_from_environment() -> int:
+    """The number of ranks DeepSpeed's launcher (or torchrun) describes; 1 when run directly."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
