@@ -79,8 +79,8 @@ def cmd_validate(ns) -> int:
 def launch(num: int, command: str, argv: list[str]) -> int:
     """Run `num` ranks of `python -m pipeline COMMAND` on this machine (the environment DeepSpeed's
     launcher would set). Several machines: `deepspeed --hostfile FILE --module pipeline train ...`."""
-    import os
     import subprocess
+    import time
 
     from pipeline.distributed.engines import free_port
 
@@ -96,8 +96,15 @@ def launch(num: int, command: str, argv: list[str]) -> int:
             MASTER_PORT=port,
         )
         procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", command, *argv], env=env))
-    codes = [p.wait() for p in procs]
-    return max(codes, key=abs)
+    # a rank that fails (a refusal, a crash) takes the others down rather than leaving them
+    # waiting for it in a collective; one stopped by Ctrl-C (130) lets the others save and stop too
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode not in (None, 0, 130) for p in procs):
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.2)
+    return max((p.returncode for p in procs), key=abs)
 
 
 def split_run_args(args: list[str]) -> tuple[int, str | None, list[str]]:

@@ -75,7 +75,7 @@ class BlockError(Exception):
 class Node(BaseModel):
     """Fields every node has. Subclasses add `kind` and their own parameters."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     repeat: int = Field(
         1,

@@ -88,12 +88,39 @@ def engine_config(train, micro_batch: int, accumulation: int, world_size: int) -
 
 
 def make_engine(module: torch.nn.Module, opt, config: dict):
-    """A DeepSpeed engine around `module` with Adam (lr, betas, eps from the spec)."""
+    """A DeepSpeed engine around `module` with Adam (lr, betas, eps from the spec), whose
+    checkpoints are read back without unpickling code (`_SafeCheckpointEngine`)."""
     import deepspeed
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     optimizer = torch.optim.Adam(module.parameters(), lr=opt.lr, betas=tuple(float(b) for b in opt.betas), eps=opt.eps)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:  # the one our config asks for
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}")
+    engine.checkpoint_engine = _safe_checkpoint_engine()(config_params=engine._config)
     return engine
+
+
+def _safe_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, reading with weights_only=True: its own `load` calls
+    torch.load(weights_only=False), which runs whatever a tampered file's pickle says. Every
+    engine state DeepSpeed reads (model, optimizer, ZeRO partitions) goes through `load`."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from pipeline.safe_files import read_torch
+
+    # the classes DeepSpeed 0.19 pickles into ZeRO 1/2 optimizer states (besides tensors, numbers
+    # and containers); each is rebuilt from plain values, never by calling code from the file
+    stored = (ZeroStageEnum, LossScaler, fragment_address)
+
+    class _SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return read_torch(path, map_location=map_location, allowed=stored)
+
+    return _SafeCheckpointEngine
 
 
 def barrier() -> None:

@@ -245,8 +245,7 @@ def _from_export(file: Path, device) -> LoadedGenerator:
 
 
 def _from_checkpoint(ckpt: Path, device) -> LoadedGenerator:
-    from safetensors.torch import load_file
-
+    from pipeline.safe_files import read_tensors, read_torch
     from pipeline.train.checkpoint import TAG
 
     try:
@@ -266,13 +265,13 @@ def _from_checkpoint(ckpt: Path, device) -> LoadedGenerator:
                 f"{file} is missing, though the run's spec has an EMA",
                 hint="the checkpoint is incomplete; use an earlier one (checkpoints/step-N)",
             )
-        weights, what = load_file(file), "EMA"
+        weights, what = read_tensors(file), "EMA"
     else:
         # DeepSpeed writes the full module (ZeRO 0-2) of model-parallel rank 0 here
         file = ckpt / "G" / TAG / "mp_rank_00_model_states.pt"
         if not file.is_file():
             raise user_error(f"{file} is missing", hint="the checkpoint is incomplete; use an earlier one")
-        weights = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["module"]
+        weights = read_torch(file, map_location="cpu")["module"]
         what = "G (the run has no EMA)"
     return LoadedGenerator(
         _build(loaded, weights, file, device),

@@ -83,8 +83,10 @@ def profile_loader_only(loaded, *, steps: int, warmup: int, device: str | None =
 
 def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: str | None = None) -> dict:
     from pipeline.train.loop import Trainer
+    from pipeline.train.preflight import check_before_building, world_size_from_environment
 
     spec, t = loaded.spec, loaded.spec.train
+    check_before_building(loaded.spec, world_size_from_environment())
     tr = Trainer(loaded, device=device, resume=False)
     world, dev = tr.world, tr.world.device
     for engine in (tr.g_engine, tr.d_engine):  # DeepSpeed all-reduces gradients inside backward()

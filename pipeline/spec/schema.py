@@ -26,7 +26,12 @@ NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are never meaningful settings (an infinite learning rate trains to NaN and
+    # writes non-finite weights into checkpoints): refused for every float of the schema
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 def _as_list(v):
@@ -100,7 +105,7 @@ class DataSpec(Section):
 
 class OptimizerSpec(Section):
     lr: PositiveFloat = Field(description="Adam learning rate.")
-    betas: tuple[float, float] = Field((0.0, 0.999), description="Adam betas.")
+    betas: tuple[Beta, Beta] = Field((0.0, 0.999), description="Adam betas, each in [0, 1).")
     eps: PositiveFloat = Field(1e-8, description="Adam epsilon.")
 
 
@@ -225,7 +230,7 @@ class Spec(Section):
         ),
     )
     description: str = Field("", description="One line on what this spec is and where its numbers come from.")
-    seed: int = Field(0, description="Random seed.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Random seed (0 to 2^63 - 1).")
     latent: LatentSpec
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)

@@ -14,10 +14,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline.distributed.engines import barrier
 from pipeline.errors import user_error
+from pipeline.safe_files import DAMAGED, read_json, read_tensors, read_torch
 
 TAG = "ckpt"
 # Settings a resumed run may change: they steer the run, not the model or its optimisation.
@@ -51,7 +52,13 @@ def latest(run_dir: Path) -> Path | None:
 
 def read_state(path: Path) -> dict:
     """A checkpoint's state.json: counters, world size and the resolved spec."""
-    return json.loads((path / "state.json").read_text())
+    state = read_json(path / "state.json")
+    missing = [
+        k for k in ("step", "images_seen", "world_size", "spec") if not isinstance(state, dict) or k not in state
+    ]
+    if missing:
+        raise user_error(f"{path / 'state.json'} lacks {', '.join(missing)}", hint=DAMAGED)
+    return state
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -125,6 +132,6 @@ def load(path: Path, *, g_engine, d_engine, ema, world, spec_dict: dict) -> tupl
         if loaded is None:
             raise user_error(f"cannot load {path / sub}")
     if ema is not None:
-        ema.load_state_dict(load_file(path / "ema.safetensors"))
-    local = torch.load(path / f"rank-{world.rank:05d}.pt", weights_only=True)
+        ema.load_state_dict(read_tensors(path / "ema.safetensors"))
+    local = read_torch(path / f"rank-{world.rank:05d}.pt")
     return state, local

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -29,8 +30,14 @@ from pipeline.profile.regions import region
 from pipeline.train import checkpoint
 from pipeline.train.ema import EMA
 from pipeline.train.losses import get_loss
-from pipeline.train.preflight import batch_plan, check_before_building, world_size_from_environment
+from pipeline.train.preflight import (
+    batch_plan,
+    check_before_building,
+    rank_from_environment,
+    world_size_from_environment,
+)
 from pipeline.train.regularizers import gradient_penalty, ortho_penalty, r1_penalty
+from pipeline.train.run_lock import run_lock
 
 
 class TrainingStopped(SpecError):
@@ -109,7 +116,6 @@ class Trainer:
     def __init__(self, loaded, *, device: str | None = None, resume: bool = True):
         spec, t = loaded.spec, loaded.spec.train
         self.spec, self.t = spec, t
-        check_before_building(spec, world_size_from_environment())  # before anything is built
         self.world = world = dist.setup(device)
         self.micro, self.accum = batch_plan(t, world.size)
         self.run_dir = spec.run_dir
@@ -239,6 +245,20 @@ class Trainer:
         self.step += 1
         return values
 
+    def non_finite_weights(self) -> list[str]:
+        """'G has N non-finite values' for each network (and the EMA) whose parameters or buffers
+        are not all finite: what a NaN or infinite update leaves even when the losses looked fine."""
+        nets = {"G": self.g_engine.module, "D": self.d_engine.module}
+        if self.ema is not None:
+            nets["the EMA of G"] = self.ema.module
+        found = []
+        for name, net in nets.items():
+            tensors = [t for t in (*net.parameters(), *net.buffers()) if t.is_floating_point()]
+            count = int(sum((~torch.isfinite(t)).sum() for t in tensors))
+            if count:
+                found.append(f"{name} has {count} non-finite weights")
+        return found
+
     @property
     def images_per_step(self) -> int:
         """Real images through D per step, all ranks together."""
@@ -252,6 +272,14 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
     complete = already_complete(loaded.spec)
     if complete is not None:
         return complete
+    check_before_building(loaded.spec, world_size_from_environment())  # before anything is built or written
+    if rank_from_environment() != 0:
+        return _train(loaded, device=device, stop_after=stop_after)
+    with run_lock(loaded.spec.run_dir):  # one writer per run directory
+        return _train(loaded, device=device, stop_after=stop_after)
+
+
+def _train(loaded, *, device: str | None, stop_after: int | None) -> RunSummary:
     tr = Trainer(loaded, device=device)
     spec, t, world, run_dir = tr.spec, tr.t, tr.world, tr.run_dir
     if world.is_main:
@@ -259,7 +287,7 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
         (run_dir / "spec.resolved.yaml").write_text(yaml.safe_dump(tr.spec_dict, sort_keys=False))
     metrics_path = run_dir / "metrics.jsonl"
     if world.is_main and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= tr.step]
+        kept = [line for line in _metric_lines(metrics_path) if json.loads(line)["step"] <= tr.step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
     # ----- fixed latents for sample grids: rows are classes, columns samples
@@ -342,19 +370,9 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
         while tr.step < t.max_steps:
             values = tr.run_step()
             step = tr.step
-            bad = [k for k in ("loss_d", "loss_g") if not math.isfinite(values[k])]
+            bad = [f"{k} became {values[k]}" for k in ("loss_d", "loss_g") if not math.isfinite(values[k])]
             if bad:
-                last = checkpoint.latest(run_dir)
-                raise TrainingStopped(
-                    [
-                        Issue(
-                            f"{' and '.join(bad)} became {values[bad[0]]} at step {step}; stopped. "
-                            f"The last good checkpoint is {last or '(none yet)'}",
-                            hint="lower the learning rates, use fp32, or resume from that checkpoint "
-                            "with different settings in a new run.dir",
-                        )
-                    ]
-                )
+                raise _stopped(bad, step, run_dir)
             if step % t.log_every == 0 or step == t.max_steps:
                 now = time.perf_counter()
                 values = dist.all_mean(values, world.device)
@@ -384,6 +402,9 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
             if stop_after is not None and done >= stop_after:
                 return RunSummary(run_dir, step, t.max_steps, done, tr.images_seen)
             if step % t.checkpoint_every == 0 or step == t.max_steps or stop["signal"] is not None:
+                bad = tr.non_finite_weights()  # a checkpoint is only written when every weight is finite
+                if bad:
+                    raise _stopped(bad, step, run_dir)
                 saved = save_checkpoint(step)
             if stop["signal"] is not None:
                 raise Interrupted(
@@ -400,6 +421,40 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
         export(run_dir, tr.ema.module if tr.ema is not None else tr.g_engine.module, tr.spec_dict)
     dist.barrier()
     return RunSummary(run_dir, tr.step, t.max_steps, done, tr.images_seen)
+
+
+def _stopped(problems: list[str], step: int, run_dir: Path) -> TrainingStopped:
+    last = checkpoint.latest(run_dir)
+    return TrainingStopped(
+        [
+            Issue(
+                f"{' and '.join(problems)} at step {step}; stopped. The last good checkpoint is {last or '(none yet)'}",
+                hint="lower the learning rates, use fp32, or resume from that checkpoint with different settings "
+                "in a new run.dir",
+            )
+        ]
+    )
+
+
+def _metric_lines(path: Path) -> list[str]:
+    """The lines of metrics.jsonl; a partial last line (a crash or a full disk mid-append) is
+    dropped with a warning, any other line that is not a JSON record is an error naming it."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with a step")
+        except ValueError as exc:
+            if number == len(lines):
+                print(f"warning: {path}:{number}: dropping a partial last line ({exc})", file=sys.stderr)
+                return lines[:-1]
+            raise user_error(
+                f"line {number} is not a metrics record: {exc}",
+                file=str(path),
+                hint="fix or delete that line; the checkpoints are unaffected",
+            ) from None
+    return lines
 
 
 def export(run_dir: Path, generator: torch.nn.Module, spec_dict: dict) -> Path:
@@ -429,8 +484,6 @@ class _Progress:
     own estimate needs several updates within 30 s, which a slow machine never gives)."""
 
     def __init__(self, total: int, start: int, enabled: bool):
-        import sys
-
         self.total, self.start, self.enabled, self.t0 = total, start, enabled, time.perf_counter()
         self.bar = None
         if enabled and sys.stdout.isatty():

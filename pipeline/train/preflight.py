@@ -64,3 +64,9 @@ def world_size_from_environment() -> int:
     """The number of ranks DeepSpeed's launcher (or torchrun) describes; 1 when run directly."""
     value = os.environ.get("WORLD_SIZE", "1")
     return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def rank_from_environment() -> int:
+    """This process's rank as the launcher describes it; 0 when run directly."""
+    value = os.environ.get("RANK", "0")
+    return int(value) if value.isdigit() else 0

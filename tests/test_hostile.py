@@ -1,0 +1,171 @@
+"""Hostile and damaged run directories: nothing read back from a checkpoint can run code, and a
+file that cannot be read is refused by name."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.errors import SpecError
+from pipeline.spec import load_spec
+from pipeline.train import loop
+
+# DeepSpeed writes these into each engine directory and never reads them back on resume (the tag
+# is given, and its helper scripts are for people); everything else in a checkpoint is read.
+NOT_READ = {"latest", "zero_to_fp32.py", "zero_to_torch.py"}
+
+
+class Payload:
+    """A pickle whose loading creates the file `marker` (what an attacker's code would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def overrides(demo_shards, run_dir, max_steps):
+    return [
+        f"data.shards={demo_shards}",
+        f"run.dir={run_dir}",
+        f"train.max_steps={max_steps}",
+        "train.batch_size=8",
+        "train.zero_stage=1",  # ZeRO optimizer partitions: the files with DeepSpeed's own classes
+        "eval.every=0",
+    ]
+
+
+@pytest.fixture(scope="module")
+def one_step_run(demo_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("hostile") / "run"
+    loop.train(load_spec("demo", overrides(demo_shards, run_dir, 1)))
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_planted_pickle_in_any_checkpoint_file_never_runs(one_step_run, demo_shards, tmp_path):
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(Payload(marker))
+    pickle.loads(payload)  # the control: an ordinary unpickler does run it
+    assert marker.exists()
+    marker.unlink()
+
+    files = sorted(p.relative_to(one_step_run) for p in (one_step_run / "checkpoints").rglob("*") if p.is_file())
+    assert {f.name for f in files} >= {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+    for i, file in enumerate(files):
+        run_dir = tmp_path / f"run{i}"
+        shutil.copytree(one_step_run, run_dir)
+        (run_dir / file).write_bytes(payload)
+        resume = load_spec("demo", overrides(demo_shards, run_dir, 2))
+        if file.name in NOT_READ:
+            loop.train(resume)
+        else:
+            with pytest.raises(SpecError) as info:
+                loop.train(resume)
+            assert str(run_dir / file) in str(info.value), (file, str(info.value))
+        assert not marker.exists(), f"the payload in {file} ran"
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_files_are_refused_by_name(one_step_run, demo_shards, tmp_path):
+    step = "checkpoints/step-00000001"
+    cases = {
+        f"{step}/G/ckpt/mp_rank_00_model_states.pt": lambda b: b[: len(b) // 2],  # truncated
+        f"{step}/ema.safetensors": lambda b: b[: len(b) // 2],
+        f"{step}/rank-00000.pt": lambda b: b"",
+        f"{step}/state.json": lambda b: b"{not json",
+    }
+    for i, (name, damage) in enumerate(cases.items()):
+        run_dir = tmp_path / f"run{i}"
+        shutil.copytree(one_step_run, run_dir)
+        (run_dir / name).write_bytes(damage((run_dir / name).read_bytes()))
+        with pytest.raises(SpecError) as info:
+            loop.train(load_spec("demo", overrides(demo_shards, run_dir, 2)))
+        assert f"cannot read {run_dir / name}" in str(info.value), str(info.value)
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(demo_shards, tmp_path, monkeypatch, capsys, metrics):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        lock = {"pid": owner.pid, "host": socket.gethostname(), "since": "earlier"}
+        (run_dir / "LOCK").write_text(json.dumps(lock))
+        with monkeypatch.context() as m:
+            m.setattr(loop, "Trainer", lambda *a, **k: pytest.fail("built a trainer for a locked run"))
+            with pytest.raises(SpecError, match=f"is being trained by process {owner.pid} on "):
+                loop.train(load_spec("demo", overrides(demo_shards, run_dir, 1)))
+        assert json.loads((run_dir / "LOCK").read_text()) == lock  # the owner's lock is untouched
+    finally:
+        owner.kill()
+        owner.wait()
+    # the owner is gone now: its lock is stale, taken over with a warning, and released at the end
+    loop.train(load_spec("demo", overrides(demo_shards, run_dir, 1)))
+    assert f"taking over {run_dir / 'LOCK'}: its owner, process {owner.pid}" in capsys.readouterr().err
+    assert not (run_dir / "LOCK").exists()
+    assert [r["step"] for r in metrics(run_dir)] == [1]
+
+
+def test_a_partial_last_metrics_line_is_dropped_on_resume(one_step_run, demo_shards, tmp_path, capsys, metrics):
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_step_run, run_dir)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "loss_d": 0.')  # a crash or a full disk mid-append
+    loop.train(load_spec("demo", overrides(demo_shards, run_dir, 2)))
+    assert "metrics.jsonl:2: dropping a partial last line" in capsys.readouterr().err
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+
+    broken = tmp_path / "broken"
+    shutil.copytree(one_step_run, broken)
+    lines = (broken / "metrics.jsonl").read_text()
+    (broken / "metrics.jsonl").write_text("garbage\n" + lines)
+    with pytest.raises(SpecError, match="line 1 is not a metrics record"):
+        loop.train(load_spec("demo", overrides(demo_shards, broken, 2)))
+
+
+@pytest.mark.parametrize(
+    "override, path",
+    [
+        ("train.g_opt.lr=.inf", "train.g_opt.lr"),
+        ("train.d_opt.eps=.nan", "train.d_opt.eps"),
+        ("train.g_opt.betas=[2.0, 0.999]", "train.g_opt.betas.0"),
+        ("train.d_opt.betas=[0.0, 1.0]", "train.d_opt.betas.1"),
+        ("train.ortho_reg=.inf", "train.ortho_reg"),
+        ("train.r1_gamma=.nan", "train.r1_gamma"),
+        ("train.gp_weight=.inf", "train.gp_weight"),
+        ("generator.bn_eps=.inf", "generator.bn_eps"),
+        ("eval.truncation=.nan", "eval.truncation"),
+        ("seed=-1", "seed"),
+        ("seed=18446744073709551616", "seed"),
+    ],
+)
+def test_non_finite_or_out_of_range_hyperparameters_are_validation_errors(override, path):
+    with pytest.raises(SpecError) as info:
+        load_spec("demo", [override])
+    assert any(issue.path == path for issue in info.value.issues), str(info.value)
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_weights(demo_shards, tmp_path, monkeypatch):
+    run_step = loop.Trainer.run_step
+
+    def breaks_g_at_step_2(self):
+        values = run_step(self)
+        if self.step == 2:  # the losses of this step were finite; the weights are not
+            next(self.g_engine.module.parameters()).data.fill_(float("inf"))
+        return values
+
+    monkeypatch.setattr(loop.Trainer, "run_step", breaks_g_at_step_2)
+    run_dir = tmp_path / "run"
+    args = overrides(demo_shards, run_dir, 4) + ["train.checkpoint_every=1", "train.zero_stage=0"]
+    with pytest.raises(loop.TrainingStopped) as info:
+        loop.train(load_spec("demo", args))
+    assert "G has" in str(info.value) and "non-finite weights at step 2" in str(info.value)
+    assert "The last good checkpoint is" in str(info.value) and "step-00000001" in str(info.value)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000001"]
