@@ -9,6 +9,7 @@ stores. A file that fails to read is a user error naming it, never a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from collections.abc import Iterable
@@ -19,6 +20,15 @@ import torch
 from pipeline.errors import user_error
 
 DAMAGED = "the file is damaged or incomplete: resume from an earlier checkpoint (delete this one), or start anew"
+
+
+def sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes (shards, checkpoints, feature networks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_torch(path: str | Path, *, map_location=None, allowed: Iterable[type] = ()) -> object:

@@ -4,6 +4,7 @@ file that cannot be read is refused by name."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import socket
@@ -13,8 +14,10 @@ import sys
 import pytest
 
 from pipeline.errors import SpecError
+from pipeline.safe_files import sha256
 from pipeline.spec import load_spec
-from pipeline.train import loop
+from pipeline.train import checkpoint, loop
+from pipeline.train.checkpoint import CHECKSUMS
 
 # DeepSpeed writes these into each engine directory and never reads them back on resume (the tag
 # is given, and its helper scripts are for people); everything else in a checkpoint is read.
@@ -57,12 +60,21 @@ def test_a_planted_pickle_in_any_checkpoint_file_never_runs(one_step_run, demo_s
     assert marker.exists()
     marker.unlink()
 
-    files = sorted(p.relative_to(one_step_run) for p in (one_step_run / "checkpoints").rglob("*") if p.is_file())
+    files = sorted(
+        p.relative_to(one_step_run)
+        for p in (one_step_run / "checkpoints").rglob("*")
+        if p.is_file() and p.name != CHECKSUMS
+    )
     assert {f.name for f in files} >= {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
     for i, file in enumerate(files):
         run_dir = tmp_path / f"run{i}"
         shutil.copytree(one_step_run, run_dir)
         (run_dir / file).write_bytes(payload)
+        # an attacker rewrites the checksums too: the loaders themselves must refuse
+        ckpt = run_dir / file.parts[0] / file.parts[1]
+        sums = json.loads((ckpt / CHECKSUMS).read_text())
+        sums[str(file.relative_to(file.parts[0], file.parts[1]))] = sha256(run_dir / file)
+        (ckpt / CHECKSUMS).write_text(json.dumps(sums))
         resume = load_spec("demo", overrides(demo_shards, run_dir, 2))
         if file.name in NOT_READ:
             loop.train(resume)
@@ -88,7 +100,31 @@ def test_damaged_checkpoint_files_are_refused_by_name(one_step_run, demo_shards,
         (run_dir / name).write_bytes(damage((run_dir / name).read_bytes()))
         with pytest.raises(SpecError) as info:
             loop.train(load_spec("demo", overrides(demo_shards, run_dir, 2)))
+        assert f"no intact checkpoint to resume from: {run_dir / name} differs" in str(info.value), str(info.value)
+        # and the readers themselves, for a checkpoint without checksums (written before them)
+        (run_dir / step / CHECKSUMS).unlink()
+        with pytest.raises(SpecError) as info:
+            loop.train(load_spec("demo", overrides(demo_shards, run_dir, 2)))
         assert f"cannot read {run_dir / name}" in str(info.value), str(info.value)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(demo_shards, tmp_path, capsys, metrics):
+    run_dir = tmp_path / "run"
+    loop.train(
+        load_spec("demo", overrides(demo_shards, run_dir, 2) + ["train.checkpoint_every=1", "train.log_every=1"])
+    )
+    newest = run_dir / "checkpoints" / "step-00000002"
+    flipped = newest / "D" / "ckpt" / "mp_rank_00_model_states.pt"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    flipped.write_bytes(bytes(data))
+    loop.train(
+        load_spec("demo", overrides(demo_shards, run_dir, 3) + ["train.checkpoint_every=1", "train.log_every=1"])
+    )
+    said = capsys.readouterr().err
+    assert f"skipping a damaged checkpoint: {flipped} differs" in said and "step-00000001" in said
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]  # step 2 redone from step 1
+    assert checkpoint.damage(newest) is None  # rewritten whole when step 2 was redone
 
 
 def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(demo_shards, tmp_path, monkeypatch, capsys, metrics):
@@ -169,3 +205,51 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(demo_shards, tmp_
     assert "G has" in str(info.value) and "non-finite weights at step 2" in str(info.value)
     assert "The last good checkpoint is" in str(info.value) and "step-00000001" in str(info.value)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000001"]
+
+
+# ----- bounded work on any spec input
+ALIAS_BOMB = """\
+a: &a [x, x, x, x, x, x, x, x, x, x]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def test_hostile_spec_files_are_refused_quickly(cli, tmp_path):
+    cases = {}
+    (tmp_path / "bomb.yaml").write_text(ALIAS_BOMB)
+    cases["bomb.yaml"] = "expands to more than 100,000 values"
+    (tmp_path / "huge.yaml").write_text("a: 1\n" + "#" * (2 << 20))
+    cases["huge.yaml"] = "a spec may have at most 1,048,576"
+    (tmp_path / "deep.yaml").write_text("a: " + "[" * 10_000 + "]" * 10_000 + "\n")
+    cases["deep.yaml"] = "nested"
+    (tmp_path / "nested.yaml").write_text("".join("  " * i + f"k{i}:\n" for i in range(100)) + "  " * 100 + "v: 1\n")
+    cases["nested.yaml"] = "nested more than 64 levels deep"
+    os.mkfifo(tmp_path / "fifo.yaml")
+    cases["fifo.yaml"] = "not a regular file"
+    for name, message in cases.items():
+        result = cli("validate", str(tmp_path / name))
+        assert result.code == 2 and message in result.err, (name, result.err)
+    result = cli("validate", "/dev/zero")
+    assert result.code == 2 and "not a regular file" in result.err
+
+
+@pytest.mark.parametrize("base", ["x" * 5000, "demo\x00", "../demo"])
+def test_bad_base_names_are_errors(write_spec, base):
+    path = write_spec(json.dumps({"base": base}))
+    with pytest.raises(SpecError, match="is not a spec name"):
+        load_spec(str(path))
+
+
+def test_a_long_chain_of_bases_is_refused(tmp_path, monkeypatch):
+    for i in range(40):
+        (tmp_path / f"s{i}.yaml").write_text(f"base: s{i + 1}\n" if i < 39 else "description: end\n")
+    monkeypatch.setattr("pipeline.spec.load.SPECS_DIR", tmp_path)
+    with pytest.raises(SpecError, match="more than 16 base specs in a chain"):
+        load_spec(str(tmp_path / "s0.yaml"))

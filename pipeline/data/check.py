@@ -8,7 +8,6 @@ the shard and, where there is one, the sample key.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from pipeline.data.dali import ShardSet, build_pipeline, parse_labels
 from pipeline.errors import user_error
+from pipeline.safe_files import sha256
 
 CHECK_RESOLUTION = 16  # images are decoded in full, then shrunk: the check is about reading, not pixels
 CHECK_BATCH = 64
@@ -44,14 +44,6 @@ class Report:
             "num_shards": self.num_shards,
             "problems": self.problems,
         }
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_shard(tar: Path, index: Path) -> list[tuple[str, int, bool]]:

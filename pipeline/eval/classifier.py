@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data import DEMO_SHARDS
-from pipeline.data.check import sha256
 from pipeline.data.shards import read_manifest
 from pipeline.errors import user_error
+from pipeline.safe_files import sha256
 
 WEIGHTS_FILE = "classifier.safetensors"
 RECORD_FILE = "classifier.json"

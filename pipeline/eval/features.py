@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data import DEMO_SHARDS
-from pipeline.data.check import sha256
 from pipeline.errors import user_error
 from pipeline.eval.classifier import INPUT_SIZE, WEIGHTS_FILE, load_demo_classifier
+from pipeline.safe_files import sha256
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS}"

@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data.check import sha256
 from pipeline.data.shards import read_manifest
 from pipeline.errors import user_error
 from pipeline.eval.features import FeatureNet
 from pipeline.eval.sampling import to_uint8
+from pipeline.safe_files import sha256
 
 CACHE_VERSION = 1
 MAX_KID_FEATURES = 10_000

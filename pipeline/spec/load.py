@@ -51,7 +51,7 @@ def resolve_spec_path(arg: str) -> Path:
 
 
 def _base_path(name: object, file: str, line: int | None) -> Path:
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+    if not isinstance(name, str) or not name or len(name) > 200 or any(c in name for c in "/\\\0") or name[0] == ".":
         raise user_error(
             f"{name!r} is not a spec name",
             path="base",
@@ -114,7 +114,16 @@ def _merge(base: dict, child: dict, tp=Spec) -> dict:
     return out
 
 
+MAX_BASES = 16  # a chain of base specs this long is a loop in disguise or a mistake
+
+
 def _load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, SourceMap]:
+    if len(chain) >= MAX_BASES:
+        raise user_error(
+            f"more than {MAX_BASES} base specs in a chain: {' -> '.join(p.stem for p in chain[:4])} -> ...",
+            path="base",
+            file=_display(chain[0]),
+        )
     data, sources = load_yaml_mapping(path, _display(path))
     if path.resolve() in chain:
         names = " -> ".join(p.stem for p in chain + (path.resolve(),))

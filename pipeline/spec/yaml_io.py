@@ -28,7 +28,31 @@ class SourceMap(dict):
         return self.get((), (None, None))
 
 
-def _walk(node: yaml.Node, loc: Loc, file: str, out: SourceMap, issues: list[Issue]) -> None:
+MAX_SPEC_BYTES = 1 << 20  # a spec is a few KB; anything this large is a mistake or an attack
+MAX_NODES = 100_000  # YAML nodes after aliases are expanded (the "billion laughs" bound)
+MAX_DEPTH = 64  # nesting of mappings and lists
+
+
+class _Budget:
+    def __init__(self, file: str):
+        self.file, self.nodes = file, 0
+
+    def spend(self, loc: Loc) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise user_error(
+                f"the document expands to more than {MAX_NODES:,} values (through YAML aliases?)",
+                file=self.file,
+                hint="a spec is small; aliases that refer to aliases multiply its size",
+            )
+        if len(loc) > MAX_DEPTH:
+            raise user_error(
+                f"nested more than {MAX_DEPTH} levels deep", path=".".join(map(str, loc[:8])) + ".…", file=self.file
+            )
+
+
+def _walk(node: yaml.Node, loc: Loc, file: str, out: SourceMap, issues: list[Issue], budget: _Budget) -> None:
+    budget.spend(loc)
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
@@ -48,18 +72,28 @@ def _walk(node: yaml.Node, loc: Loc, file: str, out: SourceMap, issues: list[Iss
                 )
             seen[key] = line
             out[loc + (key,)] = (file, line)
-            _walk(value_node, loc + (key,), file, out, issues)
+            _walk(value_node, loc + (key,), file, out, issues, budget)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[loc + (i,)] = (file, item.start_mark.line + 1)
-            _walk(item, loc + (i,), file, out, issues)
+            _walk(item, loc + (i,), file, out, issues, budget)
 
 
 def load_yaml_mapping(path: Path, display: str | None = None) -> tuple[dict, SourceMap]:
     """Read a YAML file that must hold one mapping; every failure is a `SpecError`."""
     display = display or str(path)
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file (a device, a pipe or a socket)"
+        raise user_error(f"is {what}, not a spec file", file=display)
+    if path.exists() and path.stat().st_size > MAX_SPEC_BYTES:
+        raise user_error(
+            f"is {path.stat().st_size:,} bytes; a spec may have at most {MAX_SPEC_BYTES:,}",
+            file=display,
+            hint="a spec describes a model in a few KB; is this the right file?",
+        )
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise user_error(
             "file not found",
@@ -87,6 +121,8 @@ def load_yaml_mapping(path: Path, display: str | None = None) -> tuple[dict, Sou
         ) from None
     except yaml.YAMLError as exc:
         raise user_error(f"YAML error: {exc}", file=display) from None
+    except RecursionError:
+        raise user_error(f"nested too deeply (more than {MAX_DEPTH} levels)", file=display) from None
     if root is None or data is None:
         raise user_error(
             "the file is empty",
@@ -102,7 +138,7 @@ def load_yaml_mapping(path: Path, display: str | None = None) -> tuple[dict, Sou
         )
     sources = SourceMap({(): (display, 1)})
     issues: list[Issue] = []
-    _walk(root, (), display, sources, issues)
+    _walk(root, (), display, sources, issues, _Budget(display))
     if issues:
         raise SpecError(issues)
     bad_keys = [k for k in data if not isinstance(k, str)]

@@ -9,8 +9,11 @@ crash or a full disk leaves the previous checkpoint as it was.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -18,9 +21,10 @@ from safetensors.torch import save_file
 
 from pipeline.distributed.engines import barrier
 from pipeline.errors import user_error
-from pipeline.safe_files import DAMAGED, read_json, read_tensors, read_torch
+from pipeline.safe_files import DAMAGED, read_json, read_tensors, read_torch, sha256
 
 TAG = "ckpt"
+CHECKSUMS = "checksums.json"
 # Settings a resumed run may change: they steer the run, not the model or its optimisation.
 MAY_DIFFER = (
     "description",
@@ -41,13 +45,62 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:08d}"
 
 
-def latest(run_dir: Path) -> Path | None:
+def _complete(run_dir: Path) -> list[Path]:
+    """Checkpoints renamed into place (complete when written), newest first."""
     done = [
         p
         for p in (run_dir / "checkpoints").glob("step-*")
         if not p.name.endswith(".tmp") and (p / "state.json").exists()
     ]
-    return max(done, key=lambda p: p.name) if done else None
+    return sorted(done, key=lambda p: p.name, reverse=True)
+
+
+def latest(run_dir: Path) -> Path | None:
+    done = _complete(run_dir)
+    return done[0] if done else None
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint's files against the checksums written with it, or None.
+    Checkpoints written before checksums existed cannot be checked and pass."""
+    if not (path / CHECKSUMS).exists():
+        return None
+    recorded = read_json(path / CHECKSUMS)
+    if not isinstance(recorded, dict):
+        return f"{path / CHECKSUMS} is not a mapping of files to checksums"
+    present = {str(f.relative_to(path)): f for f in _files(path)}
+    for name in sorted(set(recorded) - set(present)):
+        return f"{path / name} is missing"
+    for name, file in present.items():
+        if name not in recorded:
+            return f"{file} was not written with the checkpoint"
+        if sha256(file) != recorded[name]:
+            return f"{file} differs from what was written (its checksum does not match)"
+    return None
+
+
+def latest_intact(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose files match their checksums; a damaged newer one is skipped
+    with a warning naming the file. None when there is no checkpoint; an error when every one is
+    damaged."""
+    problems = []
+    for path in _complete(run_dir):
+        problem = damage(path)
+        if problem is None:
+            for earlier in problems:
+                print(f"warning: skipping a damaged checkpoint: {earlier}; resuming from {path}", file=sys.stderr)
+            return path
+        problems.append(problem)
+    if problems:
+        raise user_error(
+            "no intact checkpoint to resume from: " + "; ".join(problems),
+            hint="start a new run with run.dir=PATH, or restore the damaged files",
+        )
+    return None
 
 
 def read_state(path: Path) -> dict:
@@ -87,6 +140,37 @@ def save(
 ) -> Path:
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
+    try:
+        return _save(run_dir, final, tmp, g_engine, d_engine, ema, world, loader_state, state, keep)
+    except (OSError, RuntimeError) as exc:
+        if not _disk_full(exc):
+            raise
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(run_dir).free
+        raise user_error(
+            f"no space left on {_mount_point(run_dir)} ({free / 1e6:.0f} MB free) while writing the checkpoint of "
+            f"step {step}; the partial one was removed and the previous checkpoint is intact",
+            path="run.dir",
+            hint="free some space (or set run.dir on a larger disk), then run the same command again to resume",
+        ) from None
+
+
+def _disk_full(exc: BaseException) -> bool:
+    # torch.save reports a full disk as a RuntimeError from its zip writer, not as ENOSPC
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
+        isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "No space left" in str(exc))
+    )
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _save(run_dir, final, tmp, g_engine, d_engine, ema, world, loader_state, state, keep) -> Path:
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -102,6 +186,9 @@ def save(
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        # last: the checksum of every file, verified on resume (bit rot, a bad copy, a truncation)
+        sums = {str(f.relative_to(tmp)): sha256(f) for f in _files(tmp)}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -61,8 +61,10 @@ def already_complete(spec) -> RunSummary | None:
     """The summary of a run that needs nothing more: its latest checkpoint is at (or past)
     `train.max_steps` for this very spec and its export is written. Nothing is built for it."""
     run_dir = spec.run_dir
-    last = checkpoint.latest(run_dir)
-    if last is None or not (run_dir / "export" / "generator.safetensors").exists():
+    if not (run_dir / "export" / "generator.safetensors").exists():
+        return None
+    last = checkpoint.latest_intact(run_dir)
+    if last is None:
         return None
     state = checkpoint.read_state(last)
     if state["step"] < spec.train.max_steps or checkpoint.spec_differences(state["spec"], spec.resolved()):
@@ -141,7 +143,7 @@ class Trainer:
 
         # ----- resume
         self.step, self.images_seen, loader_state = 0, 0, None
-        last = checkpoint.latest(self.run_dir) if resume else None
+        last = checkpoint.latest_intact(self.run_dir) if resume else None
         if last is not None:
             state, local = checkpoint.load(
                 last,
