@@ -180,6 +180,9 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume(one_step_run, demo_sha
         ("eval.truncation=.nan", "eval.truncation"),
         ("seed=-1", "seed"),
         ("seed=18446744073709551616", "seed"),
+        ("train.batch_size=true", "train.batch_size"),  # was read as batch 1
+        ("train.zero_stage=true", "train.zero_stage"),
+        ("data.resolution=1000000000", "data.resolution"),  # was a storage overflow in the analysis
     ],
 )
 def test_non_finite_or_out_of_range_hyperparameters_are_validation_errors(override, path):

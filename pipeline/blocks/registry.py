@@ -72,6 +72,26 @@ class BlockError(Exception):
         self.message, self.field, self.hint = message, field, hint
 
 
+def _types(annotation) -> set:
+    """The types (and Literal values) a field annotation is made of."""
+    args = typing.get_args(annotation)
+    if not args:
+        return {annotation}
+    if typing.get_origin(annotation) is Literal:
+        return {type(a) for a in args}
+    return set().union(*(_types(a) for a in args if isinstance(a, type) or typing.get_args(a)))
+
+
+def no_bool_for_a_number(cls, value, info):
+    """pydantic reads `true` as 1 for an int field (`train.batch_size=true` trained with batch 1):
+    a boolean is refused where the field is a number and takes no boolean."""
+    if isinstance(value, bool):
+        types = _types(cls.model_fields[info.field_name].annotation)
+        if types & {int, float} and bool not in types:
+            raise ValueError(f"expected a number, not {str(value).lower()}")
+    return value
+
+
 class Node(BaseModel):
     """Fields every node has. Subclasses add `kind` and their own parameters."""
 

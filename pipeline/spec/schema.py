@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from pipeline.blocks import node_union
-from pipeline.blocks.registry import Init
+from pipeline.blocks.registry import Init, no_bool_for_a_number
 from pipeline.eval.protocol import STANDING_STATS_PASSES
 
 NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -29,6 +29,7 @@ class Section(BaseModel):
     # inf and nan are never meaningful settings (an infinite learning rate trains to NaN and
     # writes non-finite weights into checkpoints): refused for every float of the schema
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    refuse_bool_for_a_number = field_validator("*", mode="before")(classmethod(no_bool_for_a_number))
 
 
 Beta = Annotated[float, Field(ge=0, lt=1)]
@@ -79,7 +80,9 @@ class AugmentSpec(Section):
 
 
 class DataSpec(Section):
-    resolution: PositiveInt = Field(description="Image side in pixels: the generator output and discriminator input.")
+    resolution: PositiveInt = Field(
+        le=8192, description="Image side in pixels (at most 8192): the generator output and discriminator input."
+    )
     channels: PositiveInt = Field(3, description="Image channels.")
     num_classes: PositiveInt = Field(description="Number of classes; labels are 0 .. num_classes - 1.")
     shards: str | None = Field(None, description="WebDataset shards: a directory, a file or a glob of .tar files.")
