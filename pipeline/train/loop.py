@@ -61,14 +61,17 @@ def already_complete(spec) -> RunSummary | None:
     """The summary of a run that needs nothing more: its latest checkpoint is at (or past)
     `train.max_steps` for this very spec and its export is written. Nothing is built for it."""
     run_dir = spec.run_dir
-    if not (run_dir / "export" / "generator.safetensors").exists():
+    last = checkpoint.latest(run_dir)
+    if last is None or not (run_dir / "export" / "generator.safetensors").exists():
         return None
-    last = checkpoint.latest_intact(run_dir)
-    if last is None:
-        return None
-    state = checkpoint.read_state(last)
+    try:
+        state = checkpoint.read_state(last)
+    except SpecError:
+        return None  # damaged: the full path falls back to an intact checkpoint and says which file
     if state["step"] < spec.train.max_steps or checkpoint.spec_differences(state["spec"], spec.resolved()):
         return None  # more to train, or a changed spec that the full path refuses with the differences
+    if checkpoint.damage(last) is not None:
+        return None
     return RunSummary(run_dir, state["step"], spec.train.max_steps, 0, state["images_seen"])
 
 
