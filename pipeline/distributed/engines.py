@@ -7,6 +7,7 @@ directory; one backward per micro-batch per engine; bf16 (as autocast) rather th
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ def make_engine(module: torch.nn.Module, opt, config: dict):
     return engine
 
 
+@functools.cache
 def _safe_checkpoint_engine():
     """DeepSpeed's torch checkpoint engine, reading with weights_only=True: its own `load` calls
     torch.load(weights_only=False), which runs whatever a tampered file's pickle says. Every
