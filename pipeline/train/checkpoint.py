@@ -222,3 +222,13 @@ def load(path: Path, *, g_engine, d_engine, ema, world, spec_dict: dict) -> tupl
         ema.load_state_dict(read_tensors(path / "ema.safetensors"))
     local = read_torch(path / f"rank-{world.rank:05d}.pt")
     return state, local
+
+
+def network_weights(path: Path, network: str) -> dict[str, torch.Tensor]:
+    """A network's full weights from a checkpoint (the directory of its engine, e.g. "G"), on the
+    CPU, read without unpickling code. DeepSpeed keeps the whole module (ZeRO 0-2) of
+    model-parallel rank 0 in one file."""
+    file = path / network / TAG / "mp_rank_00_model_states.pt"
+    if not file.is_file():
+        raise user_error(f"{file} is missing", hint="the checkpoint is incomplete; use an earlier one")
+    return read_torch(file, map_location="cpu")["module"]

@@ -1,0 +1,81 @@
+"""Five steps of tiny_biggan on the demo shards, recorded before the method layer existed
+(`python tests/gan_regression.py SHARDS OUT.json`), so that `method: gan` can be checked against
+what main trained then: the logged losses of a step without accumulation, and a digest of every
+weight of G, D and the EMA after five steps with two D steps and two micro-batches each."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+CASES = {
+    # one D step, one micro-batch: each logged loss is the one value computed in its phase
+    "plain": ["train.batch_size=8", "train.d_steps=1"],
+    # accumulation and repeated D steps, with R1 and BigGAN's orthogonal regularisation
+    "accumulated": [
+        "train.batch_size=8",
+        "train.batch_per_rank=4",
+        "train.d_steps=2",
+        "train.r1_gamma=1.0",
+        "train.ortho_reg=1e-4",
+    ],
+}
+COMMON = [
+    "train.max_steps=5",
+    "train.log_every=1",
+    "train.sample_every=100",
+    "train.checkpoint_every=100",
+    "eval.every=0",
+]
+LOGGED = ("loss_d", "loss_g", "d_real", "d_fake")
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names and raw bytes of the tensors, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def network_weights(checkpoint: Path, network: str) -> dict[str, torch.Tensor]:
+    """One network's weights from a checkpoint of the run."""
+    from pipeline.train.checkpoint import network_weights as read
+
+    return read(checkpoint, network)
+
+
+def run_case(name: str, shards: Path, run_dir: Path) -> dict:
+    from pipeline.spec import load_spec
+    from pipeline.train import checkpoint, loop
+
+    loop.train(load_spec("tiny_biggan", [f"data.shards={shards}", f"run.dir={run_dir}", *CASES[name], *COMMON]))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = checkpoint.latest(run_dir)
+    from safetensors.torch import load_file
+
+    return {
+        "losses": [{k: r[k] for k in LOGGED} for r in rows],
+        "G": digest(network_weights(last, "G")),
+        "D": digest(network_weights(last, "D")),
+        "EMA": digest(load_file(last / "ema.safetensors")),
+    }
+
+
+def machine() -> dict:
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+if __name__ == "__main__":
+    shards, out = Path(sys.argv[1]), Path(sys.argv[2])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        record = {"machine": machine(), "cases": {n: run_case(n, shards, Path(tmp) / n) for n in CASES}}
+    out.write_text(json.dumps(record, indent=1) + "\n")
