@@ -1,4 +1,5 @@
-"""Time full training iterations (train.d_steps D steps + 1 G step) of a spec, eager and compiled,
+"""Time full training iterations (every phase of the spec's method: for a GAN, method.d_steps D
+steps + 1 G step) of a spec, eager and compiled,
 side by side in one process: the training loop itself (`pipeline.train.loop.train`) on synthetic
 data, with per-step times taken from its metrics after warm-up (compilation excluded).
 
@@ -18,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cli import split_spec_args  # noqa: E402
+from pipeline.methods import describe  # noqa: E402
 from pipeline.spec import load_spec  # noqa: E402
 from pipeline.train.loop import train  # noqa: E402
 
@@ -41,8 +43,8 @@ def run(spec_arg: str, overrides: list[str], compiled: bool, steps: int, warmup:
         train(loaded)
         total = time.perf_counter() - start
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    t = loaded.spec.train
-    per_iteration = t.batch_size * t.d_steps  # real images through D per iteration
+    # real images read per iteration, from the log (images_seen grows by it each step)
+    per_iteration = rows[1]["images_seen"] - rows[0]["images_seen"]
     rates = [r["images_per_s"] for r in rows[warmup:]]
     warm = [per_iteration / r["images_per_s"] for r in rows[:warmup]]
     return {
@@ -63,7 +65,8 @@ def main() -> None:
     spec_arg, overrides = split_spec_args(ns.args, default="biggan_deep_128_ch32")
     spec = load_spec(spec_arg, overrides).spec
     print(
-        f"{spec.name}: batch {spec.train.batch_size}, {spec.train.d_steps} D steps + 1 G step per iteration, "
+        f"{spec.name}: batch {spec.train.batch_size}, method {spec.method.kind} "
+        f"({describe(spec.method.build(spec).phases)}) per iteration, "
         f"{spec.train.precision}, {ns.steps} timed iterations after {ns.warmup} warm-up",
         flush=True,
     )

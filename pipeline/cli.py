@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from pipeline.data import DEMO_SHARDS
+from pipeline.data import DEMO_DOMAIN_SHARDS, DEMO_SHARDS
 from pipeline.errors import SpecError, user_error
 
 
@@ -54,10 +54,19 @@ def cmd_validate(ns) -> int:
     loaded = load_spec(spec_arg, overrides, check_graphs=False)
     plans = analyze_spec(loaded)
     train_needs = preflight(loaded.spec, world_size=1)  # a valid spec may still lack its data
+    from pipeline.methods import describe
+
+    spec = loaded.spec
+    method = spec.resolved()["method"]
+    phases = describe(spec.method.build(spec).phases)
     if ns.json:
         out = {
-            "name": loaded.spec.name,
+            "name": spec.name,
             "file": str(loaded.path),
+            "method": method,
+            "phases": phases,
+            "engines": {name: list(nets) for name, nets in spec.method.engines(spec).items()},
+            "streams": list(spec.method.streams(spec)),
             **{which: _network_json(plan) for which, plan in plans.items()},
             "train_needs": [issue.format() for issue in train_needs],
         }
@@ -65,6 +74,8 @@ def cmd_validate(ns) -> int:
         return 0
     from pipeline.graph.report import print_report
 
+    options = ", ".join(f"{k}={v}" for k, v in method.items() if k != "kind")
+    print(f"method {spec.method.kind} ({options}); a step: {phases}")
     print_report(loaded, plans)
     if train_needs:
         missing = "1 thing is" if len(train_needs) == 1 else f"{len(train_needs)} things are"
@@ -124,11 +135,17 @@ def split_run_args(args: list[str]) -> tuple[int, str | None, list[str]]:
 
 
 def ensure_demo_shards(loaded) -> None:
+    """Write the embedded demo data on first use: the digits, or the two-domain digits."""
     from pipeline.data.demo import build_demo_shards, demo_shards_ready
+    from pipeline.data.domains import build_domain_shards, domain_shards_ready
 
-    if loaded.spec.data.shards == DEMO_SHARDS and not loaded.spec.data.synthetic and not demo_shards_ready():
+    read = {s.shards for s in loaded.spec.data.all_streams().values() if not s.synthetic}
+    if DEMO_SHARDS in read and not demo_shards_ready():
         print(f"writing the demo shards to {DEMO_SHARDS}", file=sys.stderr)
         build_demo_shards(DEMO_SHARDS)
+    if read & {f"{DEMO_DOMAIN_SHARDS}/a", f"{DEMO_DOMAIN_SHARDS}/b"} and not domain_shards_ready():
+        print(f"writing the two-domain demo shards to {DEMO_DOMAIN_SHARDS}", file=sys.stderr)
+        build_domain_shards(DEMO_DOMAIN_SHARDS)
 
 
 def cmd_train(ns) -> int:
@@ -142,9 +159,10 @@ def cmd_train(ns) -> int:
     if ranks > 1:
         check_before_building(loaded.spec, ranks)  # one refusal, not one per rank
         return launch(ranks, "train", rest + ([f"device={device}"] if device else []))
+    from pipeline.eval.during_training import evaluator_for
     from pipeline.train.loop import train
 
-    summary = train(loaded, device=device)
+    summary = train(loaded, device=device, evaluate=evaluator_for(loaded.spec))
     if world_size_from_environment() == 1 or os.environ.get("RANK", "0") == "0":
         print(train_report(summary), file=sys.stderr)
     return 0
@@ -168,9 +186,16 @@ def train_report(summary) -> str:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a half-written last line (a crash mid-append)
-            if "fid" in record:
+            if "eval_protocol" in record:
                 evals.append(record)
-    if evals:
+    if evals and "fid" not in evals[-1]:  # an image-to-image run: both directions
+        last = evals[-1]
+        parts = [
+            f"{a}->{b}: FID {last[f'fid_{a}_to_{b}']:.2f}, content kept {last[f'content_accuracy_{a}_to_{b}']:.1%}"
+            for a, b in (("a", "b"), ("b", "a"))
+        ]
+        lines.append(f"last evaluation, step {last['step']}: " + "; ".join(parts))
+    elif evals:
         last, protocol = evals[-1], evals[-1].get("eval_protocol", {})
         accuracy = last.get("class_accuracy")
         lines.append(
@@ -180,8 +205,9 @@ def train_report(summary) -> str:
             f"standing statistics {protocol.get('standing_stats_passes', '?')} passes, "
             f"{'EMA' if protocol.get('ema') else 'raw generator'})"
         )
-    if (run_dir / "export" / "generator.safetensors").exists():
-        lines.append(f"generator weights: {run_dir / 'export' / 'generator.safetensors'}")
+    exported = sorted((run_dir / "export").glob("*.safetensors"))
+    if exported:
+        lines.append("exported weights: " + ", ".join(str(f) for f in exported))
     return "\n".join(lines)
 
 
@@ -193,7 +219,13 @@ def cmd_profile(ns) -> int:
     if ns.steps < 1 or ns.warmup < 0 or ns.trace_steps < 0:
         raise user_error("--steps must be at least 1, --warmup and --trace-steps at least 0")
     spec_arg, overrides = split_spec_args(rest, default="demo")
-    loaded = load_spec(spec_arg, overrides + (["data.synthetic=true"] if ns.data == "synthetic" else []))
+    loaded = load_spec(spec_arg, overrides)
+    if ns.data == "synthetic":  # every stream the method reads
+        streams = loaded.spec.data.streams
+        synthetic = [f"data.streams.{n}.synthetic=true" for n in streams] + [
+            f"data.streams.{n}.shards=null" for n in streams
+        ]
+        loaded = load_spec(spec_arg, overrides + (synthetic or ["data.synthetic=true", "data.shards=null"]))
     ensure_demo_shards(loaded)  # once, before any rank starts
     if ranks > 1:
         check_before_building(loaded.spec, ranks)  # one refusal, not one per rank
@@ -238,6 +270,10 @@ def cmd_sample(ns) -> int:
         classes = [int(w) for w in words]
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = load_generator(ns.source, device=device)
+    if gen.spec.method.kind == "cycle":
+        return _sample_translation(ns, gen, device)
+    if ns.input:
+        raise user_error("--input is for image-to-image runs (method cycle)", hint="sample a GAN with --classes")
     if ns.classes == "all":
         classes = list(range(gen.num_classes))
     out = Path(ns.out) if ns.out else gen.home / "samples" / f"sample-{time.strftime('%Y%m%d-%H%M%S')}-seed{ns.seed}"
@@ -262,6 +298,33 @@ def cmd_sample(ns) -> int:
     )
     for name in record["files"].values():
         print(f"  {name}")
+    return 0
+
+
+def _sample_translation(ns, gen, device) -> int:
+    """An image-to-image run: rows of input | translated | cycled, each direction in its own grid."""
+    import time
+    from pathlib import Path
+
+    from pipeline.data.dali import first_images
+    from pipeline.eval.sampling import load_generator
+    from pipeline.eval.translation import save_translation_grid
+
+    spec, m = gen.spec, gen.spec.method
+    nets = {name: load_generator(ns.source, device=device, network=name).module for name in (m.g_ab, m.g_ba)}
+    out = Path(ns.out) if ns.out else gen.home / "samples" / f"translate-{time.strftime('%Y%m%d-%H%M%S')}"
+    directions = {"a_to_b": (m.g_ab, m.g_ba, m.domain_a), "b_to_a": (m.g_ba, m.g_ab, m.domain_b)}
+    for direction, (forward, backward, stream) in directions.items():
+        if ns.input:
+            from pipeline.data.dali import find_shards, first_shard_images
+
+            images = first_shard_images(find_shards(ns.input, what="--input"), spec, ns.num, device)
+        else:
+            images = first_images(spec, stream, ns.num, device)
+        path = save_translation_grid(nets[forward], nets[backward], images, out / f"{direction}.png")
+        print(f"{gen.source}: {direction.replace('_', ' ')} (input | translated | cycled) written to {path}")
+        if ns.input:
+            print("  (the same --input images through both directions)")
     return 0
 
 
@@ -290,6 +353,11 @@ def cmd_eval(ns) -> int:
     if (ns.num is not None and ns.num < 2) or (ns.standing_stats or 0) < 0 or ns.batch_size < 2:
         raise user_error("--num and --batch-size must be at least 2, --standing-stats at least 0")
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from pipeline.eval.sampling import load_generator
+
+    gen = load_generator(ns.source, device=device)
+    if gen.spec.method.kind == "cycle":
+        return _eval_translation(ns, gen, device)
     record = evaluate(  # options not given (None) follow the run's own spec
         ns.source,
         features=ns.features,
@@ -317,6 +385,44 @@ def cmd_eval(ns) -> int:
         acc = f"{r['class_accuracy']:.1%}" if r["class_accuracy"] is not None else "-"
         print(f"{'none' if t is None else t:>10}  {r['fid']:9.3f}  {r['kid_mean']:9.4f}  {r['is_mean']:7.3f}  {acc:>9}")
     print(f"written to {record['json']}" + (f" and {record['plot']}" if "plot" in record else ""))
+    return 0
+
+
+def _eval_translation(ns, gen, device) -> int:
+    """An image-to-image run: FID in the target domain and content kept, each direction."""
+    from pathlib import Path
+
+    from pipeline.eval.sampling import load_generator
+    from pipeline.eval.translation import evaluate_translation
+
+    spec, m = gen.spec, gen.spec.method
+    streams = spec.data.all_streams()
+    nets = {name: load_generator(ns.source, device=device, network=name).module for name in (m.g_ab, m.g_ba)}
+    result = evaluate_translation(
+        nets[m.g_ab],
+        nets[m.g_ba],
+        Path(streams[m.domain_a].shards),
+        Path(streams[m.domain_b].shards),
+        device=device,
+        num_samples=ns.num or spec.eval.num_samples,
+        seed=spec.seed if ns.seed is None else ns.seed,
+    )
+    out = Path(ns.out) if ns.out else gen.home / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"translation-step-{gen.step}.json"
+    path.write_text(json.dumps({"source": gen.source, **result}, indent=2) + "\n")
+    if ns.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{gen.source}:")
+    print(f"{'direction':>9}  {'FID':>8}  {'content':>8}  {'FID as is':>9}  {'content as is':>13}  {'cycle L1':>8}")
+    for direction, r in result.items():
+        if direction != "protocol":
+            print(
+                f"{direction:>9}  {r['fid']:8.2f}  {r['content_accuracy']:8.1%}  {r['fid_untranslated']:9.2f}  "
+                f"{r['content_accuracy_untranslated']:13.1%}  {r['cycle_l1']:8.4f}"
+            )
+    print(f"written to {path}")
     return 0
 
 
@@ -385,6 +491,7 @@ def cmd_shards_index(ns) -> int:
 
 def cmd_demo_data(ns) -> int:
     from pipeline.data.demo import build_demo_shards, demo_shards_ready
+    from pipeline.data.domains import build_domain_shards, domain_shards_ready
     from pipeline.eval.classifier import demo_classifier_ready, train_demo_classifier
 
     if demo_shards_ready(ns.out) and not ns.force:
@@ -400,6 +507,15 @@ def cmd_demo_data(ns) -> int:
             f"{ns.out}: demo classifier trained in {record['train_seconds']:.1f} s, held-out accuracy "
             f"{record['held_out_accuracy']:.1%} ({record['num_held_out']} samples)"
         )
+    if domain_shards_ready(ns.domains_out) and not ns.force:
+        print(f"{ns.domains_out}: two-domain demo shards already there")
+    else:
+        manifests = build_domain_shards(ns.domains_out, overwrite=ns.force)
+        for domain, manifest in manifests.items():
+            print(
+                f"{ns.domains_out}/{domain}: {manifest['num_samples']:,} samples of domain {domain.upper()}, "
+                "with its classifier"
+            )
     return 0
 
 
@@ -458,10 +574,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shards_index)
     p = sub.add_parser(
         "demo-data",
-        help="write the embedded demo shards (scikit-learn's digits at 32x32) and train "
-        "the demo classifier beside them",
+        help="write the embedded demo shards (scikit-learn's digits at 32x32) and the two-domain digits "
+        "(image-to-image demo), and train the demo classifier beside each",
     )
     p.add_argument("--out", default=DEMO_SHARDS, help=f"output directory (default {DEMO_SHARDS})")
+    p.add_argument(
+        "--domains-out",
+        default=DEMO_DOMAIN_SHARDS,
+        help=f"output directory of the two domains, as a/ and b/ (default {DEMO_DOMAIN_SHARDS})",
+    )
     p.add_argument(
         "--force",
         action="store_true",
@@ -508,6 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=8, help="interpolation steps (default 8)")
     p.add_argument("--gif", action="store_true", help="also write the interpolation as an animated GIF")
+    p.add_argument(
+        "--input",
+        metavar="SHARDS",
+        help="image-to-image runs: translate the first --num images of these shards (default: each domain's own)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("eval", help="FID, KID, IS and class accuracy of a run's generator (or exported weights)")

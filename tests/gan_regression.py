@@ -14,14 +14,14 @@ import torch
 
 CASES = {
     # one D step, one micro-batch: each logged loss is the one value computed in its phase
-    "plain": ["train.batch_size=8", "train.d_steps=1"],
+    "plain": ["train.batch_size=8", "method.d_steps=1"],
     # accumulation and repeated D steps, with R1 and BigGAN's orthogonal regularisation
     "accumulated": [
         "train.batch_size=8",
         "train.batch_per_rank=4",
-        "train.d_steps=2",
-        "train.r1_gamma=1.0",
-        "train.ortho_reg=1e-4",
+        "method.d_steps=2",
+        "method.r1_gamma=1.0",
+        "method.ortho_reg=1e-4",
     ],
 }
 COMMON = [
@@ -44,13 +44,6 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def network_weights(checkpoint: Path, network: str) -> dict[str, torch.Tensor]:
-    """One network's weights from a checkpoint of the run."""
-    from pipeline.train.checkpoint import network_weights as read
-
-    return read(checkpoint, network)
-
-
 def run_case(name: str, shards: Path, run_dir: Path) -> dict:
     from pipeline.spec import load_spec
     from pipeline.train import checkpoint, loop
@@ -62,9 +55,9 @@ def run_case(name: str, shards: Path, run_dir: Path) -> dict:
 
     return {
         "losses": [{k: r[k] for k in LOGGED} for r in rows],
-        "G": digest(network_weights(last, "G")),
-        "D": digest(network_weights(last, "D")),
-        "EMA": digest(load_file(last / "ema.safetensors")),
+        "G": digest(checkpoint.network_weights(last, "generator")),
+        "D": digest(checkpoint.network_weights(last, "discriminator")),
+        "EMA": digest(load_file(checkpoint.ema_file(last, "generator"))),
     }
 
 

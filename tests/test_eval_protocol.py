@@ -85,29 +85,29 @@ def test_training_with_evaluation_off_does_not_evaluate(tmp_path, metrics):
 def protocol_run(demo_shards_with_classifier, tmp_path_factory):
     """A 2-step demo run scored at steps 0 and 2 with a protocol unlike every default: 2 standing
     passes, truncation 0.8, 40 samples, seed 3."""
+    from pipeline.eval.during_training import evaluator_for
     from pipeline.train.loop import train
 
     run_dir = tmp_path_factory.mktemp("protocol") / "run"
-    train(
-        load_spec(
-            "demo",
-            [
-                *FAST_INIT,
-                f"data.shards={demo_shards_with_classifier}",
-                f"run.dir={run_dir}",
-                "seed=3",
-                "train.batch_size=16",
-                "train.max_steps=2",
-                "train.log_every=1",
-                "train.sample_every=2",
-                "train.checkpoint_every=2",
-                "eval.every=2",
-                "eval.num_samples=40",
-                "eval.truncation=0.8",
-                "eval.standing_stats=2",
-            ],
-        )
+    loaded = load_spec(
+        "demo",
+        [
+            *FAST_INIT,
+            f"data.shards={demo_shards_with_classifier}",
+            f"run.dir={run_dir}",
+            "seed=3",
+            "train.batch_size=16",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "train.sample_every=2",
+            "train.checkpoint_every=2",
+            "eval.every=2",
+            "eval.num_samples=40",
+            "eval.truncation=0.8",
+            "eval.standing_stats=2",
+        ],
     )
+    train(loaded, evaluate=evaluator_for(loaded.spec))
     return run_dir
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pipeline.eval.during_training import evaluator_for
 from pipeline.spec import load_spec
 from pipeline.train.loop import train
 
@@ -30,7 +31,7 @@ def demo_run(demo_shards_with_classifier, tmp_path_factory):
             "eval.standing_stats=2",
         ],
     )
-    train(loaded)
+    train(loaded, evaluate=evaluator_for(loaded.spec))
     return run_dir, shards
 
 

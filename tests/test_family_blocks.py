@@ -53,6 +53,12 @@ FEATURE_MAP_CASES = [
     ({"kind": "dcgan_down", "in": "x", "out_channels": 8, "norm": False}, (2, 3, 8, 8), (2, 8, 4, 4)),
     ({"kind": "dcgan_down", "in": "x", "out_channels": 8}, (2, 4, 8, 8), (2, 8, 4, 4)),
     ({"kind": "pixel_head", "in": "x"}, (2, 8, 8, 8), (2, 1, 8, 8)),
+    ({"kind": "instance_norm", "in": "x"}, (2, 8, 4, 4), (2, 8, 4, 4)),
+    ({"kind": "reflect_conv", "in": "x", "out_channels": 8, "kernel_size": 7}, (2, 3, 8, 8), (2, 8, 8, 8)),
+    ({"kind": "resnet_block", "in": "x"}, (2, 8, 4, 4), (2, 8, 4, 4)),
+    ({"kind": "conv_up", "in": "x", "out_channels": 8}, (2, 16, 4, 4), (2, 8, 8, 8)),
+    ({"kind": "patch_conv", "in": "x", "out_channels": 8}, (2, 3, 8, 8), (2, 8, 4, 4)),
+    ({"kind": "patch_head", "in": "x"}, (2, 8, 4, 4), (2, 1, 3, 3)),
 ]
 
 

@@ -90,7 +90,7 @@ def test_damaged_checkpoint_files_are_refused_by_name(one_step_run, demo_shards,
     step = "checkpoints/step-00000001"
     cases = {
         f"{step}/G/ckpt/mp_rank_00_model_states.pt": lambda b: b[: len(b) // 2],  # truncated
-        f"{step}/ema.safetensors": lambda b: b[: len(b) // 2],
+        f"{step}/ema-generator.safetensors": lambda b: b[: len(b) // 2],
         f"{step}/rank-00000.pt": lambda b: b"",
         f"{step}/state.json": lambda b: b"{not json",
     }
@@ -173,9 +173,9 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume(one_step_run, demo_sha
         ("train.d_opt.eps=.nan", "train.d_opt.eps"),
         ("train.g_opt.betas=[2.0, 0.999]", "train.g_opt.betas.0"),
         ("train.d_opt.betas=[0.0, 1.0]", "train.d_opt.betas.1"),
-        ("train.ortho_reg=.inf", "train.ortho_reg"),
-        ("train.r1_gamma=.nan", "train.r1_gamma"),
-        ("train.gp_weight=.inf", "train.gp_weight"),
+        ("method.ortho_reg=.inf", "method.ortho_reg"),
+        ("method.r1_gamma=.nan", "method.r1_gamma"),
+        ("method.gp_weight=.inf", "method.gp_weight"),
         ("generator.bn_eps=.inf", "generator.bn_eps"),
         ("eval.truncation=.nan", "eval.truncation"),
         ("seed=-1", "seed"),
@@ -197,7 +197,7 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(demo_shards, tmp_
     def breaks_g_at_step_2(self):
         values = run_step(self)
         if self.step == 2:  # the losses of this step were finite; the weights are not
-            next(self.g_engine.module.parameters()).data.fill_(float("inf"))
+            next(self.nets["generator"].parameters()).data.fill_(float("inf"))
         return values
 
     monkeypatch.setattr(loop.Trainer, "run_step", breaks_g_at_step_2)
@@ -205,7 +205,7 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(demo_shards, tmp_
     args = overrides(demo_shards, run_dir, 4) + ["train.checkpoint_every=1", "train.zero_stage=0"]
     with pytest.raises(loop.TrainingStopped) as info:
         loop.train(load_spec("demo", args))
-    assert "G has" in str(info.value) and "non-finite weights at step 2" in str(info.value)
+    assert "generator has" in str(info.value) and "non-finite weights at step 2" in str(info.value)
     assert "The last good checkpoint is" in str(info.value) and "step-00000001" in str(info.value)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000001"]
 

@@ -55,8 +55,13 @@ def test_unknown_node_param_suggests():
 def test_override_values_are_validated_with_the_schema_types():
     (issue,) = issues_of("tiny_biggan", ["train.max_steps=many"])
     assert issue[0] == "train.max_steps" and "valid integer" in issue[1] and issue[3] == "command line"
-    (issue,) = issues_of("tiny_biggan", ["train.loss=wasserstein"])
+    (issue,) = issues_of("tiny_biggan", ["method.loss=wasserstein"])
     assert "'hinge'" in issue[1]
+
+
+def test_method_options_moved_out_of_train_say_where_they_went():
+    (issue,) = issues_of("tiny_biggan", ["train.loss=hinge"])
+    assert issue[0] == "train.loss" and "method.loss=" in issue[2]
 
 
 def test_malformed_overrides():

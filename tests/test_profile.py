@@ -24,7 +24,7 @@ TINY = ["data.synthetic=true", "train.batch_size=4"]
     "extra",
     [
         [],  # BigGAN: hinge, ortho_reg in G, 1 D step
-        ["train.d_steps=2", "train.batch_per_rank=2", "train.r1_gamma=1.0", "train.ortho_reg=0"],  # accumulation, R1
+        ["method.d_steps=2", "train.batch_per_rank=2", "method.r1_gamma=1.0", "method.ortho_reg=0"],  # accumulation, R1
     ],
     ids=["biggan", "accumulation_r1"],
 )
@@ -79,7 +79,7 @@ def test_loader_alone_and_real_data(cli, demo_shards, tmp_path):
     assert result.code == 0, result.err
     alone = json.loads((tmp_path / "profile" / "report.json").read_text())
     assert alone["model"] == "none" and alone["loader_images_per_s"] > 0 and alone["batches_per_rank"] == 4
-    result = cli("profile", "demo", *common, "--trace-steps", "0", "train.d_steps=1")
+    result = cli("profile", "demo", *common, "--trace-steps", "0", "method.d_steps=1")
     assert result.code == 0, result.err
     full = json.loads((tmp_path / "profile" / "report.json").read_text())
     assert full["data"] == "real" and full["loader_images_per_s"] > 0 and full["phases_s"]["data_wait"] > 0

@@ -193,7 +193,7 @@ def tiny_run(tmp_path_factory):
 def test_sampling_the_export_equals_sampling_the_runs_ema(tiny_run):
     from_run, from_export = load_generator(tiny_run), load_generator(tiny_run / "export")
     assert (from_run.ema, from_run.step, from_export.ema, from_export.step) == (True, 1, True, 1)
-    assert from_run.weights.name == "ema.safetensors" and "EMA at step 1" in from_run.source
+    assert from_run.weights.name == "ema-generator.safetensors" and "EMA of generator at step 1" in from_run.source
     images = []
     for gen in (from_run, from_export):
         standing_stats(
@@ -221,7 +221,7 @@ def test_a_run_without_ema_samples_g(tiny_run, tmp_path):
     state = json.loads((ckpt / "state.json").read_text())
     state["spec"]["train"]["ema"] = None
     (ckpt / "state.json").write_text(json.dumps(state))
-    (ckpt / "ema.safetensors").unlink()
+    (ckpt / "ema-generator.safetensors").unlink()
     gen = load_generator(tmp_path / "run")
     assert not gen.ema and gen.step == 1 and "no EMA" in gen.source
     g_weights = torch.load(ckpt / "G/ckpt/mp_rank_00_model_states.pt", weights_only=True)["module"]

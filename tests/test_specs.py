@@ -20,9 +20,14 @@ REFERENCE = {
 def test_every_spec_validates_on_meta(shipped_spec):
     loaded = load_spec(shipped_spec, check_graphs=False)
     plans = analyze_spec(loaded)
-    d = loaded.spec.data
-    assert plans["generator"].output_shapes[0] == (d.channels, d.resolution, d.resolution)
-    assert plans["discriminator"].output_shapes[0] == (1,)
+    spec = loaded.spec
+    d, roles = spec.data, spec.method.networks(spec)
+    assert set(plans) == set(roles)  # every network the method trains, analyzed
+    for name, need in roles.items():  # images out of generators (a GAN's or a translation's)
+        if need.role == "generator":
+            assert plans[name].output_shapes[0] == (d.channels, d.resolution, d.resolution)
+        else:
+            assert plans[name].output_shapes[0][0] == 1  # one logit, or a 1-channel patch map
     for plan in plans.values():
         assert plan.params > 0 and plan.flops_per_image > 0
         # analysis never allocates weights: every tensor it built lives on the meta device

@@ -14,10 +14,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.blocks import sync_bn
 from pipeline.blocks.layers import BatchNorm
-from pipeline.distributed import sync_bn
+from pipeline.blocks.sync_bn import sync_batch_norm
 from pipeline.distributed.engines import free_port
-from pipeline.distributed.sync_bn import sync_batch_norm
 
 WORLD = 2
 STEPS = 2  # running stats accumulate; compiled, the second step reuses the graph and its backward

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from pipeline.errors import SpecError
 from pipeline.graph import build_network
+from pipeline.methods import gan
 from pipeline.spec import load_spec
 from pipeline.train import loop
 from pipeline.train.losses import get_loss
@@ -117,7 +118,7 @@ def test_nan_stops_with_the_last_good_checkpoint_intact(demo_shards, tmp_path, m
             calls["n"] += 1
             return hinge.g(fake) * (float("nan") if calls["n"] == 3 else 1.0)
 
-    monkeypatch.setattr(loop, "get_loss", lambda name: Exploding())
+    monkeypatch.setattr(gan, "get_loss", lambda name: Exploding())
     run_dir = tmp_path / "run"
     with pytest.raises(loop.TrainingStopped) as info:
         loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=6")))
@@ -150,11 +151,11 @@ def test_frozen_discriminator_gets_no_gradient_from_the_generator_step():
 
 
 def test_loss_options_from_the_spec():
-    spec = load_spec("demo", ["train.loss=non_saturating", "train.label_smoothing=0.1"]).spec
-    loss = loop.make_loss(spec.train)
+    spec = load_spec("demo", ["method.loss=non_saturating", "method.label_smoothing=0.1"]).spec
+    loss = spec.method.build(spec).loss
     assert loss.label_smoothing == 0.1 and loss.flip_prob == 0.0
     with pytest.raises(SpecError, match="apply to the non_saturating loss, not hinge"):
-        loop.make_loss(load_spec("demo", ["train.label_flip=0.05"]).spec.train)
+        load_spec("demo", ["method.label_flip=0.05"])
 
 
 def test_batch_plan():
@@ -279,3 +280,15 @@ def test_failed_checkpoint_write_keeps_the_previous_one(demo_shards, tmp_path, m
         assert after == before  # the step-2 checkpoint is byte for byte what it was, and no .tmp is left
     loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=4")))  # resumes from step 2
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_intervals_may_be_given_in_images(demo_shards, tmp_path, metrics):
+    run_dir = tmp_path / "run"
+    # 32 real images a step (2 D steps of 16): a line per 64 images, a checkpoint per 48
+    extra = ["train.max_steps=4", "train.log_every=64img", "train.checkpoint_every=48img", "train.keep_checkpoints=9"]
+    loop.train(load_spec("demo", overrides(demo_shards, run_dir, *extra)))
+    assert [r["step"] for r in metrics(run_dir)] == [2, 4]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-0000000{i}" for i in (2, 3, 4)]
+    assert load_spec("demo", ["train.sample_every=2kimg"]).spec.train.sample_every == "2000img"
+    with pytest.raises(SpecError, match="is not an interval: give steps"):
+        load_spec("demo", ["train.log_every=12 images"])

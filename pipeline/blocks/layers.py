@@ -151,10 +151,14 @@ class BuildContext:
         *,
         stride: int,
         padding: int,
+        output_padding: int = 0,
         bias: bool = True,
         sn: bool | None = None,
     ) -> nn.Module:
-        layer = nn.ConvTranspose2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+        # output_padding picks the output size where stride > 1 makes it ambiguous (k3 s2 p1 op1 doubles H, W)
+        layer = nn.ConvTranspose2d(
+            in_channels, out_channels, kernel_size, stride, padding, output_padding=output_padding, bias=bias
+        )
         return self._finish(layer, in_channels * kernel_size * kernel_size, sn)
 
     def embedding(self, num_embeddings: int, dim: int, *, sn: bool | None = None) -> nn.Module:
@@ -178,7 +182,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     With `cross_replica`, training-mode statistics are those of the global batch of all
     data-parallel ranks: the mean and variance over the concatenation of every rank's local batch,
-    gathered by one differentiable all-reduce (`pipeline.distributed.sync_bn.sync_batch_norm`, which
+    gathered by one differentiable all-reduce (`pipeline.blocks.sync_bn.sync_batch_norm`, which
     works on gloo and NCCL and compiles). The running statistics are updated from the global
     statistics, identically on every rank. This applies only while training, under an
     initialised process group of more than one rank; otherwise (a single process, eval mode,
@@ -213,7 +217,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._synchronized(x):
             return super().forward(x)
-        from pipeline.distributed.sync_bn import sync_batch_norm  # torch.distributed only, no DeepSpeed
+        from pipeline.blocks.sync_bn import sync_batch_norm  # torch.distributed only, no DeepSpeed
 
         self._check_input_dim(x)
         momentum = self.momentum

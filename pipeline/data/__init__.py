@@ -6,3 +6,4 @@ not needed to validate a spec.
 """
 
 DEMO_SHARDS = "shards/demo"  # where `just demo-data` and `just train` write the demo shards (working directory)
+DEMO_DOMAIN_SHARDS = "shards/digits_ab"  # the two-domain demo shards, OUT/a and OUT/b (`pipeline.data.domains`)

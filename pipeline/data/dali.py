@@ -93,14 +93,15 @@ def _graph(
     shard_id: int,
     num_shards: int,
     skip_missing: bool,
+    labelled: bool = True,
 ):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    jpg, cls = fn.readers.webdataset(
+    read = fn.readers.webdataset(
         paths=[str(p) for p in shards.tars],
         index_paths=[str(p) for p in shards.indexes],
-        ext=["jpg", "cls"],
+        ext=["jpg", "cls"] if labelled else ["jpg"],
         # a missing .cls must never become an empty label (which would decode to class 0)
         missing_component_behavior="skip" if skip_missing else "error",
         random_shuffle=shuffle,
@@ -111,6 +112,7 @@ def _graph(
         pad_last_batch=False,
         name="reader",
     )
+    jpg, cls = read if labelled else (read, None)
     images = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
     crop_args = {}
     if crop == "random_resized":
@@ -133,7 +135,7 @@ def _graph(
         mirror=mirror,
         **crop_args,
     )
-    return images, fn.pad(cls, fill_value=0, shape=[CLS_WIDTH])
+    return (images, fn.pad(cls, fill_value=0, shape=[CLS_WIDTH])) if labelled else images
 
 
 def build_pipeline(
@@ -153,8 +155,10 @@ def build_pipeline(
     num_threads: int | None = None,
     skip_missing: bool = False,
     checkpoint: str | None = None,
+    labelled: bool = True,
 ):
-    """Build (and start) the DALI pipeline; `device_id=None` runs it entirely on the CPU."""
+    """Build (and start) the DALI pipeline; `device_id=None` runs it entirely on the CPU. An
+    unlabelled pipeline reads only the images (shards need no .cls) and yields them alone."""
     from nvidia.dali import pipeline_def
 
     make = pipeline_def(_graph, enable_checkpointing=True)
@@ -171,6 +175,7 @@ def build_pipeline(
         shard_id=shard_id,
         num_shards=num_shards,
         skip_missing=skip_missing,
+        labelled=labelled,
         batch_size=batch_size,
         num_threads=num_threads or os.cpu_count() or 1,
         device_id=device_id,
@@ -223,14 +228,15 @@ def part_size(total: int, shard_id: int, num_shards: int) -> int:
 class DaliLoader:
     """Endless iterator of (images, labels) torch batches for one rank.
 
-    images: (B, C, R, R) in [-1, 1] on `device`, `dtype`; labels: (B,) int64 on `device`.
+    images: (B, C, R, R) in [-1, 1] on `device`, `dtype`; labels: (B,) int64 on `device`, or None
+    for an unlabelled loader (`num_classes` None).
     `state()` returns the reader's position (a DALI checkpoint); passing it back as `state`
     resumes with exactly the batches that would have followed."""
 
     shards: ShardSet
     batch_size: int
     resolution: int
-    num_classes: int
+    num_classes: int | None
     crop: str = "center"
     area: tuple[float, float] = (0.08, 1.0)
     flip: bool = False
@@ -265,6 +271,7 @@ class DaliLoader:
             num_threads=self.num_threads,
             skip_missing=self.on_bad_sample == "skip",
             checkpoint=self.state,
+            labelled=self.num_classes is not None,
         )
         self.dataset_size = self.pipe.reader_meta("reader")["epoch_size"]  # all ranks, after skipped samples
         self.epoch_size = part_size(self.dataset_size, self.rank, self.world_size)  # this rank's part
@@ -281,11 +288,14 @@ class DaliLoader:
     def state_dict(self) -> str:
         return self.pipe.checkpoint()
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:
-            images, cls = self.pipe.run()
+            out = self.pipe.run()
         except RuntimeError as exc:
             raise _dali_error(exc, self.shards) from None
+        if self.num_classes is None:
+            return self._to_torch(out[0]).to(self.dtype), None
+        images, cls = out
         labels, valid = parse_labels(cls.as_array())
         valid &= labels < self.num_classes
         if not valid.all():
@@ -320,45 +330,68 @@ class DaliLoader:
         return torch.from_numpy(images.as_array())
 
 
-def check_data(spec) -> ShardSet | None:
-    """The shards a spec's `data:` section reads (None for synthetic data), from the files alone:
-    nothing is decoded, so `train` and `validate` can tell at once what is missing."""
+def check_data(spec) -> dict[str, ShardSet | None]:
+    """The shards of every stream a spec's method reads (None for a synthetic one), from the files
+    alone: nothing is decoded, so `train` and `validate` can tell at once what is missing."""
+    from pipeline.errors import SpecError
+
+    found, issues = {}, []
+    for name in spec.method.streams(spec):
+        try:
+            found[name] = check_stream(spec, name)
+        except SpecError as exc:
+            issues.extend(exc.issues)
+    if issues:
+        raise SpecError(issues)
+    return found
+
+
+def check_stream(spec, name: str) -> ShardSet | None:
     d = spec.data
-    if d.synthetic:
+    stream = d.all_streams()[name]
+    path = "data.shards" if not d.streams else f"data.streams.{name}.shards"
+    if stream.synthetic:
         return None
     if d.channels != 3:
         raise user_error(f"the DALI pipeline decodes RGB images; data.channels is {d.channels}", path="data.channels")
-    if not d.shards:
+    if not stream.shards:
         raise user_error(
             "not set: there is no data to train on",
-            path="data.shards",
-            hint="set data.shards=DIR (a directory of .tar shards) on the command line or in the spec, or "
-            "data.synthetic=true to measure the model alone",
+            path=path,
+            hint=f"set {path}=DIR (a directory of .tar shards) on the command line or in the spec, or "
+            + ("data.synthetic=true" if not d.streams else f"data.streams.{name}.synthetic=true")
+            + " to measure the model alone",
         )
-    return find_shards(d.shards)
+    return find_shards(stream.shards, what=path)
 
 
 def loader_from_spec(
     spec,
     *,
+    stream: str = "images",
+    labelled: bool = True,
     batch_size: int | None = None,
     device="cpu",
     rank: int = 0,
     world_size: int = 1,
     state=None,
     dtype: torch.dtype | None = None,
+    seed_offset: int = 0,
 ):
-    """The training loader a spec describes: its `data:` section and `train` batch and precision."""
+    """The training loader of one of a spec's data streams: its `data:` settings and `train`
+    batch and precision. Labels come with the images when `labelled`."""
     d = spec.data
     if dtype is None:
         dtype = DTYPES[spec.train.precision]
     batch_size = batch_size or spec.train.batch_per_rank or spec.train.batch_size
-    shards = check_data(spec)
+    shards = check_stream(spec, stream)
+    num_classes = d.num_classes if labelled else None
+    seed = spec.seed + seed_offset  # streams with different offsets advance independently
     if shards is None:
         from pipeline.data.synthetic import SyntheticLoader
 
         return SyntheticLoader(
-            batch_size, d.resolution, d.num_classes, d.channels, device, dtype, rank, world_size, spec.seed, state
+            batch_size, d.resolution, num_classes, d.channels, device, dtype, rank, world_size, seed, state
         )
     stored = ((shards.manifest or {}).get("options") or {}).get("resolution")
     if stored and stored < d.resolution:
@@ -371,7 +404,7 @@ def loader_from_spec(
         shards,
         batch_size,
         d.resolution,
-        d.num_classes,
+        num_classes,
         crop=d.augment.crop,
         area=tuple(d.augment.area),
         flip=d.augment.flip,
@@ -379,9 +412,29 @@ def loader_from_spec(
         dtype=dtype,
         rank=rank,
         world_size=world_size,
-        seed=spec.seed,
+        seed=seed,
         shuffle_buffer=d.shuffle_buffer,
         num_threads=d.num_threads,
         on_bad_sample=d.on_bad_sample,
         state=state,
     )
+
+
+def first_images(spec, stream: str, num: int, device="cpu") -> torch.Tensor:
+    """The first `num` images of a stream in stored order (centre-cropped, [-1, 1]): fixed inputs
+    for sample grids. Random images for a synthetic stream."""
+    shards = check_stream(spec, stream)
+    d = spec.data
+    if shards is None:
+        generator = torch.Generator().manual_seed(spec.seed + 1)
+        return (torch.rand(num, d.channels, d.resolution, d.resolution, generator=generator) * 2 - 1).to(device)
+    return first_shard_images(shards, spec, num, device)
+
+
+def first_shard_images(shards: ShardSet, spec, num: int, device="cpu") -> torch.Tensor:
+    """The first `num` images of a shard set in stored order, read as the spec's data reads them."""
+    loader = DaliLoader(
+        shards, num, spec.data.resolution, None, crop="center", device=device, shuffle=False, num_threads=1
+    )
+    images, _ = next(loader)
+    return images

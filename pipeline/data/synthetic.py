@@ -18,7 +18,7 @@ import torch
 class SyntheticLoader:
     batch_size: int  # per rank
     resolution: int
-    num_classes: int
+    num_classes: int | None  # None: images only
     channels: int = 3
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.float32
@@ -36,12 +36,14 @@ class SyntheticLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         total = self.batch_size * self.world_size
         shape = (total, self.channels, self.resolution, self.resolution)
         images = torch.rand(shape, generator=self.generator, device=self.device) * 2 - 1
-        labels = torch.randint(0, self.num_classes, (total,), generator=self.generator, device=self.device)
         part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        if self.num_classes is None:
+            return images[part].to(self.dtype), None
+        labels = torch.randint(0, self.num_classes, (total,), generator=self.generator, device=self.device)
         return images[part].to(self.dtype), labels[part]
 
     def state_dict(self) -> torch.Tensor:

@@ -1,7 +1,6 @@
-"""Distributed training: everything that touches torch.distributed or DeepSpeed.
+"""Distributed training: the process group and DeepSpeed, behind one seam (`engines.Engine`).
 
-`sync_bn` holds the cross-replica BatchNorm statistics that `pipeline.blocks.layers.BatchNorm`
-uses when a process group with more than one rank is initialised; it imports torch only, never
-DeepSpeed, so model code may depend on it. This package file imports nothing, so importing
-`pipeline.distributed.sync_bn` does not load DeepSpeed either.
+Model code never imports this package: cross-replica BatchNorm (`pipeline.blocks.sync_bn`) is a
+norm layer whose one collective is torch.distributed's functional all-reduce. This package file
+imports nothing, so importing it does not load DeepSpeed.
 """

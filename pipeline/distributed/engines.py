@@ -11,6 +11,7 @@ import functools
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -88,18 +89,93 @@ def engine_config(train, micro_batch: int, accumulation: int, world_size: int) -
     }
 
 
-def make_engine(module: torch.nn.Module, opt, config: dict):
-    """A DeepSpeed engine around `module` with Adam (lr, betas, eps from the spec), whose
-    checkpoints are read back without unpickling code (`_SafeCheckpointEngine`)."""
-    import deepspeed
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+class Engine:
+    """The one seam to DeepSpeed: an engine (optimizer, ZeRO partitions, checkpoint directory)
+    around one network, or several networks a method optimises with one loss (each with its own
+    Adam settings as a param group). Nothing outside this module touches DeepSpeed's API.
 
-    optimizer = torch.optim.Adam(module.parameters(), lr=opt.lr, betas=tuple(float(b) for b in opt.betas), eps=opt.eps)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
-    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:  # the one our config asks for
-        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}")
-    engine.checkpoint_engine = _safe_checkpoint_engine()(config_params=engine._config)
-    return engine
+    `module` is the raw module (a network, or a ModuleDict of them) for forwards: the engine's own
+    forward adds output hooks that break torch.autograd.grad (R1) and run reductions inside
+    another network's backward. `backward` scales by the accumulation steps and reduces;
+    `step` steps at accumulation boundaries and returns the gradient norm there."""
+
+    def __init__(self, name: str, modules: dict[str, torch.nn.Module], opts: dict, config: dict):
+        import deepspeed
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        from pipeline.profile.regions import timed
+
+        self.name, self.networks = name, tuple(modules)
+        self.zero_stage = config["zero_optimization"]["stage"]
+        if len(modules) == 1:
+            (module,) = modules.values()
+            (opt,) = opts.values()
+            optimizer = torch.optim.Adam(module.parameters(), lr=opt.lr, betas=_betas(opt), eps=opt.eps)
+        else:
+            module = torch.nn.ModuleDict(modules)
+            groups = [
+                {"params": list(modules[n].parameters()), "lr": o.lr, "betas": _betas(o), "eps": o.eps}
+                for n, o in opts.items()
+            ]
+            optimizer = torch.optim.Adam(groups)
+        self._engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+        if type(self._engine.checkpoint_engine) is not TorchCheckpointEngine:  # the one our config asks for
+            raise RuntimeError(
+                f"unexpected DeepSpeed checkpoint engine {type(self._engine.checkpoint_engine).__name__}"
+            )
+        self._engine.checkpoint_engine = _safe_checkpoint_engine()(config_params=self._engine._config)
+        # DeepSpeed all-reduces gradients inside backward(): charged to the region `comm`
+        self._engine.allreduce_gradients = timed("comm", self._engine.allreduce_gradients)
+        self.module = module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss)
+
+    def step(self) -> torch.Tensor | None:
+        """Step (DeepSpeed steps only at accumulation boundaries); the L2 norm of the accumulated
+        gradient at a boundary, None in between. Under ZeRO 1/2 gradients live in DeepSpeed's
+        partitions rather than in .grad, and the norm is DeepSpeed's own global one."""
+        boundary = self._engine.is_gradient_accumulation_boundary()
+        norm = None
+        if boundary and self.zero_stage == 0:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        self._engine.step()
+        if boundary and self.zero_stage > 0:
+            value = self._engine.get_global_grad_norm()
+            norm = None if value is None else torch.as_tensor(value, dtype=torch.float32)
+        return norm
+
+    def save(self, directory: Path) -> None:
+        self._engine.save_checkpoint(str(directory), tag=TAG)
+
+    def load(self, directory: Path) -> None:
+        loaded, _ = self._engine.load_checkpoint(
+            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if loaded is None:
+            from pipeline.errors import user_error
+
+            raise user_error(f"cannot load {directory}", hint="the checkpoint is incomplete; use an earlier one")
+
+
+TAG = "ckpt"  # the tag of every engine checkpoint, in the engine's own directory
+
+
+def saved_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The full module an engine saved into `directory` (ZeRO 0-2 keep it whole, from
+    model-parallel rank 0), on the CPU, read without unpickling code."""
+    from pipeline.errors import user_error
+    from pipeline.safe_files import read_torch
+
+    file = directory / TAG / "mp_rank_00_model_states.pt"
+    if not file.is_file():
+        raise user_error(f"{file} is missing", hint="the checkpoint is incomplete; use an earlier one")
+    return read_torch(file, map_location="cpu")["module"]
+
+
+def _betas(opt) -> tuple[float, float]:
+    return tuple(float(b) for b in opt.betas)
 
 
 @functools.cache

@@ -32,7 +32,7 @@ from torch import nn
 from pipeline.data.shards import read_manifest
 from pipeline.errors import user_error
 from pipeline.eval.features import FeatureNet
-from pipeline.eval.sampling import to_uint8
+from pipeline.images import to_uint8
 from pipeline.safe_files import sha256
 
 CACHE_VERSION = 1

@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from pipeline.errors import Issue, SpecError, user_error
+from pipeline.images import save_gif, save_png, tile, to_pixels, to_uint8  # noqa: F401  (also used from here)
 
 if TYPE_CHECKING:
     from pipeline.spec import Spec
@@ -157,10 +158,11 @@ def _loaded_spec(data: dict, origin: Path):
     from pydantic import ValidationError
 
     from pipeline.spec import LoadedSpec, Spec
+    from pipeline.spec.schema import upgrade_stored
     from pipeline.spec.yaml_io import SourceMap
 
     try:
-        return LoadedSpec(Spec.model_validate(data), SourceMap(), origin)
+        return LoadedSpec(Spec.model_validate(upgrade_stored(data)), SourceMap(), origin)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise user_error(
@@ -169,13 +171,13 @@ def _loaded_spec(data: dict, origin: Path):
         ) from None
 
 
-def _build(loaded, weights: dict[str, torch.Tensor], origin: Path, device) -> nn.Module:
-    """The spec's generator holding `weights`. Built on the meta device and then given the loaded
-    tensors: initialising (orthogonal init, spectral norm's warm-up) 70M parameters that are
+def _build(loaded, weights: dict[str, torch.Tensor], origin: Path, device, network: str) -> nn.Module:
+    """The spec's network `network` holding `weights`. Built on the meta device and then given the
+    loaded tensors: initialising (orthogonal init, spectral norm's warm-up) 70M parameters that are
     overwritten at once would cost seconds."""
     from pipeline.graph import analyze_network, instantiate
 
-    module = instantiate(loaded, analyze_network(loaded, "generator"), "meta")
+    module = instantiate(loaded, analyze_network(loaded, network), "meta")
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -191,7 +193,7 @@ def _build(loaded, weights: dict[str, torch.Tensor], origin: Path, device) -> nn
             if names
         ]
         raise user_error(
-            f"{origin} does not hold the generator of its spec ({'; '.join(details)})",
+            f"{origin} does not hold the network {network!r} of its spec ({'; '.join(details)})",
             hint="the weights and the spec beside them must come from the same run",
         )
     # Copies in fp32 whatever the training precision: a file's tensors sit at any offset in its
@@ -208,6 +210,11 @@ def _display(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def has_ema(spec, network: str) -> bool:
+    """Whether training kept an EMA of this network."""
+    return spec.ema_of(network) is not None
 
 
 def _from_export(file: Path, device) -> LoadedGenerator:
@@ -231,10 +238,16 @@ def _from_export(file: Path, device) -> LoadedGenerator:
         weights = load_file(file)
     except (SafetensorError, OSError) as exc:
         raise user_error(f"cannot read {file}: {exc}", hint="expected safetensors weights of a generator") from None
-    ema = loaded.spec.train.ema is not None  # export() writes the EMA's weights when the run has one
+    network = file.stem
+    if network not in loaded.spec.method.exports(loaded.spec):
+        raise user_error(
+            f"{file}: the spec beside it exports no network {network!r}",
+            hint=f"its exports are {', '.join(loaded.spec.method.exports(loaded.spec))}",
+        )
+    ema = has_ema(loaded.spec, network)  # export() writes the EMA's weights where there is one
     # export() runs only after the last step, when the step equals the spec's max_steps
     return LoadedGenerator(
-        _build(loaded, weights, file, device),
+        _build(loaded, weights, file, device, network),
         loaded.spec,
         _display(file),
         ema,
@@ -244,50 +257,43 @@ def _from_export(file: Path, device) -> LoadedGenerator:
     )
 
 
-def _from_checkpoint(ckpt: Path, device) -> LoadedGenerator:
-    from pipeline.safe_files import read_tensors, read_torch
-    from pipeline.train.checkpoint import TAG
+def _from_checkpoint(ckpt: Path, device, network: str | None) -> LoadedGenerator:
+    from pipeline.safe_files import read_tensors
+    from pipeline.train.checkpoint import ema_file, network_weights, read_state
 
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-        spec_data, step = state["spec"], state["step"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise user_error(
-            f"cannot read {ckpt / 'state.json'}: {exc}",
-            hint="expected a checkpoint written by `python -m pipeline train`",
-        ) from None
-    loaded = _loaded_spec(spec_data, ckpt / "state.json")
+    state = read_state(ckpt)
+    loaded = _loaded_spec(state["spec"], ckpt / "state.json")
+    spec, step = loaded.spec, state["step"]
+    network = network or spec.method.exports(spec)[0]
     run = _display(ckpt.parent.parent)
-    if loaded.spec.train.ema is not None:
-        file = ckpt / "ema.safetensors"
+    if has_ema(spec, network):
+        file = ema_file(ckpt, network)
         if not file.is_file():
             raise user_error(
-                f"{file} is missing, though the run's spec has an EMA",
+                f"{file} is missing, though the run's spec has an EMA of {network}",
                 hint="the checkpoint is incomplete; use an earlier one (checkpoints/step-N)",
             )
-        weights, what = read_tensors(file), "EMA"
+        weights, what = read_tensors(file), f"the EMA of {network}"
     else:
-        # DeepSpeed writes the full module (ZeRO 0-2) of model-parallel rank 0 here
-        file = ckpt / "G" / TAG / "mp_rank_00_model_states.pt"
-        if not file.is_file():
-            raise user_error(f"{file} is missing", hint="the checkpoint is incomplete; use an earlier one")
-        weights = read_torch(file, map_location="cpu")["module"]
-        what = "G (the run has no EMA)"
+        weights, file, what = network_weights(ckpt, network), ckpt, f"{network} (no EMA)"
     return LoadedGenerator(
-        _build(loaded, weights, file, device),
-        loaded.spec,
+        _build(loaded, weights, file, device, network),
+        spec,
         f"{run}: {what} at step {step}",
-        loaded.spec.train.ema is not None,
+        has_ema(spec, network),
         step,
         file,
         ckpt.parent.parent,
     )
 
 
-def load_generator(source: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
-    """Load trained generator weights from a run directory (its latest checkpoint: the EMA's weights
-    when the run has an EMA, else G's), a checkpoint directory, an export directory, or a
-    `generator.safetensors` file (with `spec.yaml` beside it). Built without torch.compile."""
+def load_generator(
+    source: str | Path, device: str | torch.device = "cpu", *, network: str | None = None
+) -> LoadedGenerator:
+    """Load a trained network (by default the first the spec's method exports: a GAN's generator)
+    from a run directory (its latest checkpoint: the EMA's weights where there is one), a
+    checkpoint directory, an export directory, or an exported NAME.safetensors file (with
+    `spec.yaml` beside it). Built without torch.compile."""
     from pipeline.train.checkpoint import latest
 
     path = Path(source)
@@ -300,17 +306,22 @@ def load_generator(source: str | Path, device: str | torch.device = "cpu") -> Lo
         if path.suffix != ".safetensors":
             raise user_error(f"{path} is not a .safetensors file", hint=SOURCE_HINT)
         return _from_export(path, device)
-    if (path / "generator.safetensors").is_file():
-        return _from_export(path / "generator.safetensors", device)
+    if (path / "spec.yaml").is_file() and list(path.glob("*.safetensors")):
+        if network is None:
+            exported = sorted(path.glob("*.safetensors"))
+            file = path / "generator.safetensors" if (path / "generator.safetensors").is_file() else exported[0]
+        else:
+            file = path / f"{network}.safetensors"
+        return _from_export(file, device)
     if (path / "state.json").is_file():
-        return _from_checkpoint(path, device)
+        return _from_checkpoint(path, device, network)
     last = latest(path)
     if last is None:
         raise user_error(
-            f"{path} holds no finished checkpoint (checkpoints/step-N/state.json) and no generator.safetensors",
+            f"{path} holds no finished checkpoint (checkpoints/step-N/state.json) and no exported weights",
             hint=SOURCE_HINT,
         )
-    return _from_checkpoint(last, device)
+    return _from_checkpoint(last, device, network)
 
 
 # ----- standing statistics -----
@@ -499,47 +510,6 @@ def class_interpolation(
         with mixed_class_embedding(module, end[part], weight[part]):
             images.append(module(z[part].to(device), start[part].to(device)).float().cpu())
     return torch.cat(images).unflatten(0, (num_rows, num_cols))
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images -> uint8 0..255, quantized as a saved PNG would be: real and generated images alike."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images (..., C, H, W) -> uint8 (..., H, W, C)."""
-    return to_uint8(images).movedim(-3, -1)
-
-
-def _pil(pixels: torch.Tensor):
-    from PIL import Image
-
-    array = pixels.numpy()
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-
-
-def tile(images: torch.Tensor) -> torch.Tensor:
-    """(rows, cols, C, H, W) -> one image (C, rows H, cols W)."""
-    rows, cols, channels, height, width = images.shape
-    return images.permute(2, 0, 3, 1, 4).reshape(channels, rows * height, cols * width)
-
-
-def save_png(images: torch.Tensor, path: Path) -> None:
-    """A grid (rows, cols, C, H, W) or one image (C, H, W) in [-1, 1] as a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _pil(to_pixels(tile(images) if images.dim() == 5 else images)).save(path)
-
-
-def save_gif(images: torch.Tensor, path: Path, *, frame_ms: int = 100) -> None:
-    """An interpolation (rows, steps, C, H, W) as an animated GIF: frame j shows step j of every
-    row, tiled into a near-square grid; it plays forwards then backwards, so it loops without a jump."""
-    rows = images.shape[0]
-    cols = math.ceil(math.sqrt(rows))
-    padded = torch.cat([images, images.new_full((cols * math.ceil(rows / cols) - rows, *images.shape[1:]), -1.0)])
-    frames = [_pil(to_pixels(tile(padded[:, j].unflatten(0, (-1, cols))))) for j in range(images.shape[1])]
-    frames += frames[-2:0:-1]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
 
 
 # ----- the `sample` command -----

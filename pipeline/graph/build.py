@@ -20,8 +20,6 @@ from pipeline.blocks.layers import BuildContext, SpectralNorm
 from pipeline.blocks.registry import BlockError, Node, Shape
 from pipeline.errors import Issue, SpecError, did_you_mean
 
-NETWORKS = ("generator", "discriminator")
-INPUT_NAMES = {"generator": ("z", "y"), "discriminator": ("image", "y")}
 PROBE_BATCH = 2  # BatchNorm in train mode needs more than one value per channel
 
 
@@ -108,14 +106,70 @@ def gather(values: dict, mode: str, refs: list[str]):
     return items[0] if len(items) == 1 else torch.cat(items, 1)  # joined
 
 
-def graph_inputs(spec, which: str) -> dict[str, Shape]:
-    d = spec.data
-    first = (spec.latent.z_dim,) if which == "generator" else (d.channels, d.resolution, d.resolution)
-    return dict(zip(INPUT_NAMES[which], (first, ()), strict=True))
+def graph_inputs(loaded, which: str) -> dict[str, Shape]:
+    """A network's inputs in call order with their per-sample shapes: those it declares, else
+    those its method gives a network of its role (the shorthands: z, y and image, y)."""
+    from pipeline.spec.schema import InputSpec
+
+    spec = loaded.spec
+    net = spec.all_networks()[which]
+    declared = dict(net.inputs)
+    need = spec.method.networks(spec).get(which)
+    if not declared and need is not None:
+        declared = {name: InputSpec.model_validate(_input_data(text)) for name, text in need.inputs.items()}
+    if not declared:
+        path = f"{spec.network_path(which)}.inputs"
+        raise SpecError(
+            [
+                Issue(
+                    "the network declares no inputs",
+                    path,
+                    *loaded.where(tuple(path.split("."))),
+                    "e.g. inputs: {image: image} or inputs: {z: latent, y: labels}",
+                )
+            ]
+        )
+    d, shapes, issues = spec.data, {}, []
+    for name, inp in declared.items():
+        path = f"{spec.network_path(which)}.inputs.{name}"
+        if inp.kind == "latent":
+            size = inp.size or (spec.latent.z_dim if spec.latent else None)
+            if size is None:
+                issues.append(
+                    Issue("a latent input needs latent.z_dim (or its own size)", path, *loaded.where(("latent",)))
+                )
+                continue
+            shapes[name] = (size,)
+        elif inp.kind == "labels":
+            if d.num_classes is None:
+                issues.append(Issue("a labels input needs data.num_classes", path, *loaded.where(("data",))))
+                continue
+            shapes[name] = ()
+        else:
+            if inp.stream is not None and inp.stream not in d.all_streams():
+                issues.append(
+                    Issue(
+                        f"unknown data stream {inp.stream!r}",
+                        path,
+                        *loaded.where(tuple(path.split("."))),
+                        did_you_mean(inp.stream, d.all_streams()),
+                    )
+                )
+                continue
+            side = inp.resolution or d.resolution
+            shapes[name] = (inp.channels or d.channels, side, side)
+    if issues:
+        raise SpecError(issues)
+    return shapes
+
+
+def _input_data(text: str) -> dict:
+    kind, _, stream = text.partition(":")
+    return {"kind": kind, **({"stream": stream} if stream else {})}
 
 
 def context(spec, which: str, meta: bool) -> BuildContext:
-    net = getattr(spec, which)
+    net = spec.all_networks()[which]
     return BuildContext(
         num_classes=spec.data.num_classes,
         image_channels=spec.data.channels,
@@ -138,11 +192,12 @@ def _shape_str(shape) -> str:
 class _Checker:
     def __init__(self, loaded, which: str):
         self.loaded, self.which = loaded, which
-        self.net = getattr(loaded.spec, which)
+        self.net = loaded.spec.all_networks()[which]
+        self.loc = tuple(loaded.spec.network_path(which).split("."))
         self.issues: list[Issue] = []
 
     def issue(self, message: str, *loc, hint: str | None = None) -> None:
-        full = (self.which,) + tuple(loc)
+        full = self.loc + tuple(loc)
         file, line = self.loaded.where(full)
         self.issues.append(Issue(message, ".".join(map(str, full)), file, line, hint))
 
@@ -157,7 +212,7 @@ class _Checker:
                     f"node name {name!r} is a graph input name",
                     "nodes",
                     name,
-                    hint=f"{', '.join(inputs)} are the inputs of the {self.which}; rename the node",
+                    hint=f"{', '.join(inputs)} are the inputs of {self.which}; rename the node",
                 )
             elif name in reserved:
                 self.issue(f"node name {name!r} is reserved by torch.nn.Module", "nodes", name, hint="rename the node")
@@ -380,50 +435,68 @@ class _NoDynamoImport(types.ModuleType):
 
 def analyze_network(loaded, which: str) -> NetworkPlan:
     checker = _Checker(loaded, which)
+    inputs = graph_inputs(loaded, which)
     with _NoDynamoImport():
-        plan = checker.analyze(graph_inputs(loaded.spec, which))
+        plan = checker.analyze(inputs)
     if checker.issues:
         raise SpecError(checker.issues)
     return plan
 
 
+def _method_references(loaded) -> list[Issue]:
+    """The networks and streams the method names, each declared by the spec."""
+    spec, issues = loaded.spec, []
+    options = {k: v for k, v in spec.method.model_dump().items() if isinstance(v, str) and k != "kind"}
+
+    def issue(name: str, what: str, known) -> None:
+        keys = [k for k, v in options.items() if v == name]
+        loc = ("method", keys[0]) if keys else ("method",)
+        issues.append(
+            Issue(
+                f"method {spec.method.kind!r} {what} {name!r}, which the spec does not declare",
+                ".".join(loc),
+                *loaded.where(loc),
+                did_you_mean(name, known) if known else None,
+            )
+        )
+
+    declared, streams = spec.all_networks(), spec.data.all_streams()
+    for name in spec.method.networks(spec):
+        if name not in declared:
+            issue(name, "trains a network", declared)
+    for name in spec.method.streams(spec):
+        if name not in streams:
+            issue(name, "reads a data stream", streams)
+    return issues
+
+
 def analyze_spec(loaded) -> dict[str, NetworkPlan]:
-    """Check and analyze both networks, and how they fit the data and each other."""
-    spec, plans, issues = loaded.spec, {}, []
-    for which in NETWORKS:
+    """Check and analyze every network, and how they fit the data, the method and each other."""
+    spec, plans = loaded.spec, {}
+    issues = _method_references(loaded)
+    if issues:
+        raise SpecError(issues)
+    trained = spec.method.networks(spec)
+    for which in spec.all_networks():
+        if which not in trained:
+            path = spec.network_path(which)
+            file, line = loaded.where(tuple(path.split(".")))
+            issues.append(
+                Issue(
+                    f"network {which!r} is not trained by method {spec.method.kind!r}",
+                    path,
+                    file,
+                    line,
+                    f"method {spec.method.kind!r} trains {', '.join(trained)}; remove the network or name it in "
+                    "the method's options",
+                )
+            )
+            continue
         try:
             plans[which] = analyze_network(loaded, which)
         except SpecError as exc:
             issues.extend(exc.issues)
-    d = spec.data
-    image = (d.channels, d.resolution, d.resolution)
-    if "generator" in plans:
-        got = plans["generator"].output_shapes[0]
-        if got != image:
-            file, line = loaded.where(("generator", "output"))
-            issues.append(
-                Issue(
-                    f"the generator outputs {_shape_str(got)}, but data.resolution {d.resolution} with "
-                    f"{d.channels} channels makes images of {_shape_str(image)}, the discriminator's input",
-                    "generator.output",
-                    file,
-                    line,
-                    "add or remove up-sampling stages, or set data.resolution to the generator's output size",
-                )
-            )
-    if "discriminator" in plans:
-        got = plans["discriminator"].output_shapes[0]
-        if got != (1,):
-            file, line = loaded.where(("discriminator", "output"))
-            issues.append(
-                Issue(
-                    f"the discriminator's first output must be one logit per image (shape 1), got {_shape_str(got)}",
-                    "discriminator.output",
-                    file,
-                    line,
-                    "end with a d_head, or reshape to [1]",
-                )
-            )
+    issues.extend(spec.method.check(spec, plans, loaded.where))
     if issues:
         raise SpecError(issues)
     return plans

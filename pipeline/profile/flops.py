@@ -1,77 +1,128 @@
-"""FLOPs of one training step, from the graphs and the phase plan.
+"""FLOPs of one training step, counted by running the method's own phases on the meta device.
 
-Both networks are instantiated on the meta device (no storage) at the run's micro-batch and put
-through the phases of `pipeline.train.loop.Trainer` under `torch.utils.flop_counter`: in a D step,
-G forward without gradients on `micro` latents and D forward and backward on `2 micro` images
-(real and generated) that need no gradient, plus R1 / gradient penalty when the spec has them; in
-the G step, G forward, D forward with D frozen (its weight gradients are skipped), BigGAN's
-orthogonal regularization, and the backward through both. Each phase is multiplied by how often
-it runs: `d_steps x accumulation` D steps and `accumulation` G steps per step.
+Every network the method trains is instantiated on `meta` (no storage) at the run's
+micro-batch, and each phase's objective runs once on meta inputs (zeros of the streams' and
+latents' shapes) under `torch.utils.flop_counter`, followed by the backward the loop would run
+(with the phase's frozen networks frozen, so their weight gradients are skipped). The FLOPs go to
+the profiling region they run in (`G_fwd`, `D_fwd`, `D_bwd`, ...: the same names `profile`
+times), and each phase counts `repeat x accumulation` times per step. So the count follows
+whatever the method does: R1 or the gradient penalty, LOGAN-style extra passes, four networks.
 
 Counted as flop_counter counts: convolutions and matrix products (2 FLOPs per multiply-add),
 forward and backward. Spectral norm's power iteration (matrix-vector products, a few per weight
-per forward, independent of the batch) is reported apart, as `validate` does.
+per training forward, independent of the batch) is reported apart as `sn`, as `validate` does,
+from the number of forwards each network ran.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.graph import analyze_spec
 from pipeline.graph.build import instantiate
-from pipeline.train.regularizers import gradient_penalty, ortho_penalty, r1_penalty
+from pipeline.methods import frozen
+from pipeline.profile import regions
 
-PHASE_FLOPS = ("G_fwd", "D_fwd", "D_bwd", "G_bwd")
+
+class _FlopRegions:
+    """Stands in for `regions.Regions` while counting: FLOPs since the last region boundary go to
+    the innermost open region (exclusive, like the timed regions); outside any, to `outside`."""
+
+    def __init__(self, counter: FlopCounterMode, outside: str):
+        self.counter, self.outside = counter, outside
+        self.totals: dict[str, float] = {}
+        self.stack: list[str] = []
+        self.last = 0
+
+    def _charge(self) -> None:
+        now = self.counter.get_total_flops()
+        name = self.stack[-1] if self.stack else self.outside
+        if now > self.last:
+            self.totals[name] = self.totals.get(name, 0.0) + now - self.last
+        self.last = now
+
+    @contextmanager
+    def time(self, name: str):
+        self._charge()
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self._charge()
+            self.stack.pop()
 
 
-@contextmanager
-def _count(totals: dict[str, float], name: str, times: int):
-    with FlopCounterMode(display=False) as counter:
-        yield
-    totals[name] = totals.get(name, 0.0) + counter.get_total_flops() * times
+class _MetaInputs:
+    """`StepInputs` on the meta device: zeros of every stream's and latent's shape."""
+
+    def __init__(self, spec, nets, micro: int, streams: dict[str, bool]):
+        self.spec, self.nets, self.micro, self.streams = spec, nets, micro, streams
+        self.reads = dict.fromkeys(streams, 0)
+
+    def next(self, stream: str):
+        self.reads[stream] += 1
+        d = self.spec.data
+        images = torch.zeros(self.micro, d.channels, d.resolution, d.resolution, device="meta")
+        labels = torch.zeros(self.micro, dtype=torch.long, device="meta") if self.streams[stream] else None
+        return images, labels
+
+    def latents(self, n: int):
+        z = torch.zeros(n, self.spec.latent.z_dim, device="meta")
+        y = torch.zeros(n, dtype=torch.long, device="meta") if self.spec.data.num_classes else None
+        return z, y
+
+    def mixed(self):
+        return nullcontext()
 
 
 def step_flops(loaded, micro: int, accum: int) -> dict[str, float]:
     """FLOPs per step (all phases, one rank) by region name, and `sn` for spectral norm."""
-    spec, t = loaded.spec, loaded.spec.train
+    return _meta_step(loaded, micro, accum)[0]
+
+
+def batches_per_step(loaded, accum: int) -> dict[str, int]:
+    """Micro-batches a step reads from each stream (one rank), as the method's phases read them."""
+    return _meta_step(loaded, 2, accum)[1]
+
+
+def _meta_step(loaded, micro: int, accum: int) -> tuple[dict[str, float], dict[str, int]]:
+    spec = loaded.spec
     plans = analyze_spec(loaded)
-    G = instantiate(loaded, plans["generator"], "meta").train()
-    D = instantiate(loaded, plans["discriminator"], "meta").train()
-    d = spec.data
-    d_times, totals = t.d_steps * accum, {}
-    with torch.device("meta"):
-        z = torch.zeros(micro, spec.latent.z_dim)
-        y = torch.zeros(micro, dtype=torch.long)
-        real = torch.zeros(micro, d.channels, d.resolution, d.resolution, requires_grad=bool(t.r1_gamma))
-
-        # ----- a D step: fakes without gradients, D forward and backward on real + fake
-        with torch.no_grad(), _count(totals, "G_fwd", d_times):
-            fake = G(z, y)
-        with _count(totals, "D_fwd", d_times):
-            logits = D(torch.cat([real, fake]), torch.cat([y, y])).float()
-            d_loss = logits.sum()
-            if t.r1_gamma:
-                d_loss = d_loss + r1_penalty(logits[:micro], real)
-            if t.gp_weight:
-                d_loss = d_loss + gradient_penalty(D, real, fake, y)
-        with _count(totals, "D_bwd", d_times):
-            d_loss.backward()
-
-        # ----- the G step: D frozen, gradients flow through it into G
-        D.requires_grad_(False)
-        with _count(totals, "G_fwd", accum):
-            fake = G(z, y)
-        with _count(totals, "D_fwd", accum):
-            g_loss = D(fake, y).float().sum()
-        if t.ortho_reg:
-            with _count(totals, "G_fwd", accum):
-                g_loss = g_loss + ortho_penalty(G, t.ortho_reg)
-        with _count(totals, "G_bwd", accum):
-            g_loss.backward()
-    # power iterations: every G forward (D steps and G step) and every D forward
-    sn_g, sn_d = plans["generator"].sn_flops_per_forward, plans["discriminator"].sn_flops_per_forward
-    totals["sn"] = float((sn_g + sn_d) * (d_times + accum))
-    return totals
+    nets = {name: instantiate(loaded, plan, "meta").train() for name, plan in plans.items()}
+    forwards = dict.fromkeys(nets, 0)
+    hooks = [
+        net.register_forward_hook(lambda *_, name=name: forwards.__setitem__(name, forwards[name] + 1))
+        for name, net in nets.items()
+    ]
+    method = spec.method.build(spec)
+    inputs = _MetaInputs(spec, nets, micro, spec.method.streams(spec))
+    totals: dict[str, float] = {}
+    reads = dict.fromkeys(inputs.reads, 0)
+    previous = regions._active
+    try:
+        for phase in method.phases:
+            times = phase.repeat * accum
+            before, read_before = dict(forwards), dict(inputs.reads)
+            with FlopCounterMode(display=False) as counter, frozen(*(nets[n] for n in phase.frozen)):
+                counting = _FlopRegions(counter, f"{phase.name}_fwd")
+                regions._active = counting
+                losses, _ = phase.objective(inputs)
+                for name in phase.steps:
+                    with regions.region(f"{name}_bwd"):
+                        losses[name].backward()
+                regions._active = previous
+            for name, flops in counting.totals.items():
+                totals[name] = totals.get(name, 0.0) + flops * times
+            for name in forwards:  # a phase's forwards run `times` times per step
+                forwards[name] = before[name] + (forwards[name] - before[name]) * times
+            for name in reads:
+                reads[name] += (inputs.reads[name] - read_before[name]) * times
+    finally:
+        regions._active = previous
+        for hook in hooks:
+            hook.remove()
+    totals["sn"] = float(sum(plans[name].sn_flops_per_forward * count for name, count in forwards.items()))
+    return totals, reads

@@ -26,13 +26,13 @@ def summary(r: dict) -> str:
         "",
         (
             f"{r['device']}, {r['world_size']} rank(s); batch {r['batch_size']} ({r['batch_per_rank']} per rank x "
-            f"{r['accumulation']} accumulation), {r['d_steps']} D step(s) + 1 G step, {r['precision']}, "
+            f"{r['accumulation']} accumulation), method {r['method']} ({r['phases']}), {r['precision']}, "
             f"{'compiled' if r['compiled'] else 'eager'}, {r['data']} data; {r['steps']} timed steps "
             f"after {r['warmup']} warm-up."
         ),
         "",
         (
-            f"- **{r['images_per_s']:,.1f} real images/s** through D (all ranks; per rank: "
+            f"- **{r['images_per_s']:,.1f} real images/s** read (all ranks; per rank: "
             f"{', '.join(f'{v:,.1f}' for v in r['images_per_s_per_rank'])}), "
             f"{r['iteration_s']:.4g} s per step (median {r['iteration_s_median']:.4g}, "
             f"min {r['iteration_s_min']:.4g}, max {r['iteration_s_max']:.4g})"

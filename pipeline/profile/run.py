@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 from pipeline.distributed import engines as dist
+from pipeline.methods import describe
 from pipeline.precision import DTYPES
-from pipeline.profile.flops import step_flops
+from pipeline.profile.flops import batches_per_step, step_flops
 from pipeline.profile.peak import device_peak
-from pipeline.profile.regions import Regions, timed
+from pipeline.profile.regions import Regions
 
-PHASES = ("data_wait", "G_fwd", "D_fwd", "D_bwd", "G_bwd", "opt_D", "opt_G", "ema", "comm")
+SHARED_REGIONS = ("data_wait", "ema", "comm")  # besides each phase's forward, backward and optimizer regions
 
 
 def _sync(device: torch.device) -> None:
@@ -61,16 +62,25 @@ def profile_loader_only(loaded, *, steps: int, warmup: int, device: str | None =
     world = dist.setup(device)
     micro, accum = batch_plan(t, world.size)
     dtype = DTYPES[t.precision]
+    stream, labelled = next(iter(spec.method.streams(spec).items()))  # the first stream the method reads
     loader = loader_from_spec(
-        spec, batch_size=micro, device=world.device, rank=world.rank, world_size=world.size, dtype=dtype
+        spec,
+        stream=stream,
+        labelled=labelled,
+        batch_size=micro,
+        device=world.device,
+        rank=world.rank,
+        world_size=world.size,
+        dtype=dtype,
     )
-    batches = steps * t.d_steps * accum
-    rate = loader_rate(loader, batches, warmup * t.d_steps * accum, micro, world.device)
+    per_step = batches_per_step(loaded, accum)[stream]
+    batches = steps * per_step
+    rate = loader_rate(loader, batches, warmup * per_step, micro, world.device)
     per_rank = _gather(rate)
     report = {
         "spec": spec.name,
         "model": "none",
-        "data": "synthetic" if spec.data.synthetic else "real",
+        "data": "synthetic" if all(s.synthetic for s in spec.data.all_streams().values()) else "real",
         "device": _device_name(world.device),
         "world_size": world.size,
         "batch_per_rank": micro,
@@ -89,14 +99,14 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     check_before_building(loaded.spec, world_size_from_environment())
     tr = Trainer(loaded, device=device, resume=False)
     world, dev = tr.world, tr.world.device
-    for engine in (tr.g_engine, tr.d_engine):  # DeepSpeed all-reduces gradients inside backward()
-        engine.allreduce_gradients = timed("comm", engine.allreduce_gradients)
 
-    # ----- 1. the loader alone
-    batches_per_step = t.d_steps * tr.accum
+    # ----- 1. the loader alone: the first stream the method reads, as many batches as the
+    # phases read from it in `steps` steps
+    name, loader = next(iter(tr.streams.items()))
     loader_alone = None
-    if not spec.data.synthetic:
-        loader_alone = _gather(loader_rate(tr.loader, steps * batches_per_step, batches_per_step, tr.micro, dev))
+    if spec.data.all_streams()[name].shards is not None:
+        batches = batches_per_step(loaded, tr.accum)[name]
+        loader_alone = _gather(loader_rate(loader, steps * batches, batches, tr.micro, dev))
 
     # ----- 2. warm-up (compilation)
     warm_s = []
@@ -138,32 +148,34 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     # ----- the figures
     total_s = sum(step_s)
     iteration_s = total_s / steps
-    phases = {name: regions.seconds.get(name, 0.0) / steps for name in PHASES}
-    phases |= {name: s / steps for name, s in regions.seconds.items() if name not in PHASES}
+    phases = {name: regions.seconds.get(name, 0.0) / steps for name in SHARED_REGIONS}
+    phases |= {name: s / steps for name, s in regions.seconds.items() if name not in SHARED_REGIONS}
     phases["other"] = max(0.0, iteration_s - sum(phases.values()))
     flops = step_flops(loaded, tr.micro, tr.accum)
     flops_rank = sum(v for k, v in flops.items() if k != "sn")
     flops_iteration = flops_rank * world.size
     peak, peak_source = device_peak(dev, t.precision)
-    images_per_rank = _gather(tr.images_per_step / world.size / iteration_s)
+    images_per_step = tr.images_last_step  # real images read from the streams, all ranks
+    images_per_rank = _gather(images_per_step / world.size / iteration_s)
     images_per_s = sum(images_per_rank)
     achieved = flops_iteration / iteration_s
-    model_rate = tr.images_per_step / max(iteration_s - phases["data_wait"], 1e-12)
+    model_rate = images_per_step / max(iteration_s - phases["data_wait"], 1e-12)
     compute_s = [s - iteration_s for s in warm_s]
     report = {
         "spec": spec.name,
-        "data": "synthetic" if spec.data.synthetic else "real",
+        "data": "synthetic" if all(s.synthetic for s in spec.data.all_streams().values()) else "real",
         "device": _device_name(dev),
         "world_size": world.size,
         "batch_size": t.batch_size,
         "batch_per_rank": tr.micro,
         "accumulation": tr.accum,
-        "d_steps": t.d_steps,
+        "method": spec.method.kind,
+        "phases": describe(tr.method.phases),
         "precision": t.precision,
         "compiled": spec.compile.enabled,
         "steps": steps,
         "warmup": warmup,
-        "images_per_step": tr.images_per_step,
+        "images_per_step": images_per_step,
         "images_per_s": images_per_s,
         "images_per_s_per_rank": images_per_rank,
         "iteration_s": iteration_s,

@@ -6,7 +6,6 @@ Every problem becomes an `Issue` with file, line, dotted path and a hint; all ar
 
 from __future__ import annotations
 
-import copy
 import types
 import typing
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipeline.blocks.registry import REGISTRY
 from pipeline.errors import Issue, SpecError, did_you_mean, user_error
-from pipeline.spec.schema import Spec
+from pipeline.methods import METHODS
+from pipeline.spec.schema import MOVED_TO_METHOD, Spec
 from pipeline.spec.yaml_io import SourceMap, load_yaml_mapping
 
 # The shipped specs: `specs/` beside the package in a checkout (and an editable install); inside
@@ -125,6 +125,8 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, So
             file=_display(chain[0]),
         )
     data, sources = load_yaml_mapping(path, _display(path))
+    if isinstance(data.get("method"), str):  # `method: cycle` is short for {kind: cycle}
+        data["method"] = {"kind": data["method"]}
     if path.resolve() in chain:
         names = " -> ".join(p.stem for p in chain + (path.resolve(),))
         raise user_error(f"base specs form a cycle: {names}", path="base", file=_display(path))
@@ -137,6 +139,16 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, So
     merged_sources = SourceMap(base_sources)
     merged_sources.update(sources)
     return _merge(base_data, data), merged_sources
+
+
+def _unshared(value):
+    """A copy in which no mapping or list appears twice: a YAML alias (`G_BA: *resnet_generator`)
+    loads as the very object of its anchor, and an override of one would change both."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
 
 
 # ----- overrides -----
@@ -168,8 +180,11 @@ def _keys_at(tp, data) -> tuple[dict[str, object] | None, bool]:
     if typing.get_origin(tp) is dict:
         return {k: typing.get_args(tp)[1] for k in (data or {})}, True
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and isinstance(data, dict):
-        cls = REGISTRY.get(data.get("kind"))
-        return (_fields(cls), False) if cls else (None, False)
+        # a discriminated union (block kinds, methods): the member whose `kind` the data names
+        for member in typing.get_args(tp):
+            kind = getattr(member, "model_fields", {}).get("kind")
+            if kind is not None and data.get("kind") in typing.get_args(kind.annotation):
+                return _fields(member), False
     return None, False
 
 
@@ -196,12 +211,10 @@ def apply_override(data: dict, sources: SourceMap, keys: list[str], value) -> No
         dotted = ".".join(keys[: depth + 1])
         if allowed is None or (key not in allowed and not (open_keys and depth == len(keys) - 1)):
             choices = list(allowed or {})
-            raise user_error(
-                f"unknown key {key!r}",
-                path=dotted,
-                file=COMMAND_LINE,
-                hint=did_you_mean(key, choices) if choices else "this value has no sub-keys",
-            )
+            hint = did_you_mean(key, choices) if choices else "this value has no sub-keys"
+            if dotted in {f"train.{k}" for k in MOVED_TO_METHOD}:
+                hint = f"an option of the training method now: method.{key}=..."
+            raise user_error(f"unknown key {key!r}", path=dotted, file=COMMAND_LINE, hint=hint)
         if depth == len(keys) - 1:
             node[key] = value
             sources[tuple(keys)] = (COMMAND_LINE, None)
@@ -224,6 +237,8 @@ def _clean_loc(loc: tuple, data: dict) -> tuple:
         out.append(loc[i])
         if len(out) >= 3 and out[-2] == "nodes" and i + 1 < len(loc) and loc[i + 1] in REGISTRY:
             i += 1  # skip the kind tag
+        elif out == ["method"] and i + 1 < len(loc) and loc[i + 1] in METHODS:
+            i += 1
         i += 1
     return tuple(out)
 
@@ -245,8 +260,9 @@ def _issue_from_pydantic(err: dict, data: dict, sources: SourceMap) -> Issue:
         hint = did_you_mean(str(loc[-1]), allowed or [])
     elif kind == "union_tag_invalid":
         tag = err.get("ctx", {}).get("tag")
-        msg = f"unknown block kind {tag!r}"
-        hint = did_you_mean(str(tag), REGISTRY) or f"known kinds: {', '.join(sorted(REGISTRY))}"
+        known, what = (METHODS, "method") if loc == ("method",) else (REGISTRY, "block kind")
+        msg = f"unknown {what} {tag!r}"
+        hint = did_you_mean(str(tag), known) or f"known {what.split()[-1]}s: {', '.join(sorted(known))}"
     elif kind == "union_tag_not_found":
         msg = "node has no `kind`"
         hint = f"known kinds: {', '.join(sorted(REGISTRY))}"
@@ -265,8 +281,9 @@ def load_spec(arg: str | Path, overrides: list[str] = (), *, check_graphs: bool 
     """Load, merge, override and validate a spec; raise `SpecError` listing every problem."""
     path = resolve_spec_path(str(arg))
     data, sources = _load_with_bases(path)
-    data = copy.deepcopy(data)
+    data = _unshared(data)
     data.setdefault("name", path.stem)
+    data.setdefault("method", {"kind": "gan"})  # the default method, spelled out so overrides can reach its options
     issues: list[Issue] = []
     for text in overrides:
         try:

@@ -3,6 +3,7 @@ the JSON Schema (`python -m pipeline schema`) and the errors come from these doc
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,6 +22,7 @@ from pydantic import (
 from pipeline.blocks import node_union
 from pipeline.blocks.registry import Init, no_bool_for_a_number
 from pipeline.eval.protocol import STANDING_STATS_PASSES
+from pipeline.methods import METHODS, method_union
 
 NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
@@ -34,15 +36,85 @@ class Section(BaseModel):
 
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
+_IMAGES = {"": 1, "k": 1000, "M": 1000_000}
+
+
+def _interval(value):
+    # steps (500), or images as progress is counted: "6400img", "64kimg", "2Mimg"
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*(k|M)?img\s*", value)
+        if not match or int(match[1]) == 0:
+            raise ValueError(f"{value!r} is not an interval: give steps (500) or images (6400img, 64kimg, 2Mimg)")
+        return f"{int(match[1]) * _IMAGES[match[2] or '']}img"
+    return value
+
+
+Interval = Annotated[PositiveInt | str, BeforeValidator(_interval)]
+
+
+def due(every, step: int, images_before: int, images_after: int) -> bool:
+    """Whether an interval (steps, or "Nimg") has come round in the step that took the images seen
+    from `images_before` to `images_after`."""
+    if isinstance(every, int):
+        return step % every == 0
+    n = int(every.removesuffix("img"))
+    return images_after // n > images_before // n
+
 
 def _as_list(v):
     return [v] if isinstance(v, str) else v
 
 
-class NetworkSpec(Section):
-    """A network as a DAG of named nodes. The generator's inputs are `z` (latent.z_dim) and `y`
-    (class labels); the discriminator's are `image` (data.channels x resolution x resolution) and `y`."""
+class InputSpec(Section):
+    """One input of a network: a latent vector, class labels, or an image."""
 
+    kind: Literal["latent", "labels", "image"] = Field(
+        description="latent: a vector of latent.z_dim (or `size`); labels: class indices (data.num_classes); "
+        "image: channels x resolution x resolution (data's unless given)."
+    )
+    size: PositiveInt | None = Field(None, description="latent: its dimension; default latent.z_dim.")
+    channels: PositiveInt | None = Field(None, description="image: its channels; default data.channels.")
+    resolution: PositiveInt | None = Field(None, le=8192, description="image: its side; default data.resolution.")
+    stream: str | None = Field(None, description="image: the data stream its real images come from, if any.")
+
+
+def _input_shorthand(v):
+    # `z: latent`, `y: labels`, `image: image`, or `image: image:STREAM`
+    if isinstance(v, str):
+        kind, _, stream = v.partition(":")
+        return {"kind": kind, **({"stream": stream} if stream else {})}
+    return v
+
+
+class OptimizerSpec(Section):
+    lr: PositiveFloat = Field(description="Adam learning rate.")
+    betas: tuple[Beta, Beta] = Field((0.0, 0.999), description="Adam betas, each in [0, 1).")
+    eps: PositiveFloat = Field(1e-8, description="Adam epsilon.")
+
+
+class EmaSpec(Section):
+    decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay of the network's weights.")
+    start_images: int = Field(0, ge=0, description="Images seen before the EMA starts (before: a copy).")
+
+
+class NetworkSpec(Section):
+    """A network as a DAG of named nodes. The shorthand `generator:` takes `z` (latent.z_dim) and
+    `y` (class labels); `discriminator:` takes `image` (data.channels x resolution x resolution)
+    and `y`. A network under `networks:` declares its inputs, or takes those its method gives it."""
+
+    inputs: dict[NodeName, Annotated[InputSpec, BeforeValidator(_input_shorthand)]] = Field(
+        default_factory=dict,
+        description=(
+            "Named inputs in call order: `latent`, `labels`, `image` or `image:STREAM`, or a mapping "
+            "({kind: image, channels: 3, resolution: 64}); default: what the method gives a network of its role."
+        ),
+    )
+    opt: OptimizerSpec | None = Field(
+        None, description="This network's Adam settings; default train.g_opt or train.d_opt by its role."
+    )
+    ema: EmaSpec | None = Field(
+        None, description="An EMA of this network's weights; default: train.ema for the gan method's generator."
+    )
     nodes: dict[NodeName, node_union()] = Field(
         description=(
             "Named nodes, each with a `kind` from the block registry, its inputs (`in`, `cond`, `y`) "
@@ -79,13 +151,24 @@ class AugmentSpec(Section):
     flip: bool = Field(True, description="Random horizontal flips.")
 
 
+class StreamSpec(Section):
+    """A named set of real images, read by its own DALI pipeline (its position is checkpointed)."""
+
+    shards: str | None = Field(None, description="WebDataset shards: a directory, a file or a glob of .tar files.")
+    synthetic: bool = Field(False, description="Random images (and labels) instead of shards.")
+
+
 class DataSpec(Section):
     resolution: PositiveInt = Field(
         le=8192, description="Image side in pixels (at most 8192): the generator output and discriminator input."
     )
     channels: PositiveInt = Field(3, description="Image channels.")
-    num_classes: PositiveInt = Field(description="Number of classes; labels are 0 .. num_classes - 1.")
-    shards: str | None = Field(None, description="WebDataset shards: a directory, a file or a glob of .tar files.")
+    num_classes: PositiveInt | None = Field(
+        None, description="Number of classes; labels are 0 .. num_classes - 1 (none for unlabelled data)."
+    )
+    shards: str | None = Field(
+        None, description="WebDataset shards of the stream `images`: a directory, a file or a glob of .tar files."
+    )
     synthetic: bool = Field(
         False,
         description="Random images and labels instead of shards (measuring the model "
@@ -104,47 +187,65 @@ class DataSpec(Section):
             "naming its shard and key, or skip it (counted)."
         ),
     )
+    streams: dict[NodeName, StreamSpec] = Field(
+        default_factory=dict,
+        description=(
+            "Named image streams (e.g. one per domain for an image-to-image method); default: one stream "
+            "`images` read from data.shards (or synthetic). Resolution, augmentation and reader settings above "
+            "apply to every stream."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_data(self):
+        if self.streams and (self.shards or self.synthetic):
+            raise ValueError("give data.shards / data.synthetic or data.streams, not both")
+        return self
+
+    def all_streams(self) -> dict[str, StreamSpec]:
+        """Every stream by name: `streams`, or the one stream `images` of data.shards."""
+        return dict(self.streams) or {"images": StreamSpec(shards=self.shards, synthetic=self.synthetic)}
 
 
-class OptimizerSpec(Section):
-    lr: PositiveFloat = Field(description="Adam learning rate.")
-    betas: tuple[Beta, Beta] = Field((0.0, 0.999), description="Adam betas, each in [0, 1).")
-    eps: PositiveFloat = Field(1e-8, description="Adam epsilon.")
+# Keys of `train:` that are options of the gan method since methods became data
+MOVED_TO_METHOD = ("loss", "d_steps", "label_smoothing", "label_flip", "ortho_reg", "r1_gamma", "gp_weight")
 
 
-class EmaSpec(Section):
-    decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay of the generator's weights.")
-    start_images: int = Field(0, ge=0, description="Images seen before the EMA starts (before: a copy).")
+def upgrade_stored(data: dict) -> dict:
+    """A spec as runs, checkpoints and exports stored it before `method:` existed, in today's
+    layout: the gan options of `train:` move into `method`. Current specs pass unchanged."""
+    train = data.get("train")
+    if not isinstance(train, dict) or "method" in data or not set(MOVED_TO_METHOD) & set(train):
+        return data
+    moved = {k: train[k] for k in MOVED_TO_METHOD if k in train}
+    return data | {"train": {k: v for k, v in train.items() if k not in moved}, "method": {"kind": "gan", **moved}}
 
 
 class TrainSpec(Section):
-    loss: Literal["hinge", "non_saturating", "wgan_gp", "least_squares"] = Field("hinge", description="GAN loss.")
-    d_steps: PositiveInt = Field(1, description="Discriminator steps per generator step.")
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_method(cls, data):
+        if isinstance(data, dict):
+            moved = [k for k in MOVED_TO_METHOD if k in data]
+            if moved:
+                keys = ", ".join(f"train.{k}" for k in moved)
+                raise ValueError(
+                    f"{keys}: option(s) of the training method now; write them under `method:` (e.g. "
+                    f"method: {{kind: gan, {moved[0]}: ...}}, or method.{moved[0]}=... on the command line)"
+                )
+        return data
+
     batch_size: PositiveInt = Field(256, description="Global batch = batch_per_rank x grad_accum x world size.")
     batch_per_rank: PositiveInt | None = Field(None, description="Micro-batch per rank; default: batch_size.")
-    g_opt: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=1e-4))
-    d_opt: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=4e-4))
-    ema: EmaSpec | None = Field(default_factory=EmaSpec, description="EMA of G; null for none.")
-    label_smoothing: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="non_saturating: one-sided label smoothing of "
-        "D's real targets (1 - smoothing; Salimans et al. 2016).",
+    g_opt: OptimizerSpec = Field(
+        default_factory=lambda: OptimizerSpec(lr=1e-4), description="Adam of the networks in the generator role."
     )
-    label_flip: float = Field(
-        0.0, ge=0, le=1, description="non_saturating: probability of flipping each of D's real/fake targets."
+    d_opt: OptimizerSpec = Field(
+        default_factory=lambda: OptimizerSpec(lr=4e-4), description="Adam of the networks in the discriminator role."
     )
-    ortho_reg: float = Field(
-        0.0,
-        ge=0,
-        description=(
-            "BigGAN's modified orthogonal regularization beta * ||W W^T * (1 - I)||_F^2 (0: off); BigGAN-PyTorch's "
-            "--G_ortho strength s corresponds to beta = s / 2."
-        ),
+    ema: EmaSpec | None = Field(
+        default_factory=EmaSpec, description="EMA of the gan method's generator; null for none."
     )
-    r1_gamma: float = Field(0.0, ge=0, description="R1 penalty weight on real images (Mescheder et al. 2018; 0: off).")
-    gp_weight: float = Field(0.0, ge=0, description="WGAN-GP gradient penalty weight (10 in Gulrajani et al.; 0: off).")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description=(
@@ -153,11 +254,12 @@ class TrainSpec(Section):
         ),
     )
     zero_stage: Literal[0, 1, 2] = Field(0, description="DeepSpeed ZeRO stage.")
-    max_steps: PositiveInt = Field(100_000, description="Generator steps of the run.")
-    log_every: PositiveInt = Field(10, description="Generator steps between lines of metrics.jsonl.")
-    sample_every: PositiveInt = Field(500, description="Generator steps between sample grids.")
-    checkpoint_every: PositiveInt = Field(
-        1000, description="Generator steps between checkpoints (one is also written at the end and on Ctrl-C)."
+    max_steps: PositiveInt = Field(100_000, description="Steps of the run (each: every phase of the method once).")
+    log_every: Interval = Field(10, description="Steps (or images: 64kimg) between lines of metrics.jsonl.")
+    sample_every: Interval = Field(500, description="Steps (or images: 640kimg) between sample grids.")
+    checkpoint_every: Interval = Field(
+        1000,
+        description="Steps (or images: 1Mimg) between checkpoints (one is also written at the end and on Ctrl-C).",
     )
     keep_checkpoints: PositiveInt = Field(3, description="Checkpoints kept; older ones are deleted.")
 
@@ -220,8 +322,12 @@ def _compile_shorthand(v):
     return {"enabled": v} if isinstance(v, bool) else v
 
 
+def _method_shorthand(v):
+    return {"kind": v} if isinstance(v, str) else v
+
+
 class Spec(Section):
-    """A GAN: its two networks, latent, data, training and compile settings."""
+    """A GAN: its training method, networks, latent, data, training and compile settings."""
 
     name: str = Field(description="Name of the spec (default: the file name); runs go to runs/NAME.")
     base: str | None = Field(
@@ -234,7 +340,12 @@ class Spec(Section):
     )
     description: str = Field("", description="One line on what this spec is and where its numbers come from.")
     seed: int = Field(0, ge=0, lt=2**63, description="Random seed (0 to 2^63 - 1).")
-    latent: LatentSpec
+    method: Annotated[method_union(), BeforeValidator(_method_shorthand)] = Field(
+        default_factory=lambda: METHODS["gan"](),
+        description="The training method: a registered kind (" + ", ".join(METHODS) + ") and its options; "
+        "`method: gan` is short for {kind: gan}.",
+    )
+    latent: LatentSpec | None = Field(None, description="The latent z of the generators that take one.")
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -242,8 +353,42 @@ class Spec(Section):
     compile: Annotated[CompileSpec, BeforeValidator(_compile_shorthand)] = Field(
         default_factory=CompileSpec, description="torch.compile settings; `compile: true` is short for enabled."
     )
-    generator: NetworkSpec
-    discriminator: NetworkSpec
+    generator: NetworkSpec | None = Field(None, description="Shorthand for the network `generator` (inputs z, y).")
+    discriminator: NetworkSpec | None = Field(
+        None, description="Shorthand for the network `discriminator` (inputs image, y)."
+    )
+    networks: dict[NodeName, NetworkSpec] = Field(
+        default_factory=dict, description="Further named networks, each a block graph with declared inputs."
+    )
+
+    @model_validator(mode="after")
+    def _networks_of_the_method(self):
+        names = [n for n in ("generator", "discriminator") if getattr(self, n) is not None]
+        twice = [n for n in names if n in self.networks]
+        if twice:
+            raise ValueError(f"network {twice[0]!r} is declared both as `{twice[0]}:` and under `networks:`")
+        return self
+
+    def all_networks(self) -> dict[str, NetworkSpec]:
+        """Every declared network by name: the shorthands first, then `networks:`."""
+        shorthand = {n: getattr(self, n) for n in ("generator", "discriminator") if getattr(self, n) is not None}
+        return shorthand | dict(self.networks)
+
+    def ema_of(self, name: str) -> EmaSpec | None:
+        """The EMA kept of a network: its own `ema`, else `train.ema` for a network the method exports."""
+        own = self.all_networks()[name].ema
+        return own or (self.train.ema if name in self.method.exports(self) else None)
+
+    def opt_of(self, name: str) -> OptimizerSpec:
+        """A network's Adam: its own `opt`, else train.g_opt or train.d_opt by its role in the method."""
+        role = self.method.networks(self)[name].role
+        return self.all_networks()[name].opt or (self.train.g_opt if role == "generator" else self.train.d_opt)
+
+    def network_path(self, name: str) -> str:
+        """The spec path of a network's section: `generator` for a shorthand, `networks.NAME` otherwise."""
+        return (
+            name if name in ("generator", "discriminator") and getattr(self, name) is not None else f"networks.{name}"
+        )
 
     @property
     def run_dir(self) -> Path:

@@ -1,14 +1,16 @@
 """Checkpoints that can always be resumed from and are never half-written.
 
-Layout of run_dir/checkpoints/step-NNNNNNNN/: G/ and D/ (each DeepSpeed engine in its own
-directory: model, optimizer and ZeRO partitions), ema.safetensors, rank-NNNNN.pt per rank (RNG
-states and the data reader's position) and state.json (counters and the resolved spec), written
-last. Everything is written under a `.tmp` name that is renamed when all ranks are done, so a
+Layout of run_dir/checkpoints/step-NNNNNNNN/: one directory per engine, named by the method
+(G/ and D/ for a GAN: model, optimizer and ZeRO partitions), ema-NETWORK.safetensors per EMA,
+rank-NNNNN.pt per rank (RNG states, each data stream's reader position and the method's own
+state), state.json (counters, the engines' networks and the resolved spec) and checksums.json,
+written last. Everything is written under a `.tmp` name that is renamed when all ranks are done, so a
 crash or a full disk leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -19,11 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline.distributed.engines import barrier
+from pipeline.distributed.engines import barrier, saved_weights
 from pipeline.errors import user_error
 from pipeline.safe_files import DAMAGED, read_json, read_tensors, read_torch, sha256
 
-TAG = "ckpt"
 CHECKSUMS = "checksums.json"
 # Settings a resumed run may change: they steer the run, not the model or its optimisation.
 MAY_DIFFER = (
@@ -126,6 +127,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def spec_differences(saved: dict, current: dict) -> list[str]:
+    """What differs between a stored spec and the current one, ignoring what a resumed run may
+    change. A spec stored by an older version is first read as today's schema reads it (its
+    moved keys in their new places, new settings at their defaults)."""
+    from pydantic import ValidationError
+
+    from pipeline.spec.schema import Spec, upgrade_stored
+
+    with contextlib.suppress(ValidationError):  # else compared as stored: the differences name what fails
+        saved = Spec.model_validate(upgrade_stored(saved)).resolved()
     a, b = _flat(saved), _flat(current)
     keep = [k for k in sorted(set(a) | set(b)) if not any(k == m or k.startswith(m + ".") for m in MAY_DIFFER)]
     return [
@@ -136,12 +146,14 @@ def spec_differences(saved: dict, current: dict) -> list[str]:
 
 
 def save(
-    run_dir: Path, step: int, *, g_engine, d_engine, ema, world, loader_state: str, state: dict, keep: int
+    run_dir: Path, step: int, *, engines: dict, emas: dict, world, rank_state: dict, state: dict, keep: int
 ) -> Path:
+    """Write a checkpoint of every engine and EMA, this rank's `rank_state` (RNG, stream positions,
+    the method's state) and, from the main rank, `state` (counters and the spec)."""
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     try:
-        return _save(run_dir, final, tmp, g_engine, d_engine, ema, world, loader_state, state, keep)
+        return _save(run_dir, final, tmp, engines, emas, world, rank_state, state, keep)
     except (OSError, RuntimeError) as exc:
         if not _disk_full(exc):
             raise
@@ -170,22 +182,23 @@ def _mount_point(path: Path) -> Path:
     return path
 
 
-def _save(run_dir, final, tmp, g_engine, d_engine, ema, world, loader_state, state, keep) -> Path:
+def _save(run_dir, final, tmp, engines, emas, world, rank_state, state, keep) -> Path:
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    g_engine.save_checkpoint(str(tmp / "G"), tag=TAG)
-    d_engine.save_checkpoint(str(tmp / "D"), tag=TAG)
-    rng = {"cpu": torch.get_rng_state(), "latents": state.pop("latent_rng")}
+    for name, engine in engines.items():
+        engine.save(tmp / name)
+    rng = {"cpu": torch.get_rng_state(), **rank_state.get("rng", {})}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save({"rng": rng, "loader": loader_state}, tmp / f"rank-{world.rank:05d}.pt")
+    torch.save(rank_state | {"rng": rng}, tmp / f"rank-{world.rank:05d}.pt")
     barrier()
     if world.is_main:
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for name, ema in emas.items():
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / f"ema-{name}.safetensors")
+        engine_networks = {name: list(engine.networks) for name, engine in engines.items()}
+        (tmp / "state.json").write_text(json.dumps(state | {"engines": engine_networks}, indent=1))
         # last: the checksum of every file, verified on resume (bit rot, a bad copy, a truncation)
         sums = {str(f.relative_to(tmp)): sha256(f) for f in _files(tmp)}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
@@ -198,8 +211,8 @@ def _save(run_dir, final, tmp, g_engine, d_engine, ema, world, loader_state, sta
     return final
 
 
-def load(path: Path, *, g_engine, d_engine, ema, world, spec_dict: dict) -> tuple[dict, dict]:
-    """Restore engines and EMA; return (state.json, this rank's RNG and loader state)."""
+def load(path: Path, *, engines: dict, emas: dict, world, spec_dict: dict) -> tuple[dict, dict]:
+    """Restore engines and EMAs; return (state.json, this rank's state: RNG, streams, method)."""
     state = read_state(path)
     differences = spec_differences(state["spec"], spec_dict)
     if differences:
@@ -212,23 +225,35 @@ def load(path: Path, *, g_engine, d_engine, ema, world, spec_dict: dict) -> tupl
             f"the checkpoint {path} was written by {state['world_size']} rank(s), this run has {world.size}",
             hint="resume with the same number of processes",
         )
-    for engine, sub in ((g_engine, "G"), (d_engine, "D")):
-        loaded, _ = engine.load_checkpoint(
-            str(path / sub), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if loaded is None:
-            raise user_error(f"cannot load {path / sub}")
-    if ema is not None:
-        ema.load_state_dict(read_tensors(path / "ema.safetensors"))
+    for name, engine in engines.items():
+        engine.load(path / name)
+    for name, ema in emas.items():
+        ema.load_state_dict(read_tensors(ema_file(path, name)))
     local = read_torch(path / f"rank-{world.rank:05d}.pt")
+    if "loader" in local:  # written before streams had names: the one stream of a GAN
+        local["streams"] = {"images": local.pop("loader")}
     return state, local
 
 
+def ema_file(path: Path, network: str) -> Path:
+    """The EMA of a network in a checkpoint (`ema.safetensors`: a GAN's, written before EMAs were per network)."""
+    file = path / f"ema-{network}.safetensors"
+    legacy = path / "ema.safetensors"
+    return legacy if not file.exists() and network == "generator" and legacy.exists() else file
+
+
+def engines_of(state: dict) -> dict[str, list[str]]:
+    """Engine directory -> the networks it holds, as the checkpoint's state.json records it."""
+    return state.get("engines") or {"G": ["generator"], "D": ["discriminator"]}  # before methods: a GAN
+
+
 def network_weights(path: Path, network: str) -> dict[str, torch.Tensor]:
-    """A network's full weights from a checkpoint (the directory of its engine, e.g. "G"), on the
-    CPU, read without unpickling code. DeepSpeed keeps the whole module (ZeRO 0-2) of
-    model-parallel rank 0 in one file."""
-    file = path / network / TAG / "mp_rank_00_model_states.pt"
-    if not file.is_file():
-        raise user_error(f"{file} is missing", hint="the checkpoint is incomplete; use an earlier one")
-    return read_torch(file, map_location="cpu")["module"]
+    """A network's full weights from a checkpoint, on the CPU, read without unpickling code."""
+    for engine, networks in engines_of(read_state(path)).items():
+        if network in networks:
+            weights = saved_weights(path / engine)
+            if len(networks) == 1:
+                return weights
+            prefix = network + "."
+            return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+    raise user_error(f"{path} holds no network {network!r}", hint=DAMAGED)

@@ -1,19 +1,20 @@
 """The training loop: `python -m pipeline train SPEC [key=value ...]`.
 
-Reads top to bottom: setup, networks and engines, data, resume, then steps made of phases
-(`d_steps` discriminator steps, then one generator step) until `train.max_steps`. Progress is
-counted in real images seen by D. Re-running the same command resumes from the latest checkpoint.
+Reads top to bottom: setup, networks and engines, data streams, resume, then steps made of the
+method's phases (for a GAN: `d_steps` discriminator steps, then one generator step) until
+`train.max_steps`. The method says what each phase computes; this file owns backward, optimizer
+steps, EMAs, logging, samples, checkpoints, signals and NaN stops. Progress is counted in real
+images read from the data streams. Re-running the same command resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,21 +24,24 @@ import yaml
 from pipeline.data.dali import loader_from_spec
 from pipeline.distributed import engines as dist
 from pipeline.errors import Issue, SpecError, user_error
-from pipeline.eval.sampling import save_png
 from pipeline.graph import build_network, compile_network
+from pipeline.images import save_png
+from pipeline.methods import frozen
 from pipeline.precision import DTYPES, autocast
 from pipeline.profile.regions import region
+from pipeline.spec.schema import due
 from pipeline.train import checkpoint
 from pipeline.train.ema import EMA
-from pipeline.train.losses import get_loss
 from pipeline.train.preflight import (
     batch_plan,
     check_before_building,
     rank_from_environment,
     world_size_from_environment,
 )
-from pipeline.train.regularizers import gradient_penalty, ortho_penalty, r1_penalty
 from pipeline.train.run_lock import run_lock
+
+# evaluate(networks to score by name, the spec) -> scores to log; the CLI passes one in
+Evaluator = Callable[[dict[str, torch.nn.Module], object], dict]
 
 
 class TrainingStopped(SpecError):
@@ -57,12 +61,17 @@ class RunSummary:
     images_seen: int
 
 
+def export_files(spec) -> list[Path]:
+    """What a finished run exports: each exported network's weights (its EMA's where it has one)."""
+    return [spec.run_dir / "export" / f"{name}.safetensors" for name in spec.method.exports(spec)]
+
+
 def already_complete(spec) -> RunSummary | None:
     """The summary of a run that needs nothing more: its latest checkpoint is at (or past)
     `train.max_steps` for this very spec and its export is written. Nothing is built for it."""
     run_dir = spec.run_dir
     last = checkpoint.latest(run_dir)
-    if last is None or not (run_dir / "export" / "generator.safetensors").exists():
+    if last is None or not all(f.exists() for f in export_files(spec)):
         return None
     try:
         state = checkpoint.read_state(last)
@@ -75,48 +84,56 @@ def already_complete(spec) -> RunSummary | None:
     return RunSummary(run_dir, state["step"], spec.train.max_steps, 0, state["images_seen"])
 
 
-@contextmanager
-def frozen(module: torch.nn.Module):
-    """No gradient reaches `module`'s parameters inside (D during the G step). With DeepSpeed,
-    D's next backward fails ("gradient computed twice") unless D is frozen here."""
-    module.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        module.requires_grad_(True)
+class StepInputs:
+    """What the method's objectives see: the networks' raw modules, the data streams (each read
+    counted as real images seen, all ranks together) and latents drawn for the global batch."""
+
+    def __init__(self, trainer: Trainer):
+        self.tr = trainer
+        self.nets, self.micro = trainer.nets, trainer.micro
+
+    def next(self, stream: str):
+        with region("data_wait"):
+            batch = next(self.tr.streams[stream])
+        self.tr.images_seen += self.micro * self.tr.world.size
+        return batch
+
+    def latents(self, n: int):
+        return self.tr.latents(n)
+
+    def mixed(self):
+        return autocast(self.tr.world.device.type, self.tr.t.precision)
 
 
-@dataclass
-class Phase:
-    name: str
-    repeat: int
-    run: Callable[[], dict]
+class RunLog:
+    """Values the phases log (scalar tensors), summed on the device and averaged over every
+    micro-batch, phase repeat and step since the last line: one host synchronisation per line."""
 
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
 
-def make_loss(train):
-    """The spec's loss with its options (label smoothing and flipping belong to non_saturating)."""
-    options = {"label_smoothing": train.label_smoothing, "flip_prob": train.label_flip}
-    if train.loss != "non_saturating" and any(options.values()):
-        raise user_error(
-            f"label_smoothing and label_flip apply to the non_saturating loss, not {train.loss}", path="train.loss"
-        )
-    return get_loss(train.loss, **(options if train.loss == "non_saturating" else {}))
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().double()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
 
-
-def grad_norm(engine) -> float | None:
-    """L2 norm of the accumulated gradient at an optimizer step (None between accumulation steps,
-    and under ZeRO 1/2, where gradients live in DeepSpeed's partitions rather than in .grad)."""
-    if not engine.is_gradient_accumulation_boundary():
-        return None
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads).item() if grads else None
+    def means(self) -> dict[str, float]:
+        """The means since the last call (synchronises once), averaged over ranks; then resets."""
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        totals = torch.stack([self.sums[k] for k in keys]).tolist()
+        self.sums, counts, self.counts = {}, self.counts, {}
+        return dist.all_mean({k: total / counts[k] for k, total in zip(keys, totals, strict=True)}, self.device)
 
 
 class Trainer:
-    """Everything a run builds: process group, networks, EMA, engines, data, and the phases of one
-    step (`d_steps` discriminator steps, then one generator step). `train` and `profile` both build
-    it, so a profile measures exactly what training runs. Named regions (`D_fwd`, `opt_G`, ...) are
-    free unless a profile switches them on."""
+    """Everything a run builds: process group, networks, EMAs, engines, data streams, and the
+    method's phases. `train` and `profile` both build it, so a profile measures exactly what
+    training runs. Named regions (`D_fwd`, `opt_G`, ...) are free unless a profile switches them on."""
 
     def __init__(self, loaded, *, device: str | None = None, resume: bool = True):
         spec, t = loaded.spec, loaded.spec.train
@@ -125,18 +142,27 @@ class Trainer:
         self.micro, self.accum = batch_plan(t, world.size)
         self.run_dir = spec.run_dir
         self.spec_dict = spec.resolved()
+        self.method = spec.method.build(spec)
+        needs = spec.method.networks(spec)
 
-        # ----- networks, EMA and engines: identical initial weights on every rank
+        # ----- networks, EMAs and engines: identical initial weights on every rank
         torch.manual_seed(spec.seed)
-        self.G = build_network(loaded, "generator", world.device, compile=False)  # compiled after the EMA copy
-        self.D = build_network(loaded, "discriminator", world.device)
-        # the EMA (an eager copy) is kept in fp32 even under bf16
-        self.ema = EMA(self.G, t.ema.decay, t.ema.start_images, dtype=torch.float32) if t.ema else None
-        compile_network(self.G, spec.compile)
+        self.nets = {name: build_network(loaded, name, world.device, compile=False) for name in needs}
+        self.emas = {}
+        for name in needs:  # an eager copy, kept in fp32 even under bf16
+            ema = spec.ema_of(name)
+            if ema is not None:
+                self.emas[name] = EMA(self.nets[name], ema.decay, ema.start_images, dtype=torch.float32)
+        for net in self.nets.values():
+            compile_network(net, spec.compile)
         config = dist.engine_config(t, self.micro, self.accum, world.size)
-        self.g_engine = dist.make_engine(self.G, t.g_opt, config)
-        self.d_engine = dist.make_engine(self.D, t.d_opt, config)
-        self.loss = make_loss(t)
+        self.engines = {
+            engine: dist.Engine(
+                engine, {n: self.nets[n] for n in members}, {n: spec.opt_of(n) for n in members}, config
+            )
+            for engine, members in spec.method.engines(spec).items()
+        }
+        self.lrs = {f"lr_{e.lower()}": spec.opt_of(members[0]).lr for e, members in spec.method.engines(spec).items()}
         # bf16: convolutions and matrix products in bf16, norms, losses and master weights in fp32
         self.dtype = DTYPES[t.precision]
 
@@ -145,117 +171,104 @@ class Trainer:
         self.latent_rng = torch.Generator().manual_seed(spec.seed)
 
         # ----- resume
-        self.step, self.images_seen, loader_state = 0, 0, None
+        self.step, self.images_seen, local = 0, 0, {}
         last = checkpoint.latest_intact(self.run_dir) if resume else None
         if last is not None:
             state, local = checkpoint.load(
-                last,
-                g_engine=self.g_engine,
-                d_engine=self.d_engine,
-                ema=self.ema,
-                world=world,
-                spec_dict=self.spec_dict,
+                last, engines=self.engines, emas=self.emas, world=world, spec_dict=self.spec_dict
             )
-            self.step, self.images_seen, loader_state = state["step"], state["images_seen"], local["loader"]
+            self.step, self.images_seen = state["step"], state["images_seen"]
             torch.set_rng_state(local["rng"]["cpu"])
             self.latent_rng.set_state(local["rng"]["latents"])
             if "cuda" in local["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(local["rng"]["cuda"])
-        self.loader = loader_from_spec(
-            spec,
-            batch_size=self.micro,
-            device=world.device,
-            rank=world.rank,
-            world_size=world.size,
-            state=loader_state,
-            dtype=self.dtype,
-        )
-        self.phases = [Phase("D", t.d_steps, self.d_step), Phase("G", 1, self.g_step)]
+            self.method.load_state_dict(local.get("method", {}))
 
-    def mixed(self):
-        return autocast(self.world.device.type, self.t.precision)
+        # ----- data: one reader per stream, each resuming at its own position
+        positions = local.get("streams", {})
+        together = spec.method.read_together(spec)
+        self.streams = {
+            name: loader_from_spec(
+                spec,
+                stream=name,
+                labelled=labelled,
+                seed_offset=0 if together else i,
+                batch_size=self.micro,
+                device=world.device,
+                rank=world.rank,
+                world_size=world.size,
+                state=positions.get(name),
+                dtype=self.dtype,
+            )
+            for i, (name, labelled) in enumerate(spec.method.streams(spec).items())
+        }
+        sizes = {name: getattr(loader, "dataset_size", None) for name, loader in self.streams.items()}
+        if together and len(set(sizes.values())) > 1:
+            raise user_error(
+                "the method reads its streams as pairs, but they hold "
+                + ", ".join(f"{n}: {size} samples" for n, size in sizes.items()),
+                path="data.streams",
+                hint="paired streams hold the same samples in the same order; set method.paired=false for "
+                "unpaired data (and method.lambda_cs=0)",
+            )
+        self.inputs = StepInputs(self)
+        self.log = RunLog(world.device)
+        self.images_last_step = 0
 
-    def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        world = self.world
+    def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        world, classes = self.world, self.spec.data.num_classes
         z = torch.randn(n * world.size, self.spec.latent.z_dim, generator=self.latent_rng)
-        y = torch.randint(0, self.spec.data.num_classes, (n * world.size,), generator=self.latent_rng)
+        y = torch.randint(0, classes, (n * world.size,), generator=self.latent_rng) if classes else None
         part = slice(world.rank * n, (world.rank + 1) * n)
-        return z[part].to(world.device), y[part].to(world.device)
+        return z[part].to(world.device), None if y is None else y[part].to(world.device)
 
-    # ----- the phases of one step
-    def d_step(self) -> dict:
-        t, micro, mixed = self.t, self.micro, self.mixed
-        for _ in range(self.accum):
-            with region("data_wait"):
-                real, y_real = next(self.loader)
-            with region("G_fwd"), torch.no_grad(), mixed():
-                z, y_fake = self.latents(micro)
-                fake = self.g_engine.module(z, y_fake)
-            if t.r1_gamma:
-                real = real.detach().requires_grad_(True)
-            with region("D_fwd"), mixed():
-                # D's raw module, as in the G step: the engine's forward adds output hooks that make
-                # R1's torch.autograd.grad fail ("direct calls to backward"); engine.backward below
-                # still scales by the accumulation steps and reduces the gradients
-                logits = self.d_engine.module(
-                    torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake])
-                ).float()
-                real_logits, fake_logits = logits[:micro], logits[micro:]
-                d_loss = self.loss.d(real_logits, fake_logits)
-                if t.r1_gamma:
-                    d_loss = d_loss + t.r1_gamma / 2 * r1_penalty(real_logits, real)
-                if t.gp_weight:
-                    d_loss = d_loss + t.gp_weight * gradient_penalty(self.d_engine.module, real, fake, y_real)
-            with region("D_bwd"):
-                self.d_engine.backward(d_loss)
-            with region("opt_D"):
-                norm = grad_norm(self.d_engine)
-                self.d_engine.step()
+    # ----- one step: every phase of the method, then the EMAs
+    def run_step(self) -> list[str]:
+        """One step; returns what became non-finite in it ('loss_g became nan'), usually nothing
+        (one host synchronisation)."""
+        start_images, losses = self.images_seen, {}
+        for phase in self.method.phases:
+            for _ in range(phase.repeat):
+                with frozen(*(self.nets[n] for n in phase.frozen)):
+                    for _ in range(self.accum):
+                        phase_losses, values = phase.objective(self.inputs)
+                        for name in phase.steps:
+                            with region(f"{name}_bwd"):
+                                self.engines[name].backward(phase_losses[name])
+                        for name in phase.steps:
+                            with region(f"opt_{name}"):
+                                norm = self.engines[name].step()
+                            if norm is not None:
+                                values[f"grad_norm_{name.lower()}"] = norm
+                        self.log.add(values)
+                        for key in (k for k in values if k.startswith("loss_")):
+                            losses[key] = losses[key] + values[key] if key in losses else values[key]
+        with region("ema"):
+            for name, ema in self.emas.items():
+                ema.update(self.nets[name], self.images_seen)
+        self.step += 1
+        self.images_last_step = self.images_seen - start_images
+        keys = list(losses)
+        finite = torch.isfinite(torch.stack([losses[k].float() for k in keys])).tolist() if keys else []
+        return [f"{k} became {losses[k].item()}" for k, ok in zip(keys, finite, strict=True) if not ok]
+
+    def scored(self) -> dict[str, torch.nn.Module]:
+        """The exported networks as sampling and evaluation see them: their EMA where they have one."""
         return {
-            "loss_d": d_loss.item(),
-            "d_real": real_logits.mean().item(),
-            "d_fake": fake_logits.mean().item(),
-            **({"grad_norm_d": norm} if norm is not None else {}),
+            name: self.emas[name].module if name in self.emas else self.nets[name]
+            for name in self.spec.method.exports(self.spec)
         }
 
-    def g_step(self) -> dict:
-        with frozen(self.D):
-            for _ in range(self.accum):
-                with region("G_fwd"), self.mixed():
-                    z, y = self.latents(self.micro)
-                    fake = self.g_engine(z, y)
-                with region("D_fwd"), self.mixed():
-                    g_loss = self.loss.g(self.d_engine.module(fake, y).float())  # D's raw module: no engine hooks
-                if self.t.ortho_reg:
-                    with region("G_fwd"):
-                        g_loss = g_loss + ortho_penalty(self.g_engine.module, self.t.ortho_reg)
-                with region("G_bwd"):
-                    self.g_engine.backward(g_loss)
-                with region("opt_G"):
-                    norm = grad_norm(self.g_engine)
-                    self.g_engine.step()
-        return {"loss_g": g_loss.item(), **({"grad_norm_g": norm} if norm is not None else {})}
-
-    def run_step(self) -> dict:
-        """One step: every phase, then the EMA. Returns this rank's values to log."""
-        values: dict[str, float] = {}
-        for phase in self.phases:
-            for _ in range(phase.repeat):
-                values |= phase.run()
-                if phase.name == "D":
-                    self.images_seen += self.micro * self.accum * self.world.size
-        if self.ema is not None:
-            with region("ema"):
-                self.ema.update(self.g_engine.module, self.images_seen)
-        self.step += 1
-        return values
+    def rank_state(self) -> dict:
+        return {
+            "streams": {name: loader.state_dict() for name, loader in self.streams.items()},
+            "method": self.method.state_dict(),
+        }
 
     def non_finite_weights(self) -> list[str]:
-        """'G has N non-finite values' for each network (and the EMA) whose parameters or buffers
-        are not all finite: what a NaN or infinite update leaves even when the losses looked fine."""
-        nets = {"G": self.g_engine.module, "D": self.d_engine.module}
-        if self.ema is not None:
-            nets["the EMA of G"] = self.ema.module
+        """'generator has N non-finite weights' for each network (and EMA) whose parameters or
+        buffers are not all finite: what a NaN or infinite update leaves even when the losses looked fine."""
+        nets = dict(self.nets) | {f"the EMA of {name}": ema.module for name, ema in self.emas.items()}
         found = []
         for name, net in nets.items():
             tensors = [t for t in (*net.parameters(), *net.buffers()) if t.is_floating_point()]
@@ -264,14 +277,12 @@ class Trainer:
                 found.append(f"{name} has {count} non-finite weights")
         return found
 
-    @property
-    def images_per_step(self) -> int:
-        """Real images through D per step, all ranks together."""
-        return self.t.d_steps * self.t.batch_size
 
-
-def train(loaded, *, device: str | None = None, stop_after: int | None = None) -> RunSummary:
-    """Train (or resume) the run a spec describes; say where it ended.
+def train(
+    loaded, *, device: str | None = None, stop_after: int | None = None, evaluate: Evaluator | None = None
+) -> RunSummary:
+    """Train (or resume) the run a spec describes; say where it ended. `evaluate` scores the
+    exported networks every `eval.every` steps (the CLI passes the method's evaluation in).
     `stop_after` ends the process's work after that many steps without a final checkpoint (tests
     use it to stand in for a killed run)."""
     complete = already_complete(loaded.spec)
@@ -279,12 +290,12 @@ def train(loaded, *, device: str | None = None, stop_after: int | None = None) -
         return complete
     check_before_building(loaded.spec, world_size_from_environment())  # before anything is built or written
     if rank_from_environment() != 0:
-        return _train(loaded, device=device, stop_after=stop_after)
+        return _train(loaded, device=device, stop_after=stop_after, evaluate=evaluate)
     with run_lock(loaded.spec.run_dir):  # one writer per run directory
-        return _train(loaded, device=device, stop_after=stop_after)
+        return _train(loaded, device=device, stop_after=stop_after, evaluate=evaluate)
 
 
-def _train(loaded, *, device: str | None, stop_after: int | None) -> RunSummary:
+def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Evaluator | None) -> RunSummary:
     tr = Trainer(loaded, device=device)
     spec, t, world, run_dir = tr.spec, tr.t, tr.world, tr.run_dir
     if world.is_main:
@@ -294,138 +305,120 @@ def _train(loaded, *, device: str | None, stop_after: int | None) -> RunSummary:
     if world.is_main and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
         kept = [line for line in _metric_lines(metrics_path) if json.loads(line)["step"] <= tr.step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
+    evaluate = evaluate if spec.eval.every else None
+    # the method's sample grid: fixed inputs, chosen once
+    grid = spec.method.sample_grid(spec, world.device) if world.is_main else None
+    writer = _tensorboard(run_dir) if world.is_main else None
 
-    # ----- fixed latents for sample grids: rows are classes, columns samples
-    rows = min(10, spec.data.num_classes)
-    sample_gen = torch.Generator().manual_seed(spec.seed + 1)
-    sample_z = torch.randn(rows * 8, spec.latent.z_dim, generator=sample_gen).to(world.device)
-    sample_y = torch.linspace(0, spec.data.num_classes - 1, rows).long().repeat_interleave(8).to(world.device)
-
-    def write_samples(at: int) -> None:
-        net = tr.ema.module if tr.ema is not None else tr.g_engine.module
-        was_training = net.training
-        net.eval()
-        with torch.no_grad():
-            save_png(net(sample_z, sample_y).unflatten(0, (rows, -1)), run_dir / "samples" / f"step-{at:08d}.png")
-        net.train(was_training)
-
-    # ----- periodic evaluation (main rank; the scorer and real statistics are made once)
-    scorer = None
-
-    def write_eval(at: int) -> None:
-        nonlocal scorer
-        from pipeline.eval.evaluate import evaluate_module, make_scorer
-
-        e = spec.eval
-        scorer = scorer or make_scorer(spec, e.features, world.device)
-        net = tr.ema.module if tr.ema is not None else tr.g_engine.module
-        result = evaluate_module(
-            net,
-            spec,
-            scorer,
-            num=e.num_samples,
-            truncation=e.truncation,
-            standing_passes=e.standing_stats,
-            seed=spec.seed,
-        )
-        result["protocol"]["ema"] = tr.ema is not None
-        record = {
-            "step": at,
-            "images_seen": tr.images_seen,
-            **{k: v for k, v in result.items() if k != "protocol"},
-            "eval_protocol": result["protocol"],
-        }
+    def write_line(record: dict) -> None:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if writer is not None:
-            for key in ("fid", "kid_mean", "is_mean", "class_accuracy"):
-                if record.get(key) is not None:
-                    writer.add_scalar(f"eval/{key}", record[key], tr.images_seen)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, tr.images_seen)
+
+    def write_samples(at: int) -> None:
+        nets = tr.scored()
+        modes = {name: net.training for name, net in nets.items()}
+        for net in nets.values():
+            net.eval()
+        with torch.no_grad():
+            save_png(grid(nets), run_dir / "samples" / f"step-{at:08d}.png")
+        for name, net in nets.items():
+            net.train(modes[name])
+
+    def write_eval(at: int) -> None:
+        result = evaluate(tr.scored(), spec)
+        write_line({"step": at, "images_seen": tr.images_seen, **result})
 
     def save_checkpoint(at: int) -> Path:
+        state = {"step": at, "images_seen": tr.images_seen, "world_size": world.size, "spec": tr.spec_dict}
+        rank_state = tr.rank_state() | {"rng": {"latents": tr.latent_rng.get_state()}}
         return checkpoint.save(
             run_dir,
             at,
-            g_engine=tr.g_engine,
-            d_engine=tr.d_engine,
-            ema=tr.ema,
+            engines=tr.engines,
+            emas=tr.emas,
             world=world,
-            loader_state=tr.loader.state_dict(),
+            rank_state=rank_state,
+            state=state,
             keep=t.keep_checkpoints,
-            state={
-                "step": at,
-                "images_seen": tr.images_seen,
-                "world_size": world.size,
-                "spec": tr.spec_dict,
-                "latent_rng": tr.latent_rng.get_state(),
-            },
         )
 
     # ----- Ctrl-C / SIGTERM: finish the step, save, stop
-    stop = {"signal": None}
-    previous = {
-        s: signal.signal(s, lambda signum, _: stop.update(signal=signum)) for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    writer = _tensorboard(run_dir) if world.is_main else None
+    stop = _StopSignal()
     progress = _Progress(t.max_steps, tr.step, enabled=world.is_main)
     tick, tick_images, done = time.perf_counter(), tr.images_seen, 0  # done: steps trained by this call
-    try:
-        if world.is_main and spec.eval.every and tr.step == 0:
-            write_eval(0)  # the untrained generator: the baseline the scores fall from
+    with ExitStack() as cleanup:
+        cleanup.enter_context(stop)
+        cleanup.callback(progress.close)
+        if writer is not None:
+            cleanup.callback(writer.close)
+        if world.is_main and evaluate and tr.step == 0:
+            write_eval(0)  # the untrained networks: the baseline the scores fall from
         while tr.step < t.max_steps:
-            values = tr.run_step()
+            # ----- one step
+            images_before = tr.images_seen
+            bad = tr.run_step()
             step = tr.step
-            bad = [f"{k} became {values[k]}" for k in ("loss_d", "loss_g") if not math.isfinite(values[k])]
             if bad:
                 raise _stopped(bad, step, run_dir)
-            if step % t.log_every == 0 or step == t.max_steps:
+
+            # ----- log, samples, evaluation; intervals in steps or images, and always at the last step
+            now_due = {
+                name: due(getattr(t, name), step, images_before, tr.images_seen) or step == t.max_steps
+                for name in ("log_every", "sample_every", "checkpoint_every")
+            }
+            if now_due["log_every"]:
                 now = time.perf_counter()
-                values = dist.all_mean(values, world.device)
-                record = {
-                    "step": step,
-                    "images_seen": tr.images_seen,
-                    **values,
-                    "lr_g": t.g_opt.lr,
-                    "lr_d": t.d_opt.lr,
-                    "images_per_s": (tr.images_seen - tick_images) / (now - tick),
-                }
+                record = {"step": step, "images_seen": tr.images_seen, **tr.log.means(), **tr.lrs}
+                record["images_per_s"] = (tr.images_seen - tick_images) / (now - tick)
                 tick, tick_images = now, tr.images_seen
                 if world.is_main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if writer is not None:
-                        for key, value in record.items():
-                            if key != "step":
-                                writer.add_scalar(key, value, tr.images_seen)
+                    write_line(record)
                 progress.update(step, record)
-            if world.is_main and (step % t.sample_every == 0 or step == t.max_steps):
+            if world.is_main and now_due["sample_every"]:
                 write_samples(step)
-            if world.is_main and spec.eval.every and (step % spec.eval.every == 0 or step == t.max_steps):
+            if world.is_main and evaluate and (step % spec.eval.every == 0 or step == t.max_steps):
                 write_eval(step)
             progress.advance(step)
             done += 1
             if stop_after is not None and done >= stop_after:
                 return RunSummary(run_dir, step, t.max_steps, done, tr.images_seen)
-            if step % t.checkpoint_every == 0 or step == t.max_steps or stop["signal"] is not None:
-                bad = tr.non_finite_weights()  # a checkpoint is only written when every weight is finite
+
+            # ----- checkpoint: only when every weight is finite
+            if now_due["checkpoint_every"] or stop.signum is not None:
+                bad = tr.non_finite_weights()
                 if bad:
                     raise _stopped(bad, step, run_dir)
                 saved = save_checkpoint(step)
-            if stop["signal"] is not None:
+            if stop.signum is not None:
                 raise Interrupted(
                     f"interrupted at step {step} of {t.max_steps}; checkpoint written to {saved}. "
                     "Run the same command again to resume from it."
                 )
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        progress.close()
-        if writer is not None:
-            writer.close()
     if world.is_main:
-        export(run_dir, tr.ema.module if tr.ema is not None else tr.g_engine.module, tr.spec_dict)
+        export(run_dir, tr.scored(), tr.spec_dict)
     dist.barrier()
     return RunSummary(run_dir, tr.step, t.max_steps, done, tr.images_seen)
+
+
+class _StopSignal:
+    """Inside: Ctrl-C and SIGTERM are noted (`signum`) instead of interrupting; the loop finishes
+    the step, checkpoints and stops. The previous handlers come back on leaving."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _note(self, signum, _frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def _stopped(problems: list[str], step: int, run_dir: Path) -> TrainingStopped:
@@ -462,15 +455,15 @@ def _metric_lines(path: Path) -> list[str]:
     return lines
 
 
-def export(run_dir: Path, generator: torch.nn.Module, spec_dict: dict) -> Path:
-    """The generator's weights (the EMA's when there is one) as safetensors, and the spec beside it."""
+def export(run_dir: Path, networks: dict[str, torch.nn.Module], spec_dict: dict) -> Path:
+    """Each exported network's weights (the EMA's where there is one) as NAME.safetensors, and the
+    spec beside them."""
     from safetensors.torch import save_file
 
     out = run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()}, out / "generator.safetensors"
-    )
+    for name, net in networks.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, out / f"{name}.safetensors")
     (out / "spec.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
     return out
 
@@ -515,7 +508,8 @@ class _Progress:
             self.bar.update(self.task, completed=step, left=self.time_left(step))
 
     def update(self, step: int, record: dict) -> None:
-        info = f"{record['images_per_s']:.0f} img/s  D {record['loss_d']:.3f}  G {record['loss_g']:.3f}"
+        losses = "  ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
+        info = f"{record['images_per_s']:.0f} img/s  {losses}"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info, left=self.time_left(step))
         elif self.enabled:

@@ -1,0 +1,78 @@
+"""The evaluation `train` runs every `eval.every` steps, by method: the CLI builds it here and
+hands it to the loop, which calls it with the networks to score (their EMAs where they have
+one) and logs what it returns to metrics.jsonl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def evaluator_for(spec):
+    """A function (networks by name, spec) -> scores to log, or None when the spec evaluates never."""
+    if not spec.eval.every:
+        return None
+    if spec.method.kind == "cycle":
+        return _translation_evaluator()
+    return _gan_evaluator()
+
+
+def _device(nets: dict) -> torch.device:
+    return next(next(iter(nets.values())).parameters()).device
+
+
+def _gan_evaluator():
+    scorer = None  # the scorer and the real statistics are made once, at the first evaluation
+
+    def evaluate(nets: dict, spec) -> dict:
+        nonlocal scorer
+        from pipeline.eval.evaluate import evaluate_module, make_scorer
+
+        e, name = spec.eval, spec.method.exports(spec)[0]
+        scorer = scorer or make_scorer(spec, e.features, _device(nets))
+        result = evaluate_module(
+            nets[name],
+            spec,
+            scorer,
+            num=e.num_samples,
+            truncation=e.truncation,
+            standing_passes=e.standing_stats,
+            seed=spec.seed,
+        )
+        from pipeline.eval.sampling import has_ema
+
+        protocol = result.pop("protocol") | {"ema": has_ema(spec, name)}
+        return result | {"eval_protocol": protocol}
+
+    return evaluate
+
+
+def _translation_evaluator():
+    def evaluate(nets: dict, spec) -> dict:
+        from pipeline.eval.translation import evaluate_translation
+
+        m, streams = spec.method, spec.data.all_streams()
+        result = evaluate_translation(
+            nets[m.g_ab],
+            nets[m.g_ba],
+            Path(streams[m.domain_a].shards),
+            Path(streams[m.domain_b].shards),
+            device=_device(nets),
+            num_samples=spec.eval.num_samples,
+            seed=spec.seed,
+        )
+        return flat_translation_scores(result) | {"eval_protocol": result["protocol"]}
+
+    return evaluate
+
+
+def flat_translation_scores(result: dict) -> dict:
+    """{"A->B": {"fid": ..}} -> {"fid_a_to_b": ..}: one metrics.jsonl key per figure."""
+    flat = {}
+    for direction, scores in result.items():
+        if direction == "protocol":
+            continue
+        suffix = direction.lower().replace("->", "_to_")
+        flat |= {f"{key}_{suffix}": value for key, value in scores.items()}
+    return flat

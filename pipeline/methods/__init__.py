@@ -1,0 +1,13 @@
+"""Training methods. Importing this package registers every method."""
+
+from pipeline.methods import cycle, gan  # noqa: F401  (registration side effects)
+from pipeline.methods.registry import (  # noqa: F401
+    METHODS,
+    Method,
+    MethodRun,
+    NetworkNeed,
+    Phase,
+    describe,
+    frozen,
+    method_union,
+)

@@ -1,0 +1,175 @@
+"""The method registry: kind -> strict pydantic options model -> the phases of a training step.
+
+A training method is what a spec's `method:` names: which networks it trains (each a block
+graph of the spec, in a role: generator or discriminator), which data streams it reads, and the
+phases of one step. A phase is data: its name (profiling regions and log keys follow it), the
+engines it steps, the networks its loss backpropagates through without stepping them (frozen),
+how often it runs, and an objective: a function of the step's inputs returning one loss per
+stepped engine and the values to log. The loop owns backward, optimizer steps, logging,
+checkpoints and stops, and never knows which method it runs.
+
+Adding a method is adding one module: a subclass of `Method` with a `kind: Literal[...]` field
+and its options, decorated with `@register`, imported in `pipeline/methods/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.blocks.registry import no_bool_for_a_number
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.errors import Issue
+    from pipeline.graph.build import NetworkPlan
+
+Role = Literal["generator", "discriminator"]
+
+
+@dataclass(frozen=True)
+class NetworkNeed:
+    """A network a method trains: its role (which of `train.g_opt` / `train.d_opt` and whether
+    `train.ema` apply to it by default) and, for a network declared under `networks:` without
+    `inputs`, the inputs it gets."""
+
+    role: Role
+    inputs: dict[str, str] = field(default_factory=dict)  # input name -> "latent" | "labels" | "image:STREAM"
+
+
+class StepInputs(Protocol):
+    """What an objective sees: the raw modules of every network, the data streams and latents."""
+
+    nets: Mapping[str, torch.nn.Module]
+    micro: int  # samples per micro-batch on this rank
+
+    def next(self, stream: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next micro-batch of a stream: images, and labels for a labelled stream (else None)."""
+
+    def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """z for n samples (this rank's slice of one global draw), and class labels when the spec has classes."""
+
+    def mixed(self) -> AbstractContextManager:
+        """The run's autocast (bf16) context; a no-op in fp32."""
+
+
+# losses per stepped engine, and values to log (scalar tensors, averaged over micro-batches)
+Objective = Callable[[StepInputs], tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]]
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    steps: tuple[str, ...]  # engines updated by this phase, each with its own loss
+    objective: Objective
+    repeat: int = 1
+    frozen: tuple[str, ...] = ()  # networks the losses backpropagate through without updating them
+
+
+@contextmanager
+def frozen(*modules):
+    """No gradient reaches these modules' parameters inside (D during the G step). With DeepSpeed,
+    D's next backward fails ("gradient computed twice") unless D is frozen here."""
+    for module in modules:
+        module.requires_grad_(False)
+    try:
+        yield modules
+    finally:
+        for module in modules:
+            module.requires_grad_(True)
+
+
+def describe(phases: list[Phase]) -> str:
+    """The phases of a step in a few words: 'D x2, G'."""
+    return ", ".join(p.name + (f" x{p.repeat}" if p.repeat > 1 else "") for p in phases)
+
+
+class MethodRun:
+    """A method's implementation for one run: its phases, plus any state of its own that must be
+    checkpointed for an exact resume (kept per rank)."""
+
+    phases: list[Phase]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")
+
+
+class Method(BaseModel):
+    """Options of a training method. Subclasses add `kind` and their own options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    # (a field validator on "*" would also sit on `kind`, which pydantic refuses for a discriminator)
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_bool_for_a_number(cls, data):
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if key in cls.model_fields and key != "kind":
+                    try:
+                        no_bool_for_a_number(cls, value, SimpleNamespace(field_name=key))
+                    except ValueError as exc:
+                        raise ValueError(f"{key}: {exc}") from None
+        return data
+
+    def networks(self, spec) -> dict[str, NetworkNeed]:
+        """The networks this method trains, by name (names the spec declares)."""
+        raise NotImplementedError
+
+    def engines(self, spec) -> dict[str, tuple[str, ...]]:
+        """One DeepSpeed engine (optimizer, checkpoint directory) per entry: the networks it holds.
+        Networks optimised with one joint loss share an engine (param groups keep their own
+        optimizer settings), since DeepSpeed reduces and steps what one backward computed."""
+        raise NotImplementedError
+
+    def streams(self, spec) -> dict[str, bool]:
+        """The data streams this method reads: name -> whether it needs labels."""
+        raise NotImplementedError
+
+    def read_together(self, spec) -> bool:
+        """Whether the streams are read in lockstep (the same seed, so paired shards give pairs)."""
+        return False
+
+    def exports(self, spec) -> tuple[str, ...]:
+        """Networks written to export/NAME.safetensors at the end of a run (their EMA where declared)."""
+        raise NotImplementedError
+
+    def check(self, spec, plans: dict[str, NetworkPlan], where: Callable) -> list[Issue]:
+        """Cross-network checks after every graph is analyzed (shapes that must fit each other)."""
+        return []
+
+    def sample_grid(self, spec, device) -> Callable[[dict[str, torch.nn.Module]], torch.Tensor]:
+        """The grid written to samples/ during training: fixed inputs chosen once, and a function of
+        the exported networks (in eval mode, without gradients) returning (rows, cols, C, H, W)."""
+        raise NotImplementedError
+
+    def build(self, spec) -> MethodRun:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method kind; a kind may be registered once."""
+    (kind,) = cls.model_fields["kind"].annotation.__args__
+    if kind in METHODS:
+        raise KeyError(f"method {kind!r} registered twice: {METHODS[kind].__name__} and {cls.__name__}")
+    METHODS[kind] = cls
+    return cls
+
+
+def method_union():
+    """The discriminated union of every registered method, for the spec schema."""
+    members = tuple(METHODS.values())
+    return Annotated[Union[members], Field(discriminator="kind")]  # noqa: UP007 (a union built from a tuple)
