@@ -48,7 +48,16 @@ def make_scorer(spec, features: str, device, *, shards: str | None = None) -> Sc
 
 
 def fake_batches(
-    module, *, num: int, z_dim: int, num_classes: int, truncation: float | None, mode: str, seed: int, batch_size: int
+    module,
+    *,
+    num: int,
+    z_dim: int,
+    num_classes: int,
+    truncation: float | None,
+    mode: str,
+    seed: int,
+    batch_size: int,
+    distribution: str = "normal",
 ):
     """`num` generated images as uint8 batches with their labels, classes in turn (balanced)."""
     device = next(module.parameters()).device
@@ -56,7 +65,9 @@ def fake_batches(
     labels = torch.arange(num) % num_classes
     for start in range(0, num, batch_size):
         y = labels[start : start + batch_size]
-        z = sample_latents(len(y), z_dim, truncation, mode=mode, generator=rng, device=device)
+        z = sample_latents(
+            len(y), z_dim, truncation, mode=mode, generator=rng, device=device, distribution=distribution
+        )
         with torch.no_grad():
             yield to_uint8(module(z, y.to(device))), y
 
@@ -85,6 +96,7 @@ def evaluate_module(
             num_passes=standing_passes,
             batch_size=batch_size,
             z_dim=spec.latent.z_dim,
+            distribution=spec.latent.distribution,
             num_classes=spec.data.num_classes,
             truncation=truncation,
             mode=mode,
@@ -97,6 +109,7 @@ def evaluate_module(
                 net,
                 num=num,
                 z_dim=spec.latent.z_dim,
+                distribution=spec.latent.distribution,
                 num_classes=spec.data.num_classes,
                 truncation=truncation,
                 mode=mode,

@@ -91,11 +91,22 @@ def sample_latents(
     mode: str = "truncate",
     generator: torch.Generator | None = None,
     device=None,
+    distribution: str = "normal",
 ) -> torch.Tensor:
     """`n` latents of `z_dim`: plain normal (truncation None), truncated normal with threshold
-    `truncation` (mode "truncate") or normal with standard deviation `truncation` (mode "scale")."""
+    `truncation` (mode "truncate") or normal with standard deviation `truncation` (mode "scale");
+    or, for a spec whose `latent.distribution` is uniform, U(-1, 1) (no truncation)."""
     if mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation mode must be one of {TRUNCATION_MODES}, got {mode!r}")
+    if distribution == "uniform":
+        if truncation is not None:
+            raise user_error(
+                "truncation applies to normal latents; this run's latent.distribution is uniform",
+                hint="sample without --truncation",
+            )
+        gen_device = generator.device if generator is not None else "cpu"
+        z = torch.rand((n, z_dim), generator=generator, device=gen_device) * 2 - 1
+        return z.to(device or z.device)
     if truncation is None:
         return truncated_normal((n, z_dim), None, generator=generator, device=device)
     if mode == "scale":
@@ -341,6 +352,7 @@ def standing_stats(
     num_classes: int,
     truncation: float | None,
     mode: str = "truncate",
+    distribution: str = "normal",
     generator: torch.Generator | None = None,
 ) -> None:
     """BigGAN's standing statistics: reset every BatchNorm's running mean and variance, then set
@@ -367,7 +379,9 @@ def standing_stats(
                 m.cross_replica = False
             m.train()
         for _ in range(num_passes if norms else 0):
-            z = sample_latents(batch_size, z_dim, truncation, mode=mode, generator=generator, device=device)
+            z = sample_latents(
+                batch_size, z_dim, truncation, mode=mode, generator=generator, device=device, distribution=distribution
+            )
             y = torch.randint(
                 num_classes,
                 (batch_size,),
@@ -404,11 +418,14 @@ def class_grid(
     z_dim: int,
     truncation: float | None = None,
     mode: str = "truncate",
+    distribution: str = "normal",
     generator: torch.Generator | None = None,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Images (len(classes), num_per_class, C, H, W): rows are classes, columns samples."""
-    z = sample_latents(len(classes) * num_per_class, z_dim, truncation, mode=mode, generator=generator)
+    z = sample_latents(
+        len(classes) * num_per_class, z_dim, truncation, mode=mode, generator=generator, distribution=distribution
+    )
     y = torch.tensor(classes).repeat_interleave(num_per_class)
     return generate(module, z, y, batch_size=batch_size).unflatten(0, (len(classes), num_per_class))
 
@@ -421,13 +438,14 @@ def latent_interpolation(
     z_dim: int,
     truncation: float | None = None,
     mode: str = "truncate",
+    distribution: str = "normal",
     generator: torch.Generator | None = None,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Images (len(classes), num_steps, C, H, W): each row one class, its latent moving along the
     great circle (slerp) between two latents drawn for that row."""
-    start = sample_latents(len(classes), z_dim, truncation, mode=mode, generator=generator)
-    end = sample_latents(len(classes), z_dim, truncation, mode=mode, generator=generator)
+    start = sample_latents(len(classes), z_dim, truncation, mode=mode, generator=generator, distribution=distribution)
+    end = sample_latents(len(classes), z_dim, truncation, mode=mode, generator=generator, distribution=distribution)
     z = slerp(start[:, None], end[:, None], torch.linspace(0, 1, num_steps))  # (rows, steps, z_dim)
     y = torch.tensor(classes).repeat_interleave(num_steps)
     return generate(module, z.flatten(0, 1), y, batch_size=batch_size).unflatten(0, (len(classes), num_steps))
@@ -484,6 +502,7 @@ def class_interpolation(
     z_dim: int,
     truncation: float | None = None,
     mode: str = "truncate",
+    distribution: str = "normal",
     generator: torch.Generator | None = None,
     batch_size: int = 64,
 ) -> torch.Tensor:
@@ -501,7 +520,9 @@ def class_interpolation(
         ends.append(torch.full_like(t, b, dtype=torch.long))
     weight, start, end = torch.cat(weights), torch.cat(starts), torch.cat(ends)
     num_cols = len(weight)
-    z = sample_latents(num_rows, z_dim, truncation, mode=mode, generator=generator).repeat_interleave(num_cols, 0)
+    z = sample_latents(
+        num_rows, z_dim, truncation, mode=mode, generator=generator, distribution=distribution
+    ).repeat_interleave(num_cols, 0)
     weight, start, end = weight.repeat(num_rows), start.repeat(num_rows), end.repeat(num_rows)
     device = next(module.parameters()).device
     images = []
@@ -560,6 +581,7 @@ def write_samples(
             num_classes=gen.num_classes,
             truncation=truncation,
             mode=mode,
+            distribution=gen.spec.latent.distribution,
             generator=torch.Generator().manual_seed(seed + 1),
         )
     module.eval()
@@ -568,6 +590,7 @@ def write_samples(
         "z_dim": gen.z_dim,
         "truncation": truncation,
         "mode": mode,
+        "distribution": gen.spec.latent.distribution,
         "generator": latent_rng,
         "batch_size": batch_size,
     }

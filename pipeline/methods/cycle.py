@@ -147,7 +147,7 @@ class CycleMethod(Method):
         def grid(nets):
             ab, ba = nets[self.g_ab], nets[self.g_ba]
             fake_b, fake_a = ab(a), ba(b)
-            return torch.stack([a, fake_b, ba(fake_b), b, fake_a, ab(fake_a)])
+            return {"": torch.stack([a, fake_b, ba(fake_b), b, fake_a, ab(fake_a)])}
 
         return grid
 

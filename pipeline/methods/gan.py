@@ -9,12 +9,65 @@ import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
 from pipeline.errors import Issue
-from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Phase, register
+from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, register
 from pipeline.profile.regions import region
+from pipeline.train import latent_opt, unet_gan
 from pipeline.train.losses import LOSSES, get_loss
 from pipeline.train.regularizers import gradient_penalty, ortho_penalty, r1_penalty
 
 LossName = Literal["hinge", "non_saturating", "wgan_gp", "least_squares"]
+
+
+class CutMix(Options):
+    """U-Net GAN's CutMix consistency (Schonfeld et al. 2020, sec. 3.2; boschresearch/unetgan):
+    with a probability warming up linearly to `max_probability`, a D step also shows D the batch
+    mixed by a box mask M (real where M = 1): the decoder learns M per pixel, the encoder calls the
+    mix fake, and the decoder's logits on the mix must equal the mix of its logits on the real and
+    the fake batch (weight `consistency`). Needs a discriminator whose second output is one logit
+    per pixel."""
+
+    max_probability: float = Field(
+        unet_gan.MAX_CUTMIX_PROBABILITY,
+        gt=0,
+        le=1,
+        description="Probability of a CutMix D step after the warm-up (0.5).",
+    )
+    warmup_images: int = Field(
+        ge=0,
+        description="Real images over which the probability rises linearly from 0 (the authors' scripts: 20 epochs "
+        "on FFHQ, 200 on COCO-Animals).",
+    )
+    consistency: NonNegativeFloat = Field(
+        unet_gan.CONSISTENCY_WEIGHT, description="Weight of the consistency regulariser (1.0 in the authors' code)."
+    )
+
+
+_NGD = latent_opt.BIGGAN_DEEP_NGD
+
+
+class Logan(Options):
+    """LOGAN's latent optimisation (Wu et al. 2019, arXiv:1912.00953): before each D and G
+    update, z takes one step up D's score of G(z), and both losses are computed from G(z') plus
+    `penalty` x ||Δz||². Defaults: the paper's BigGAN-deep LOGAN (NGD). z' is clipped to [-1, 1]
+    when latent.distribution is uniform (the paper's prior, chosen to match the clipping), and
+    not clipped for a normal latent."""
+
+    alpha: NonNegativeFloat = Field(_NGD.alpha, description="Step size α (0.9; 0 makes the step a no-op).")
+    beta: float = Field(
+        _NGD.beta, gt=0, description="NGD damping β (5.0, 'much heavier damping is essential for BigGAN')."
+    )
+    natural: bool = Field(_NGD.natural, description="Natural gradient Δz = α g / (β + ||g||²); false: plain Δz = α g.")
+    optimise_fraction: float = Field(
+        _NGD.optimise_fraction, gt=0, le=1, description="Share of each z's elements moved (0.5 for BigGAN-deep)."
+    )
+    penalty: NonNegativeFloat = Field(
+        _NGD.penalty_weight, description="Weight w_R of ||Δz||² in both losses (300 for BigGAN-deep)."
+    )
+    second_order: bool = Field(
+        True,
+        description="The losses of z' backpropagate through Δz (the second-order terms the paper's analysis rests "
+        "on); false treats Δz as a constant.",
+    )
 
 
 @register
@@ -47,6 +100,8 @@ class GanMethod(Method):
     gp_weight: NonNegativeFloat = Field(
         0.0, description="WGAN-GP gradient penalty weight (10 in Gulrajani et al.; 0: off)."
     )
+    logan: Logan | None = Field(None, description="LOGAN's latent optimisation before D and G updates; null: off.")
+    cutmix: CutMix | None = Field(None, description="U-Net GAN's CutMix consistency; null: off.")
     generator: str = Field("generator", description="The network trained as G (inputs z and y).")
     discriminator: str = Field("discriminator", description="The network trained as D (inputs image and y).")
     stream: str = Field("images", description="The labelled data stream of real images.")
@@ -55,7 +110,17 @@ class GanMethod(Method):
     def _options_of_the_loss(self):
         if self.loss != "non_saturating" and (self.label_smoothing or self.label_flip):
             raise ValueError(f"label_smoothing and label_flip apply to the non_saturating loss, not {self.loss}")
+        if self.cutmix is not None:
+            try:
+                unet_gan.check_pixel_targets(get_loss(self.loss, **self._loss_options()))
+            except ValueError as exc:
+                raise ValueError(f"cutmix: {exc}") from None
         return self
+
+    def _loss_options(self) -> dict:
+        if self.loss != "non_saturating":
+            return {}
+        return {"label_smoothing": self.label_smoothing, "flip_prob": self.label_flip}
 
     def networks(self, spec) -> dict[str, NetworkNeed]:
         return {
@@ -88,7 +153,39 @@ class GanMethod(Method):
                     "add or remove up-sampling stages, or set data.resolution to the generator's output size",
                 )
             )
-        if self.discriminator in plans and plans[self.discriminator].output_shapes[0] != (1,):
+        shapes = plans[self.discriminator].output_shapes if self.discriminator in plans else None
+        if shapes is not None and (len(shapes) > 2 or (len(shapes) == 2 and shapes[1] != (1, *image[1:]))):
+            path = f"{spec.network_path(self.discriminator)}.output"
+            issues.append(
+                Issue(
+                    "a discriminator's outputs are one logit per image and, optionally, one per pixel (shape "
+                    f"1x{d.resolution}x{d.resolution}); got " + " + ".join("x".join(map(str, s)) for s in shapes),
+                    path,
+                    *where(tuple(path.split("."))),
+                    "end the decoder with a pixel_head, or give one output",
+                )
+            )
+        if self.logan is not None and self.generator in plans:
+            declared = spec.all_networks()[self.generator].inputs
+            if declared and not any(i.kind == "latent" for i in declared.values()):
+                issues.append(
+                    Issue(
+                        f"LOGAN optimises the generator's latent, but {self.generator} has no latent input",
+                        "method.logan",
+                        *where(("method", "logan")),
+                        "give the generator a latent input (inputs: {z: latent, y: labels}) or set method.logan=null",
+                    )
+                )
+        if self.cutmix is not None and shapes is not None and len(shapes) < 2:
+            issues.append(
+                Issue(
+                    "CutMix needs a discriminator with per-pixel logits as its second output (a U-Net D)",
+                    "method.cutmix",
+                    *where(("method", "cutmix")),
+                    "add a decoder with a pixel_head and list it in discriminator.output, or set method.cutmix=null",
+                )
+            )
+        if shapes is not None and shapes[0] != (1,):
             got = plans[self.discriminator].output_shapes[0]
             path = f"{spec.network_path(self.discriminator)}.output"
             issues.append(
@@ -103,56 +200,156 @@ class GanMethod(Method):
         return issues
 
     def sample_grid(self, spec, device):
-        # rows are classes, columns samples; the same latents at every step
+        # rows are classes, columns samples; the same latents at every step. With a U-Net D, also
+        # where D thinks each sample is real (white) or fake (black), pixel by pixel
         rows = min(10, spec.data.num_classes)
         generator = torch.Generator().manual_seed(spec.seed + 1)
-        z = torch.randn(rows * 8, spec.latent.z_dim, generator=generator).to(device)
+        shape = (rows * 8, spec.latent.z_dim)
+        uniform = spec.latent.distribution == "uniform"
+        z = torch.rand(shape, generator=generator) * 2 - 1 if uniform else torch.randn(shape, generator=generator)
+        z = z.to(device)
         y = torch.linspace(0, spec.data.num_classes - 1, rows).long().repeat_interleave(8).to(device)
-        return lambda nets: nets[self.generator](z, y).unflatten(0, (rows, -1))
+
+        def grid(nets):
+            images = nets[self.generator](z, y)
+            out = {"": images.unflatten(0, (rows, -1))}
+            judged = nets[self.discriminator](images, y)
+            if isinstance(judged, tuple):
+                out["-d-pixels"] = (torch.sigmoid(judged[1].float()) * 2 - 1).unflatten(0, (rows, -1))
+            return out
+
+        return grid
 
     def build(self, spec) -> MethodRun:
-        return _GanRun(self)
+        return _GanRun(self, spec)
+
+
+def _logit(out):
+    """The global logit of a discriminator's output (its first, for a U-Net D)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _rows(out, part: slice):
+    return tuple(o[part] for o in out) if isinstance(out, tuple) else out[part]
+
+
+def _float(out):
+    return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
 
 class _GanRun(MethodRun):
-    def __init__(self, m: GanMethod):
+    def __init__(self, m: GanMethod, spec):
         self.m = m
-        self.loss = get_loss(
-            m.loss,
-            **({"label_smoothing": m.label_smoothing, "flip_prob": m.label_flip} if m.loss == "non_saturating" else {}),
-        )
+        self.loss = get_loss(m.loss, **m._loss_options())
+        # CutMix's coin and boxes: one generator, the same seed on every rank (the same branch
+        # everywhere), its state checkpointed so a resumed run draws what it would have drawn
+        self.cutmix_rng = torch.Generator().manual_seed(spec.seed + 31) if m.cutmix is not None else None
+        # LOGAN's element masks, drawn like CutMix's from a generator of the method's own
+        self.logan_rng = torch.Generator().manual_seed(spec.seed + 37) if m.logan is not None else None
+        self.clip = (-1.0, 1.0) if spec.latent is not None and spec.latent.distribution == "uniform" else None
+        # with LOGAN, the D step's latent gradient runs through G: G is frozen there (no gradient of
+        # D's loss may reach G's parameters)
+        latent_grads = m.logan is not None and m.logan.alpha > 0
         self.phases = [
-            Phase("D", ("D",), self.d_objective, repeat=m.d_steps),
+            Phase("D", ("D",), self.d_objective, repeat=m.d_steps, frozen=(m.generator,) if latent_grads else ()),
             Phase("G", ("G",), self.g_objective, frozen=(m.discriminator,)),
         ]
+
+    def _generators(self) -> dict:
+        return {k: g for k, g in (("cutmix_rng", self.cutmix_rng), ("logan_rng", self.logan_rng)) if g is not None}
+
+    def state_dict(self) -> dict:
+        return {name: g.get_state() for name, g in self._generators().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        generators = self._generators()
+        if set(state) != set(generators):
+            raise ValueError(
+                f"the checkpoint's method state holds {sorted(state)}, this run keeps {sorted(generators)}"
+            )
+        for name, g in generators.items():
+            g.set_state(state[name])
+
+    def _latents(self, step, G, D):
+        """z (LOGAN's z' when it is on), the labels, and the latent penalty to add to the loss."""
+        z, y = step.latents(step.micro)
+        lo = self.m.logan
+        if lo is None or lo.alpha == 0:
+            return z, y, None
+        with region("latent_opt"), step.mixed():
+            z, delta = latent_opt.latent_step(
+                z.requires_grad_(True),
+                # G gets a view, not the leaf itself: flop_counter's module hooks cannot follow
+                # autograd.grad to a leaf that is a module's input ("_will_engine_execute_node")
+                lambda latent: _logit(_float(D(G(latent.view_as(latent), y), y))),
+                alpha=lo.alpha,
+                beta=lo.beta,
+                natural=lo.natural,
+                clip=self.clip,
+                optimise_fraction=lo.optimise_fraction,
+                second_order=lo.second_order,
+                generator=self.logan_rng,
+            )
+            penalty = latent_opt.latent_step_penalty(delta, weight=lo.penalty)
+        return z, y, penalty
 
     def d_objective(self, step):
         m, G, D = self.m, step.nets[self.m.generator], step.nets[self.m.discriminator]
         real, y_real = step.next(m.stream)
-        with region("G_fwd"), torch.no_grad(), step.mixed():
-            z, y_fake = step.latents(step.micro)
+        z, y_fake, penalty = self._latents(step, G, D)
+        # no graph through G, unless D's loss must reach D's parameters through LOGAN's Δz
+        through_delta = penalty is not None and m.logan.second_order
+        with region("G_fwd"), torch.set_grad_enabled(through_delta), step.mixed():
             fake = G(z, y_fake)
         if m.r1_gamma:
             real = real.detach().requires_grad_(True)
         with region("D_fwd"), step.mixed():
             # real and fake in one batch: one forward of D
-            logits = D(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake])).float()
-            real_logits, fake_logits = logits[: step.micro], logits[step.micro :]
-            d_loss = self.loss.d(real_logits, fake_logits)
+            out = _float(D(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake])))
+            real_out, fake_out = _rows(out, slice(None, step.micro)), _rows(out, slice(step.micro, None))
+            real_logits, fake_logits = _logit(real_out), _logit(fake_out)
+            if isinstance(out, tuple):  # U-Net D: the encoder's and the decoder's losses
+                d_loss = unet_gan.unet_d_loss(self.loss, real_out, fake_out)
+            else:
+                d_loss = self.loss.d(real_logits, fake_logits)
             if m.r1_gamma:
                 d_loss = d_loss + m.r1_gamma / 2 * r1_penalty(real_logits, real)
             if m.gp_weight:
-                d_loss = d_loss + m.gp_weight * gradient_penalty(D, real, fake, y_real)
-        logs = {"loss_d": d_loss.detach(), "d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
-        return {"D": d_loss}, logs
+                d_loss = d_loss + m.gp_weight * gradient_penalty(lambda x, y: _logit(D(x, y)), real, fake, y_real)
+        logs = {"d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
+        if penalty is not None:
+            d_loss = d_loss + penalty
+            logs["latent_penalty"] = penalty.detach()
+        if m.cutmix is not None and self._cutmix_now(step):
+            with region("D_fwd"), step.mixed():
+                mask, _ = unet_gan.cutmix_mask(step.micro, *real.shape[-2:], generator=self.cutmix_rng)
+                mask = mask.to(real.device, real.dtype)
+                mixed_out = _float(D(unet_gan.mix(real.detach(), fake.detach().to(real.dtype), mask), y_real))
+                cutmix = unet_gan.cutmix_d_loss(self.loss, mixed_out, mask)
+                consistency = unet_gan.consistency_loss(mixed_out, real_out, fake_out, mask)
+                d_loss = d_loss + cutmix + m.cutmix.consistency * consistency
+            logs |= {"loss_cutmix": cutmix.detach(), "consistency": consistency.detach()}
+        return {"D": d_loss}, {"loss_d": d_loss.detach(), **logs}
+
+    def _cutmix_now(self, step) -> bool:
+        if step.counting_flops:
+            return True  # FLOPs are counted for a step that mixes (an upper bound of the average)
+        c = self.m.cutmix
+        probability = unet_gan.cutmix_probability(
+            step.images_seen, warmup_images=c.warmup_images, maximum=c.max_probability
+        )
+        return unet_gan.cutmix_this_step(probability, generator=self.cutmix_rng)
 
     def g_objective(self, step):
         m, G, D = self.m, step.nets[self.m.generator], step.nets[self.m.discriminator]
+        z, y, penalty = self._latents(step, G, D)
         with region("G_fwd"), step.mixed():
-            z, y = step.latents(step.micro)
             fake = G(z, y)
         with region("D_fwd"), step.mixed():
-            g_loss = self.loss.g(D(fake, y).float())
+            out = _float(D(fake, y))
+            g_loss = unet_gan.unet_g_loss(self.loss, out) if isinstance(out, tuple) else self.loss.g(out)
+        if penalty is not None:
+            g_loss = g_loss + penalty
         if m.ortho_reg:
             with region("G_fwd"):
                 g_loss = g_loss + ortho_penalty(G, m.ortho_reg)

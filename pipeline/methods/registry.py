@@ -58,6 +58,9 @@ class StepInputs(Protocol):
     def mixed(self) -> AbstractContextManager:
         """The run's autocast (bf16) context; a no-op in fp32."""
 
+    images_seen: int  # real images read so far, all ranks (schedules follow it)
+    counting_flops: bool  # True when the phases run on the meta device to count FLOPs
+
 
 # losses per stepped engine, and values to log (scalar tensors, averaged over micro-batches)
 Objective = Callable[[StepInputs], tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]]
@@ -104,6 +107,12 @@ class MethodRun:
             raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")
 
 
+class Options(BaseModel):
+    """A section of a method's options: strict like every spec section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
 class Method(BaseModel):
     """Options of a training method. Subclasses add `kind` and their own options."""
 
@@ -148,9 +157,11 @@ class Method(BaseModel):
         """Cross-network checks after every graph is analyzed (shapes that must fit each other)."""
         return []
 
-    def sample_grid(self, spec, device) -> Callable[[dict[str, torch.nn.Module]], torch.Tensor]:
-        """The grid written to samples/ during training: fixed inputs chosen once, and a function of
-        the exported networks (in eval mode, without gradients) returning (rows, cols, C, H, W)."""
+    def sample_grid(self, spec, device) -> Callable[[dict[str, torch.nn.Module]], dict[str, torch.Tensor]]:
+        """The images written to samples/ during training: fixed inputs chosen once, and a function
+        of every network (exported ones as their EMA; in eval mode, without gradients) returning
+        grids (rows, cols, C, H, W) by file-name suffix: "" for step-N.png, e.g. "-d-pixels" for
+        step-N-d-pixels.png."""
         raise NotImplementedError
 
     def build(self, spec) -> MethodRun:

@@ -56,7 +56,11 @@ class _FlopRegions:
 
 
 class _MetaInputs:
-    """`StepInputs` on the meta device: zeros of every stream's and latent's shape."""
+    """`StepInputs` on the meta device: zeros of every stream's and latent's shape. Schedules see
+    the end of every warm-up, and stochastic passes (CutMix) are counted as if they always ran."""
+
+    images_seen = 1 << 62
+    counting_flops = True
 
     def __init__(self, spec, nets, micro: int, streams: dict[str, bool]):
         self.spec, self.nets, self.micro, self.streams = spec, nets, micro, streams

@@ -141,6 +141,10 @@ class NetworkSpec(Section):
 
 class LatentSpec(Section):
     z_dim: PositiveInt = Field(description="Dimension of the latent vector z, the generator input `z`.")
+    distribution: Literal["normal", "uniform"] = Field(
+        "normal",
+        description="p(z): N(0, 1), or U(-1, 1) (LOGAN's choice, consistent with clipping the optimised latent).",
+    )
 
 
 class AugmentSpec(Section):

@@ -104,6 +104,13 @@ class StepInputs:
     def mixed(self):
         return autocast(self.tr.world.device.type, self.tr.t.precision)
 
+    @property
+    def images_seen(self) -> int:
+        """Real images read so far, all ranks together (schedules follow it)."""
+        return self.tr.images_seen
+
+    counting_flops = False  # the meta-device stand-in used to count FLOPs says True
+
 
 class RunLog:
     """Values the phases log (scalar tensors), summed on the device and averaged over every
@@ -217,7 +224,11 @@ class Trainer:
 
     def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         world, classes = self.world, self.spec.data.num_classes
-        z = torch.randn(n * world.size, self.spec.latent.z_dim, generator=self.latent_rng)
+        shape = (n * world.size, self.spec.latent.z_dim)
+        if self.spec.latent.distribution == "uniform":
+            z = torch.rand(shape, generator=self.latent_rng) * 2 - 1
+        else:
+            z = torch.randn(shape, generator=self.latent_rng)
         y = torch.randint(0, classes, (n * world.size,), generator=self.latent_rng) if classes else None
         part = slice(world.rank * n, (world.rank + 1) * n)
         return z[part].to(world.device), None if y is None else y[part].to(world.device)
@@ -319,12 +330,13 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
                     writer.add_scalar(key, value, tr.images_seen)
 
     def write_samples(at: int) -> None:
-        nets = tr.scored()
+        nets = tr.nets | tr.scored()  # the exported networks' EMAs in place of the networks
         modes = {name: net.training for name, net in nets.items()}
         for net in nets.values():
             net.eval()
         with torch.no_grad():
-            save_png(grid(nets), run_dir / "samples" / f"step-{at:08d}.png")
+            for suffix, images in grid(nets).items():
+                save_png(images, run_dir / "samples" / f"step-{at:08d}{suffix}.png")
         for name, net in nets.items():
             net.train(modes[name])
 
