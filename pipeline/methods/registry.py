@@ -14,6 +14,7 @@ and its options, decorated with `@register`, imported in `pipeline/methods/__ini
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -114,7 +115,9 @@ class Options(BaseModel):
 
 
 class Method(BaseModel):
-    """Options of a training method. Subclasses add `kind` and their own options."""
+    """Options of a training method. Subclasses add `kind` and their own options, and implement
+    the abstract methods (pydantic's model metaclass is an ABCMeta: a method kind missing one
+    cannot be instantiated)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -131,41 +134,47 @@ class Method(BaseModel):
                         raise ValueError(f"{key}: {exc}") from None
         return data
 
+    @abc.abstractmethod
     def networks(self, spec) -> dict[str, NetworkNeed]:
         """The networks this method trains, by name (names the spec declares)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def engines(self, spec) -> dict[str, tuple[str, ...]]:
         """One DeepSpeed engine (optimizer, checkpoint directory) per entry: the networks it holds.
         Networks optimised with one joint loss share an engine (param groups keep their own
         optimizer settings), since DeepSpeed reduces and steps what one backward computed."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def streams(self, spec) -> dict[str, bool]:
         """The data streams this method reads: name -> whether it needs labels."""
-        raise NotImplementedError
+        ...
 
     def read_together(self, spec) -> bool:
         """Whether the streams are read in lockstep (the same seed, so paired shards give pairs)."""
         return False
 
+    @abc.abstractmethod
     def exports(self, spec) -> tuple[str, ...]:
         """Networks written to export/NAME.safetensors at the end of a run (their EMA where declared)."""
-        raise NotImplementedError
+        ...
 
     def check(self, spec, plans: dict[str, NetworkPlan], where: Callable) -> list[Issue]:
         """Cross-network checks after every graph is analyzed (shapes that must fit each other)."""
         return []
 
+    @abc.abstractmethod
     def sample_grid(self, spec, device) -> Callable[[dict[str, torch.nn.Module]], dict[str, torch.Tensor]]:
         """The images written to samples/ during training: fixed inputs chosen once, and a function
         of every network (exported ones as their EMA; in eval mode, without gradients) returning
         grids (rows, cols, C, H, W) by file-name suffix: "" for step-N.png, e.g. "-d-pixels" for
         step-N-d-pixels.png."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def build(self, spec) -> MethodRun:
-        raise NotImplementedError
+        """This method's implementation for one run of the spec."""
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -84,15 +84,12 @@ class _MetaInputs:
 
 def step_flops(loaded, micro: int, accum: int) -> dict[str, float]:
     """FLOPs per step (all phases, one rank) by region name, and `sn` for spectral norm."""
-    return _meta_step(loaded, micro, accum)[0]
+    return meta_step(loaded, micro, accum)[0]
 
 
-def batches_per_step(loaded, accum: int) -> dict[str, int]:
-    """Micro-batches a step reads from each stream (one rank), as the method's phases read them."""
-    return _meta_step(loaded, 2, accum)[1]
-
-
-def _meta_step(loaded, micro: int, accum: int) -> tuple[dict[str, float], dict[str, int]]:
+def meta_step(loaded, micro: int, accum: int) -> tuple[dict[str, float], dict[str, int]]:
+    """One step of the method's phases on the meta device: its FLOPs (as `step_flops`) and the
+    micro-batches it reads from each stream (one rank)."""
     spec = loaded.spec
     plans = analyze_spec(loaded)
     nets = {name: instantiate(loaded, plan, "meta").train() for name, plan in plans.items()}

@@ -22,7 +22,7 @@ import torch
 from pipeline.distributed import engines as dist
 from pipeline.methods import describe
 from pipeline.precision import DTYPES
-from pipeline.profile.flops import batches_per_step, step_flops
+from pipeline.profile.flops import meta_step
 from pipeline.profile.peak import device_peak
 from pipeline.profile.regions import Regions
 
@@ -73,7 +73,7 @@ def profile_loader_only(loaded, *, steps: int, warmup: int, device: str | None =
         world_size=world.size,
         dtype=dtype,
     )
-    per_step = batches_per_step(loaded, accum)[stream]
+    per_step = meta_step(loaded, micro, accum)[1][stream]
     batches = steps * per_step
     rate = loader_rate(loader, batches, warmup * per_step, micro, world.device)
     per_rank = _gather(rate)
@@ -100,12 +100,15 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     tr = Trainer(loaded, device=device, resume=False)
     world, dev = tr.world, tr.world.device
 
+    # the step's FLOPs and the batches it reads, from one run of the phases on the meta device
+    flops, reads = meta_step(loaded, tr.micro, tr.accum)
+
     # ----- 1. the loader alone: the first stream the method reads, as many batches as the
     # phases read from it in `steps` steps
     name, loader = next(iter(tr.streams.items()))
     loader_alone = None
     if spec.data.all_streams()[name].shards is not None:
-        batches = batches_per_step(loaded, tr.accum)[name]
+        batches = reads[name]
         loader_alone = _gather(loader_rate(loader, steps * batches, batches, tr.micro, dev))
 
     # ----- 2. warm-up (compilation)
@@ -151,7 +154,6 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     phases = {name: regions.seconds.get(name, 0.0) / steps for name in SHARED_REGIONS}
     phases |= {name: s / steps for name, s in regions.seconds.items() if name not in SHARED_REGIONS}
     phases["other"] = max(0.0, iteration_s - sum(phases.values()))
-    flops = step_flops(loaded, tr.micro, tr.accum)
     flops_rank = sum(v for k, v in flops.items() if k != "sn")
     flops_iteration = flops_rank * world.size
     peak, peak_source = device_peak(dev, t.precision)
