@@ -256,3 +256,53 @@ def test_a_long_chain_of_bases_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr("pipeline.spec.load.SPECS_DIR", tmp_path)
     with pytest.raises(SpecError, match="more than 16 base specs in a chain"):
         load_spec(str(tmp_path / "s0.yaml"))
+
+
+def test_a_python_tag_is_named_as_a_tag_not_a_syntax_error(cli, tmp_path):
+    path = tmp_path / "tag.yaml"
+    path.write_text('base: demo\ntrain:\n  max_steps: !!python/object/apply:os.system ["touch pwned"]\n')
+    result = cli("validate", str(path))
+    assert result.code == 2 and "YAML tags are not allowed" in result.err and ":3:" in result.err, result.err
+    assert "indentation" not in result.err and not (tmp_path / "pwned").exists()
+
+
+def test_an_override_error_points_at_the_command_line_not_the_replaced_line():
+    with pytest.raises(SpecError) as info:
+        load_spec("demo", ["train.g_opt.betas=[2.0, 0.999]"])
+    (issue,) = info.value.issues
+    assert issue.path == "train.g_opt.betas.0" and issue.file == "command line" and issue.line is None, issue
+
+
+@pytest.mark.parametrize(
+    "override, path",
+    [
+        ("generator.nodes.fc.out_features=true", "generator.nodes.fc.out_features"),  # was 1 feature
+        ("generator.nodes.up_16.out_channels=false", "generator.nodes.up_16.out_channels"),
+        ("generator.nodes.h.shape=[128, true, 4]", "generator.nodes.h.shape.1"),
+    ],
+)
+def test_a_boolean_for_a_number_in_a_node_is_an_error_at_its_key(override, path):
+    with pytest.raises(SpecError) as info:
+        load_spec("demo", [override])
+    (issue,) = info.value.issues
+    assert issue.path == path and "expected a number, not" in issue.message, issue
+
+
+def test_a_boolean_node_field_still_takes_a_boolean():
+    spec = load_spec("demo", ["discriminator.nodes.down_16.preactivation=true"]).spec
+    assert spec.discriminator.nodes["down_16"].preactivation is True
+
+
+@pytest.mark.parametrize(
+    "override, node, message",
+    [
+        ("generator.nodes.up_16.out_channels=1000000000000", "generator.nodes.up_16", "cannot be built"),
+        ("generator.nodes.up_16.out_channels=100000000", "generator.nodes.up_16", "above the bound of 100,000,000,000"),
+        ("data.num_classes=10000000000", "generator.nodes.shared", "parameters here, above the bound"),
+        ("latent.z_dim=100000000000", "generator.nodes.cond", "values per image, above the bound"),
+    ],
+)
+def test_absurd_network_sizes_are_validation_errors(override, node, message):
+    with pytest.raises(SpecError) as info:
+        load_spec("demo", [override])
+    assert any(issue.path == node and message in issue.message for issue in info.value.issues), str(info.value)

@@ -92,10 +92,41 @@ def no_bool_for_a_number(cls, value, info):
     return value
 
 
+class BoolForNumber:
+    """Stands in for a `true`/`false` given where a node's field takes a number, so that the
+    field's own validation fails at its path (pydantic allows no before-validator on a union's
+    `kind` tag, so the field validator above cannot be used on nodes)."""
+
+    def __init__(self, value: bool):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return str(self.value).lower()
+
+
+def _mark_bools_for_numbers(cls, data):
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for key, value in data.items():
+        info = cls.model_fields.get(key) or next((f for f in cls.model_fields.values() if f.alias == key), None)
+        if info is None:
+            continue
+        types = _types(info.annotation)
+        if not types & {int, float} or bool in types:
+            continue
+        if isinstance(value, bool):
+            out[key] = BoolForNumber(value)
+        elif isinstance(value, list):
+            out[key] = [BoolForNumber(v) if isinstance(v, bool) else v for v in value]
+    return out
+
+
 class Node(BaseModel):
     """Fields every node has. Subclasses add `kind` and their own parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+    refuse_bool_for_a_number = model_validator(mode="before")(classmethod(_mark_bools_for_numbers))
 
     repeat: int = Field(
         1,

@@ -8,6 +8,7 @@ infer the next node's input shape, and counts FLOPs with `torch.utils.flop_count
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 from dataclasses import dataclass, field
@@ -21,6 +22,12 @@ from pipeline.blocks.registry import BlockError, Node, Shape
 from pipeline.errors import Issue, SpecError, did_you_mean
 
 PROBE_BATCH = 2  # BatchNorm in train mode needs more than one value per channel
+# Bounds on absurd sizes, checked during analysis (on meta, so nothing is allocated): far above any
+# published GAN (BigGAN-deep 512 has ~56M parameters per network, ~34M values in its largest
+# activation per image), far below what would overflow torch's size arithmetic.
+MAX_PARAMS = 100_000_000_000
+MAX_ACTIVATION = 1 << 31  # values in one node's output, per image
+SIZE_HINT = "a size this large is a typo (an extra zero?) or a unit mistake; check channel and feature counts"
 
 
 @dataclass
@@ -350,11 +357,23 @@ class _Checker:
             inst = node.instance(i)
             label = f"{name}[{i}]" if node.repeat > 1 else name
             loc = ("nodes", name)
+            where = f"instance {i}: " if node.repeat > 1 else ""
             try:
                 module = inst.build(dict(in_shapes), ctx.for_node(inst))
             except BlockError as exc:
-                where = f"instance {i}: " if node.repeat > 1 else ""
                 self.issue(where + exc.message, *loc, *([exc.field] if exc.field else []), hint=exc.hint)
+                return False
+            except (RuntimeError, OverflowError, ValueError) as exc:  # torch refusing a size, e.g. 1e12 channels
+                self.issue(f"{where}cannot be built: {str(exc).splitlines()[0]}", *loc, hint=SIZE_HINT)
+                return False
+            params = sum(p.numel() for p in module.parameters())
+            plan_params = sum(r.params for r in plan.rows) + params
+            if plan_params > MAX_PARAMS:
+                self.issue(
+                    f"{where}the network reaches {plan_params:,} parameters here, above the bound of {MAX_PARAMS:,}",
+                    *loc,
+                    hint=SIZE_HINT,
+                )
                 return False
             try:
                 # Eval mode skips BN statistics and SN power iterations, which flop_counter does not
@@ -367,13 +386,22 @@ class _Checker:
                 self.issue(f"fails on input shapes {in_shapes}: {exc}", *loc)
                 return False
             shape = [tuple(o.shape[1:]) for o in out] if isinstance(out, (tuple, list)) else tuple(out.shape[1:])
+            largest = max((math.prod(s) for s in (shape if isinstance(shape, list) else [shape])), default=0)
+            if largest > MAX_ACTIVATION:
+                self.issue(
+                    f"{where}outputs {_shape_str(shape)} = {largest:,} values per image, above the bound of "
+                    f"{MAX_ACTIVATION:,}",
+                    *loc,
+                    hint=SIZE_HINT,
+                )
+                return False
             sn_flops = sum(m.flops_per_forward for m in module.modules() if isinstance(m, SpectralNorm))
             plan.rows.append(
                 Row(
                     label,
                     inst.kind,
                     _shape_str(shape),
-                    sum(p.numel() for p in module.parameters()),
+                    params,
                     counter.get_total_flops() / PROBE_BATCH,
                     sn_flops,
                 )

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from pipeline.blocks.registry import REGISTRY
+from pipeline.blocks.registry import REGISTRY, BoolForNumber
 from pipeline.errors import Issue, SpecError, did_you_mean, user_error
 from pipeline.methods import METHODS
 from pipeline.spec.schema import MOVED_TO_METHOD, Spec
@@ -217,6 +217,8 @@ def apply_override(data: dict, sources: SourceMap, keys: list[str], value) -> No
             raise user_error(f"unknown key {key!r}", path=dotted, file=COMMAND_LINE, hint=hint)
         if depth == len(keys) - 1:
             node[key] = value
+            for stale in [loc for loc in sources if loc[: len(keys)] == tuple(keys)]:
+                del sources[stale]  # the file's lines for the replaced value (betas.0, ...) no longer apply
             sources[tuple(keys)] = (COMMAND_LINE, None)
             return
         child = node.get(key)
@@ -248,7 +250,9 @@ def _issue_from_pydantic(err: dict, data: dict, sources: SourceMap) -> Issue:
     file, line = sources.where(loc)
     path = ".".join(map(str, loc))
     kind, msg, hint = err["type"], err["msg"], None
-    if kind == "extra_forbidden":
+    if isinstance(err.get("input"), BoolForNumber):
+        msg = f"expected a number, not {err['input']!r}"
+    elif kind == "extra_forbidden":
         msg = "unknown key"
         parent = loc[:-1]
         tp, node = Spec, data

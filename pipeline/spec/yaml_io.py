@@ -107,6 +107,14 @@ def load_yaml_mapping(path: Path, display: str | None = None) -> tuple[dict, Sou
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        raise user_error(
+            f"YAML tags are not allowed in a spec: {exc.problem}",
+            file=display,
+            line=mark.line + 1 if mark else None,
+            hint="a spec holds plain values (numbers, strings, lists, mappings); remove the `!` tag",
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
