@@ -680,6 +680,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_refusal(exc: SpecError) -> None:
+    """Print a user error once per run: under a launcher, every rank refuses the same spec, so
+    ranks other than 0 stay silent about errors found before the ranks connected; after that an
+    error may concern one rank alone (its shards), and each rank says its own, prefixed."""
+    from pipeline.train.preflight import rank_from_environment, world_size_from_environment
+
+    prefix = ""
+    if world_size_from_environment() > 1:
+        import torch.distributed
+
+        if not torch.distributed.is_initialized():
+            if rank_from_environment() != 0:
+                return
+        else:
+            prefix = f"rank {rank_from_environment()}: "
+    n = len(exc.issues)
+    print(f"{prefix}error: {n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
+    for issue in exc.issues:
+        print("  " + issue.format().replace("\n", "\n  "), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # spec words may follow options (`profile --steps 5 spec=x`): argparse leaves them over
@@ -691,10 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except SpecError as exc:
-        n = len(exc.issues)
-        print(f"error: {n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
-        for issue in exc.issues:
-            print("  " + issue.format().replace("\n", "\n  "), file=sys.stderr)
+        print_refusal(exc)
         return 2
     except KeyboardInterrupt as exc:  # train's own says which checkpoint it wrote
         print(str(exc) or "interrupted", file=sys.stderr)

@@ -306,3 +306,95 @@ def test_absurd_network_sizes_are_validation_errors(override, node, message):
     with pytest.raises(SpecError) as info:
         load_spec("demo", [override])
     assert any(issue.path == node and message in issue.message for issue in info.value.issues), str(info.value)
+
+
+def test_a_refusal_under_a_launcher_is_printed_by_rank_0_only(tmp_path):
+    said = {}
+    for rank in ("0", "1"):  # as DeepSpeed's launcher starts them: one process per rank, RANK and WORLD_SIZE set
+        env = {**os.environ, "RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2", "DS_ACCELERATOR": "cpu"}
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", "train", "demo", "train.batch_size=true", f"run.dir={tmp_path}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr
+        said[rank] = result.stderr
+    assert "train.batch_size" in said["0"] and said["1"] == "", said
+
+
+# ----- damaged shards while training
+def _damage_one_jpeg(shards, *, where: str) -> tuple[str, str]:
+    """Overwrite bytes of the first JPEG of shard-000001.tar in place: its header (`where="header"`:
+    no decoder takes it) or 32 bytes in the middle of its entropy-coded data (`"middle"`: it still
+    decodes, to a smeared image). Returns (shard name, sample key)."""
+    import tarfile
+
+    tar = shards / "shard-000001.tar"
+    with tarfile.open(tar) as archive:
+        member = next(m for m in archive if m.name.endswith(".jpg"))
+    data = bytearray(tar.read_bytes())
+    start = member.offset_data if where == "header" else member.offset_data + member.size // 2
+    data[start : start + 32] = bytes(32)
+    tar.write_bytes(data)
+    return tar.name, member.name.rsplit(".", 1)[0]
+
+
+def test_a_jpeg_dali_cannot_decode_names_its_shard_and_sample(demo_shards, copy_shards, tmp_path):
+    from pipeline.data.dali import DaliLoader, find_shards
+
+    shards = copy_shards(demo_shards, tmp_path / "shards")
+    shard, key = _damage_one_jpeg(shards, where="header")
+    loader = DaliLoader(find_shards(shards), batch_size=64, resolution=32, num_classes=10, shuffle=False)
+    with pytest.raises(SpecError) as info:
+        for _ in range(loader.epoch_size // 64 + 1):
+            next(loader)
+    text = str(info.value)
+    assert "decoders.image failed" in text, text  # DALI's own cause, kept
+    assert f"SHA-256 differs from the manifest: {shard}" in text and f"{shard} sample {key!r}" in text, text
+    assert "shards check" in text
+
+
+@pytest.mark.parametrize("on_bad_sample", ["error", "skip"])
+def test_a_shard_damaged_after_writing_is_found_while_training(
+    demo_shards, copy_shards, tmp_path, capsys, metrics, on_bad_sample
+):
+    shards = copy_shards(demo_shards, tmp_path / "shards")
+    shard, _ = _damage_one_jpeg(shards, where="middle")  # decodes without an error: only the checksum tells
+    # the shard is hashed in the background: 20 steps leave it ample time to report
+    args = overrides(shards, tmp_path / "run", 20) + ["train.log_every=1", f"data.on_bad_sample={on_bad_sample}"]
+    loaded = load_spec("demo", args)
+    if on_bad_sample == "error":
+        with pytest.raises(SpecError) as info:
+            loop.train(loaded)
+        assert f"shard {shard} of stream 'images'" in str(info.value) and "SHA-256" in str(info.value)
+    else:
+        loop.train(loaded)
+        err = capsys.readouterr().err
+        assert f"warning: shard {shard} of stream 'images'" in err and err.count(shard) == 1, err
+        assert [r["data_skipped"] for r in metrics(tmp_path / "run")] == [0] * 20
+
+
+def test_more_skipped_samples_than_the_bound_stop_the_run(demo_shards, copy_shards, tmp_path):
+    import tarfile
+
+    shards = copy_shards(demo_shards, tmp_path / "shards")
+    tar = shards / "shard-000000.tar"
+    with tarfile.open(tar) as archive:
+        labels = [m for m in archive if m.name.endswith(".cls")][:3]
+    data = bytearray(tar.read_bytes())
+    for member in labels:  # three labels that are not integers, same length so the index stays right
+        data[member.offset_data : member.offset_data + member.size] = b"x" * member.size
+    tar.write_bytes(data)
+    base = overrides(shards, tmp_path / "run", 200) + ["train.log_every=1", "data.on_bad_sample=skip"]
+    with pytest.raises(SpecError, match=r"bad samples were skipped, more than data.max_bad_samples=2"):
+        loop.train(load_spec("demo", base + ["data.max_bad_samples=2"]))
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_dali_runs_out_of_memory(demo_shards, tmp_path):
+    from pipeline.train.preflight import preflight
+
+    spec = load_spec("demo", [f"data.shards={demo_shards}", "train.batch_size=1000000000"]).spec
+    (issue,) = preflight(spec, world_size=1)
+    assert issue.path == "train.batch_size" and "1,797 samples over 1 rank" in issue.message, issue

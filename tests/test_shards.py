@@ -385,3 +385,225 @@ def test_demo_shards(tmp_path):
                 assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (32, 32))
     (out / manifest["shards"][1]["file"]).unlink()
     assert not demo_shards_ready(out)
+
+
+# --- hostile input: CSV -------------------------------------------------------------------------
+
+
+def test_csv_labels_are_bounded_and_named_by_line(source, tmp_path):
+    csv = tmp_path / "list.csv"
+    csv.write_text("n01440764/rgb_0.jpg,0\nn01440764/rgb_1.jpg,1000000000\nn01440764/rgb_2.jpg," + "9" * 5000 + "\n")
+    err = _error(build_shards, source[0], tmp_path / "out", csv=csv)  # a billion-entry class map would hang here
+    assert [(i.file, i.line) for i in err.issues] == [(str(csv), 2), (str(csv), 3)]
+    assert f"below {shards_module.MAX_CSV_CLASSES:,}" in err.issues[0].message
+    assert "label 1000000000 is too large" in err.issues[0].message and "0..K-1" in err.issues[0].hint
+    assert "99999999999999999999..." in err.issues[1].message
+    csv.write_text("n01440764/rgb_0.jpg,٣\nn01440764/rgb_1.jpg,1_0\nn01440764/rgb_2.jpg,-0\n")
+    err = _error(build_shards, source[0], tmp_path / "out", csv=csv)
+    assert [i.line for i in err.issues] == [1, 2] and all("not an integer" in i.message for i in err.issues)
+    largest = shards_module.MAX_CSV_CLASSES - 1
+    csv.write_text(f"n01440764/rgb_0.jpg,0\nn01440764/rgb_1.jpg,{largest}\nn01440764/rgb_2.jpg,+007\n")
+    samples, classes = shards_module.csv_samples(source[0], csv)
+    assert [label for _, _, label in samples] == [0, largest, 7] and len(classes) == largest + 1
+
+
+def test_csv_must_be_utf8(source, tmp_path):
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes("path,label\nn01440764/rgb_0.jpg,0\ncafé/x.jpg,1\n".encode("latin-1"))
+    err = _error(build_shards, source[0], tmp_path / "out", csv=csv)
+    (issue,) = err.issues
+    assert (issue.file, issue.line) == (str(csv), 3)
+    assert "not UTF-8" in issue.message and "byte offset 36 (0xe9)" in issue.message and "iconv" in issue.hint
+    csv.write_bytes(b"\xef\xbb\xbfn01440764/rgb_0.jpg,0\n\xff,1\n")  # a byte order mark is not counted twice
+    issue = _error(build_shards, source[0], tmp_path / "out", csv=csv).issues[0]
+    assert issue.line == 2 and "byte offset 25 (0xff)" in issue.message
+    csv.write_bytes(b"\xef\xbb\xbfn01440764/rgb_0.jpg,0\n")
+    assert [s[0] for s in shards_module.csv_samples(source[0], csv)[0]] == ["n01440764/rgb_0.jpg"]
+    csv.write_bytes(b"n01440764/rgb_0.jpg,0\n" + b"x" * 200_000 + b",1\n")  # over the csv module's field limit
+    issue = _error(build_shards, source[0], tmp_path / "out", csv=csv).issues[0]
+    assert issue.line == 2 and "cannot parse the CSV" in issue.message
+
+
+def test_cli_reports_a_bad_csv_without_a_traceback(source, tmp_path, cli):
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes(b"n01440764/rgb_0.jpg,0\nn01440764/\xe9.jpg,1000000000\n")
+    result = cli("shards", "build", source[0], tmp_path / "out", "--csv", csv)
+    assert result.code == 2 and "Traceback" not in result.err
+    assert f"{csv}:2: " in result.err and "not UTF-8" in result.err
+
+
+# --- hostile input: shards check ----------------------------------------------------------------
+
+
+@pytest.fixture
+def checked(built, tmp_path) -> tuple[Path, dict, list[tuple[str, bytes]]]:
+    """A private copy of the built shards, its manifest, and the members of its first shard.
+
+    The first shard is made a full one (5 samples): the fixture swaps the manifest's order of shards.
+    """
+    out = tmp_path / "shards"
+    shutil.copytree(built[0], out)
+    manifest = json.loads(json.dumps(built[1]))
+    full = next(i for i, s in enumerate(manifest["shards"]) if s["num_samples"] == 5)
+    manifest["shards"].insert(0, manifest["shards"].pop(full))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out, manifest, tar_members(out / manifest["shards"][0]["file"])
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _problems(report) -> list[tuple[str, str | None, str]]:
+    return [(p["shard"], p["key"], p["problem"]) for p in report.problems]
+
+
+def test_check_names_each_broken_sample_of_a_changed_shard(checked):
+    from pipeline.data.check import check_shards
+
+    out, manifest, members = checked
+    first, second = manifest["shards"][0]["file"], manifest["shards"][1]["file"]
+    assert check_shards(out).ok
+    samples = {}  # key -> {ext: data}
+    for name, data in members:
+        samples.setdefault(name.split(".")[0], {})[name.split(".")[1]] = data
+    k = sorted(samples)
+    assert len(k) == 5
+    bad = [
+        (f"{k[0]}.jpg", samples[k[0]]["jpg"]),  # its .cls is missing
+        (f"{k[1]}.cls", samples[k[1]]["cls"]),  # its .jpg is missing
+        (f"{k[2]}.cls", b"two"),
+        (f"{k[2]}.jpg", samples[k[2]]["jpg"]),
+        (f"{k[3]}.cls", b"7"),  # 3 classes
+        (f"{k[3]}.jpg", samples[k[3]]["jpg"]),
+        (f"{k[4]}.cls", samples[k[4]]["cls"]),
+        (f"{k[4]}.jpg", samples[k[4]]["jpg"][:40]),
+        (f"{k[4]}.cls", samples[k[4]]["cls"]),  # the sample again: a duplicate key
+        (f"{k[4]}.jpg", samples[k[4]]["jpg"]),
+        ("999999999.cls", b"0"),
+        ("999999999.jpg", samples[k[0]]["jpg"]),  # a sample the sidecar does not list
+    ]
+    _write_tar(out / first, bad)
+    problems = _problems(check_shards(out))
+    assert problems[0] == (first, None, "sha256 differs from the manifest: the file changed or is corrupt")
+    by_key = {}
+    for shard, key, problem in problems[1:]:
+        assert shard == first
+        by_key.setdefault(key, []).append(problem)
+    assert by_key[k[0]] == [f"label {k[0]}.cls is missing (only {k[0]}.jpg is there)"]
+    assert by_key[k[1]] == [f"image {k[1]}.jpg is missing (only {k[1]}.cls is there)"]
+    assert by_key[k[2]] == ["label b'two' is not an integer of 1 to 8 digits"]
+    assert by_key[k[3]] == ["label 7 is outside 0..2"]
+    assert by_key[k[4]][0] == f"sample key occurs more than once in the shard (2 x {k[4]}.cls, 2 x {k[4]}.jpg)"
+    assert by_key[k[4]][1].startswith("JPEG does not decode")
+    assert by_key["999999999"] == ["sample not listed in the sidecar"]
+    assert by_key[None] == ["1 samples read, manifest says 5"]  # only 999999999 is well-formed
+    assert second not in {shard for shard, _, _ in problems}  # the other shards were checked and are fine
+
+
+def test_check_survives_a_truncated_tar(checked, cli):
+    from pipeline.data.check import check_shards
+
+    out, manifest, members = checked
+    first, last = manifest["shards"][0]["file"], manifest["shards"][-1]["file"]
+    data = (out / first).read_bytes()
+    with tarfile.open(out / first) as tar:
+        cut = tar.getmember(members[5][0])  # the third sample's .jpg
+    (out / first).write_bytes(data[: cut.offset_data + 100])
+    with tarfile.open(out / last) as tar:  # and the last shard cut exactly after a member
+        end = tar.getmembers()[-1]
+    os.truncate(out / last, end.offset_data + 512 * ((end.size + 511) // 512))
+    report = check_shards(out)
+    problems = _problems(report)
+    assert (first, None, f"the tar is truncated inside member {cut.name} (100 of {cut.size} bytes there)") in problems
+    assert (
+        first,
+        cut.name[:-4],
+        f"image {cut.name[:-4]}.jpg is missing (only {cut.name[:-4]}.cls is there)",
+    ) in problems
+    assert (first, None, "2 samples read, manifest says 5") in problems
+    assert any(p[0] == last and "without its end-of-archive blocks" in p[2] for p in problems), problems
+    assert report.num_samples == manifest["num_samples"] - 3  # all shards read, up to each cut
+    result = cli("shards", "check", out)
+    assert result.code == 2 and "Traceback" not in result.out + result.err
+
+
+def test_check_names_a_corrupt_tar_header(checked):
+    from pipeline.data.check import check_shards
+
+    out, manifest, members = checked
+    first = manifest["shards"][0]["file"]
+    data = bytearray((out / first).read_bytes())
+    with tarfile.open(out / first) as tar:
+        victim = tar.getmember(members[4][0])
+    data[victim.offset : victim.offset + 512] = b"junk" * 128
+    (out / first).write_bytes(bytes(data))
+    problems = _problems(check_shards(out))
+    assert (
+        first,
+        None,
+        f"unreadable data after member {members[3][0]} (byte {victim.offset}): a corrupt tar header",
+    ) in problems
+    (out / first).write_bytes(b"")
+    assert (first, None, "not a readable tar file (empty file)") in _problems(check_shards(out))
+
+
+def test_check_names_a_duplicate_key_in_a_shard_the_manifest_vouches_for(checked):
+    """A shard rewritten with a duplicated sample, the manifest and index updated to match: no DALI needed."""
+    from pipeline.data.check import check_shards
+    from pipeline.data.shards import write_index
+
+    out, manifest, members = checked
+    first = manifest["shards"][0]["file"]
+    _write_tar(out / first, members + members[:2])
+    write_index(out / first)
+    manifest["shards"][0]["sha256"] = sha256(out / first)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    key = members[0][0][:-4]
+    problems = _problems(check_shards(out))
+    assert problems[0] == (first, key, f"sample key occurs more than once in the shard (2 x {key}.cls, 2 x {key}.jpg)")
+    assert all(p[0] == first for p in problems)
+
+
+def test_check_reports_a_corrupt_sidecar(checked):
+    from pipeline.data.check import check_shards
+
+    out, manifest, _ = checked
+    first, second = manifest["shards"][0]["file"], manifest["shards"][1]["file"]
+    (out / first.replace(".tar", ".json")).write_text('{"samples": [')
+    (out / second.replace(".tar", ".json")).write_text('{"samples": 3}')
+    first_sidecar, second_sidecar = first.replace(".tar", ".json"), second.replace(".tar", ".json")
+    assert _problems(check_shards(out)) == [
+        (first, None, f"sidecar {first_sidecar} is not valid JSON (line 1: Expecting value): cannot check labels"),
+        (second, None, f"sidecar {second_sidecar} has no list of [key, label, source] samples: cannot check labels"),
+    ]
+
+
+def test_check_rejects_a_bad_manifest(checked, cli):
+    from pipeline.data.check import check_shards
+
+    out, manifest, _ = checked
+    path = out / "manifest.json"
+    path.write_text('{"shards": [\n  {"file": }\n')
+    err = _error(check_shards, out)
+    assert (err.issues[0].file, err.issues[0].line) == (str(path), 2) and "not valid JSON" in err.issues[0].message
+    assert "re-run the same build command" in err.issues[0].hint
+    result = cli("shards", "check", out)
+    assert result.code == 2 and f"{path}:2: not valid JSON" in result.err and "Traceback" not in result.err
+    broken = {k: v for k, v in manifest.items() if k != "num_classes"}
+    broken["shards"] = [{**manifest["shards"][0], "file": "../../etc/passwd"}, {"sha256": None}, 3]
+    path.write_text(json.dumps(broken))
+    assert [(i.path, i.message) for i in _error(check_shards, out).issues] == [
+        ("num_classes", "missing"),
+        ("shards[0].file", "is '../../etc/passwd'; it must be a file name in the shard folder"),
+        ("shards[1].file", "missing"),
+        ("shards[1].sha256", "is None; it must be a hex digest"),
+        ("shards[1].num_samples", "missing"),
+        ("shards[2]", "is 3; it must be an object with file, sha256 and num_samples"),
+    ]
+    path.write_text("[]")
+    assert "holds a JSON list, not an object" in str(_error(check_shards, out))

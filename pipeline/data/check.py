@@ -1,25 +1,35 @@
-"""`shards check`: read every sample back through the DALI pipeline and compare with the manifest.
+"""`shards check`: read every sample back and compare with the manifest.
 
-Checks, per shard: the file's sha256, its index file, the sample keys and labels against its
-sidecar (read through DALI, decoding every JPEG), and the totals against manifest.json. A shard
-whose checksum fails is examined sample by sample with PIL instead of DALI. Every problem names
-the shard and, where there is one, the sample key.
+Checks, per shard: the file's sha256, its index file, its structure (walked with Python's
+tarfile: every sample has one KEY.jpg and one KEY.cls holding an integer label below the
+manifest's num_classes, no key occurs twice, the tar is not truncated), the sample keys and labels
+against its sidecar, and the totals against manifest.json. JPEGs are decoded by DALI when the
+shard is intact (checksum, index and structure good) and one by one with PIL otherwise, since a
+corrupt JPEG can crash DALI's decoder outright (seen: a segfault). Every problem names the shard
+and, where there is one, the sample key; a broken shard never stops the check of the others.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data.dali import ShardSet, build_pipeline, parse_labels
-from pipeline.errors import user_error
+from pipeline.data.dali import CLS_WIDTH, ShardSet, build_pipeline, parse_labels
+from pipeline.errors import Issue, SpecError, user_error
 from pipeline.safe_files import sha256
 
 CHECK_RESOLUTION = 16  # images are decoded in full, then shrunk: the check is about reading, not pixels
 CHECK_BATCH = 64
+MAX_MANIFEST_ISSUES = 20
+MANIFEST_HINT = (
+    "manifest.json is written by `python -m pipeline shards build` once every shard is finished; "
+    "re-run the same build command to rewrite it (finished shards are kept)"
+)
 
 
 @dataclass
@@ -46,6 +56,223 @@ class Report:
         }
 
 
+# --- the manifest and the sidecars ---------------------------------------------------------------
+
+
+def load_manifest(root: Path) -> dict:
+    """manifest.json of ROOT, checked for the keys `check` reads; a user error naming the file otherwise."""
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise user_error(
+            f"no manifest.json in {root}",
+            hint="check reads shards written by `python -m pipeline shards "
+            "build` (or `just demo-data`); give the directory they were written to",
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise user_error(f"not valid JSON: {exc.msg}", file=str(path), line=exc.lineno, hint=MANIFEST_HINT) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise user_error(f"cannot read the manifest: {exc}", file=str(path), hint=MANIFEST_HINT) from None
+    issues = _manifest_issues(manifest)
+    if issues:
+        shown = issues[:MAX_MANIFEST_ISSUES]
+        raise SpecError([Issue(text, path=key, file=str(path), hint=MANIFEST_HINT) for key, text in shown])
+    return manifest
+
+
+def _manifest_issues(manifest) -> list[tuple[str, str]]:
+    """(key path, problem) for each required key of a manifest that is missing or of the wrong type."""
+
+    def is_count(value, minimum: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    if not isinstance(manifest, dict):
+        return [("", f"holds a JSON {type(manifest).__name__}, not an object")]
+    issues = []
+    for key, ok, what in (
+        ("num_samples", is_count(manifest.get("num_samples")), "an integer >= 0"),
+        ("num_classes", is_count(manifest.get("num_classes"), 1), "an integer >= 1"),
+        ("class_counts", isinstance(manifest.get("class_counts"), dict), "an object of label: count"),
+        ("shards", isinstance(manifest.get("shards"), list), "a list of shard entries"),
+    ):
+        if key not in manifest:
+            issues.append((key, "missing"))
+        elif not ok:
+            issues.append((key, f"is {manifest[key]!r}; it must be {what}"))
+    for i, entry in enumerate(manifest.get("shards") if isinstance(manifest.get("shards"), list) else []):
+        where = f"shards[{i}]"
+        if not isinstance(entry, dict):
+            issues.append((where, f"is {entry!r}; it must be an object with file, sha256 and num_samples"))
+            continue
+        for key, ok, what in (
+            ("file", _is_file_name(entry.get("file")), "a file name in the shard folder"),
+            ("sha256", isinstance(entry.get("sha256"), str), "a hex digest"),
+            ("num_samples", is_count(entry.get("num_samples")), "an integer >= 0"),
+            ("index", entry.get("index") is None or _is_file_name(entry["index"]), "a file name in the shard folder"),
+        ):
+            if key not in entry and key != "index":
+                issues.append((f"{where}.{key}", "missing"))
+            elif not ok:
+                issues.append((f"{where}.{key}", f"is {entry[key]!r}; it must be {what}"))
+    return issues
+
+
+def _is_file_name(value) -> bool:
+    """A plain name of a file beside the manifest: a manifest must not point the check elsewhere."""
+    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\\" not in value
+
+
+def read_sidecar(path: Path) -> tuple[dict[str, int] | None, str | None]:
+    """({key: label} of a shard's sidecar, None), or (None, why it cannot be used)."""
+    if not path.is_file():
+        return None, f"sidecar {path.name} is missing: cannot check keys and labels"
+    try:
+        samples = json.loads(path.read_text(encoding="utf-8"))["samples"]
+        expected = {}
+        for key, label, *_ in samples:
+            if not isinstance(key, str) or not isinstance(label, int):
+                raise TypeError
+            expected[key] = label
+    except json.JSONDecodeError as exc:
+        return None, f"sidecar {path.name} is not valid JSON (line {exc.lineno}: {exc.msg}): cannot check labels"
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        return None, f"sidecar {path.name} has no list of [key, label, source] samples: cannot check labels"
+    return expected, None
+
+
+# --- walking a tar with Python -------------------------------------------------------------------
+
+
+@dataclass
+class TarContents:
+    """What a walk of one tar found: its well-formed samples and what is wrong with the rest."""
+
+    # (key, label) in tar order of the samples with one .jpg and one .cls holding a label in range
+    samples: list[tuple[str, int]] = field(default_factory=list)
+    keys: set[str] = field(default_factory=set)  # every key with a .jpg or .cls member
+    problems: list[tuple[str | None, str]] = field(default_factory=list)  # (key or None, problem)
+
+
+def walk_tar(tar: Path, num_classes: int, *, decode: bool) -> TarContents:
+    """Every sample of a tar shard, read with Python's tarfile; with `decode`, each JPEG decoded by PIL.
+
+    Robust to anything in the file: a truncated tar or a corrupt header ends the walk with a problem
+    naming the last member read, and the samples before it are still checked.
+    """
+    contents = TarContents()
+    try:
+        with tarfile.open(tar, mode="r:") as archive:
+            members, labels, broken = _read_members(archive, tar, contents.problems, decode=decode)
+    except tarfile.ReadError as exc:  # raised by open only: the walk itself reports and stops
+        contents.problems.append((None, f"not a readable tar file ({exc})"))
+        return contents
+    for key, by_ext in members.items():
+        contents.keys.add(key)
+        counts = {ext: len(found) for ext, found in by_ext.items()}
+        if max(counts.values()) > 1:
+            listed = ", ".join(f"{n} x {key}.{ext}" for ext, n in sorted(counts.items()))
+            contents.problems.append((key, f"sample key occurs more than once in the shard ({listed})"))
+        if "jpg" not in by_ext:
+            contents.problems.append((key, f"image {key}.jpg is missing (only {key}.cls is there)"))
+        if key in broken:
+            contents.problems.append((key, f"JPEG does not decode ({broken[key]})"))
+        if "cls" not in by_ext:
+            contents.problems.append((key, f"label {key}.cls is missing (only {key}.jpg is there)"))
+            continue
+        text = labels[key]
+        if isinstance(text, int) or not re.fullmatch(rb"[0-9]{1,%d}" % CLS_WIDTH, text):
+            shown = f"of {text} bytes" if isinstance(text, int) else repr(text)
+            contents.problems.append((key, f"label {shown} is not an integer of 1 to {CLS_WIDTH} digits"))
+            continue
+        label = int(text)
+        if label >= num_classes:
+            contents.problems.append((key, f"label {label} is outside 0..{num_classes - 1}"))
+        elif "jpg" in by_ext and max(counts.values()) == 1:
+            contents.samples.append((key, label))
+    return contents
+
+
+def _read_members(archive: tarfile.TarFile, tar: Path, problems: list, *, decode: bool):
+    """Members of the .jpg and .cls files by key and extension, the label bytes, and JPEGs that fail.
+
+    Problems of the tar itself (truncated, a corrupt header, a member that is not a file) are
+    appended to `problems`; the walk stops at the first one that leaves the rest unreadable.
+    """
+    members: dict[str, dict[str, list[tarfile.TarInfo]]] = {}  # key -> ext -> members, keys in tar order
+    labels: dict[str, bytes | int] = {}  # the bytes of a .cls, or its size when too long to be a label
+    broken: dict[str, str] = {}  # key -> why its JPEG does not decode
+    size = tar.stat().st_size
+    last = None
+    while True:
+        try:
+            member = archive.next()
+        except tarfile.ReadError:
+            problems.append((None, f"the tar is truncated after member {last}"))
+            break
+        if member is None:
+            end = _end_problem(tar, archive.offset, size, last)
+            if end:
+                problems.append((None, end))
+            break
+        if member.offset_data + member.size > size:
+            present = max(0, size - member.offset_data)
+            problems.append(
+                (None, f"the tar is truncated inside member {member.name} ({present} of {member.size} bytes there)")
+            )
+            break
+        last = member.name
+        key, _, ext = _split_member(member.name)
+        if ext not in ("jpg", "cls"):
+            continue  # DALI reads only these; other members are allowed
+        if not member.isreg():
+            problems.append((key, f"member {member.name} is not a regular file"))
+            continue
+        members.setdefault(key, {}).setdefault(ext, []).append(member)
+        if ext == "cls" and key not in labels:
+            # a label is at most CLS_WIDTH digits: a larger member is not read into memory
+            labels[key] = archive.extractfile(member).read() if member.size <= CLS_WIDTH else member.size
+        elif ext == "jpg" and decode and key not in broken:
+            reason = _undecodable(archive.extractfile(member).read())
+            if reason:
+                broken[key] = reason
+    return members, labels, broken
+
+
+def _split_member(name: str) -> tuple[str, str, str]:
+    """(key, ".", extension) as WebDataset splits a member name: at the first dot of its base name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), dot, ext
+
+
+def _end_problem(tar: Path, offset: int, size: int, last: str | None) -> str | None:
+    """Why the bytes after the last member are not a tar's end (two or more zero blocks), or None."""
+    if size - offset < 2 * tarfile.BLOCKSIZE:
+        return f"the tar ends after member {last} without its end-of-archive blocks: it is truncated"
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            if block.strip(b"\0"):
+                return f"unreadable data after member {last} (byte {offset}): a corrupt tar header"
+    return None
+
+
+def _undecodable(data: bytes) -> str | None:
+    """Why PIL cannot decode a JPEG, or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as exc:  # noqa: BLE001 -- PIL raises many types for broken files
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+# --- reading through DALI ------------------------------------------------------------------------
+
+
 def read_shard(tar: Path, index: Path) -> list[tuple[str, int, bool]]:
     """(key, label, label is an integer) of every sample of one shard, in stored order, through DALI."""
     shard = ShardSet([tar], [index])
@@ -61,87 +288,90 @@ def read_shard(tar: Path, index: Path) -> list[tuple[str, int, bool]]:
     return out[:total]  # the last batch runs into the next epoch
 
 
-def undecodable(tar: Path) -> list[tuple[str, str]]:
-    """Slow path after DALI failed on a shard: (key, reason) for each JPEG PIL cannot decode."""
-    from PIL import Image
-
-    bad = []
-    with tarfile.open(tar) as archive:
-        for member in archive:
-            if not member.name.endswith(".jpg"):
-                continue
-            try:
-                with Image.open(io.BytesIO(archive.extractfile(member).read())) as img:
-                    img.load()
-            except Exception as exc:  # PIL raises many types for broken files
-                bad.append((member.name.rsplit(".", 1)[0], f"{type(exc).__name__}: {exc}"))
-    return bad
+# --- the check -----------------------------------------------------------------------------------
 
 
 def check_shards(root: str | Path) -> Report:
     root = Path(root)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.exists():
-        raise user_error(
-            f"no manifest.json in {root}",
-            hint="check reads shards written by `python -m pipeline shards "
-            "build` (or `just demo-data`); give the directory they were written to",
-        )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = load_manifest(root)
+    num_classes = manifest["num_classes"]
     report = Report(str(root), num_shards=len(manifest["shards"]))
-    class_counts: dict[str, int] = {}
+    class_counts: Counter[str] = Counter()
+    shard_of: dict[str, str] = {}  # sample key -> the first shard holding it
     for entry in manifest["shards"]:
         name = entry["file"]
-        tar, index = root / name, root / entry.get("index", Path(name).with_suffix(".idx").name)
-        sidecar = tar.with_suffix(".json")
-        if not tar.exists():
+        tar = root / name
+        index = root / (entry.get("index") or Path(name).with_suffix(".idx").name)
+        if not tar.is_file():
             report.add(name, "shard file is missing")
             continue
-        if sha256(tar) != entry["sha256"]:
-            report.add(name, "sha256 differs from the manifest: the file changed or is corrupt")
-            # A corrupt JPEG can crash DALI's decoder outright (seen: a segfault), so a shard that
-            # fails its checksum is diagnosed sample by sample in Python instead.
-            for key, reason in undecodable(tar):
-                report.add(name, f"JPEG does not decode ({reason})", key)
-            continue
-        if not index.exists():
-            report.add(name, f"index file {index.name} is missing")
-            continue
-        expected = (
-            {key: label for key, label, *_ in json.loads(sidecar.read_text())["samples"]} if sidecar.exists() else None
-        )
-        if expected is None:
-            report.add(name, f"sidecar {sidecar.name} is missing: cannot check keys and labels")
         try:
-            samples = read_shard(tar, index)
-        except Exception as exc:  # DALI failed on an intact shard: name what PIL cannot decode
-            culprits = undecodable(tar)
-            for key, reason in culprits:
-                report.add(name, f"JPEG does not decode ({reason})", key)
-            if not culprits:
-                report.add(name, f"DALI cannot read the shard: {str(exc).splitlines()[0]}")
+            intact = sha256(tar) == entry["sha256"]
+        except OSError as exc:
+            report.add(name, f"cannot read the shard: {exc.strerror}")
             continue
-        report.num_samples += len(samples)
-        if len(samples) != entry["num_samples"]:
-            report.add(name, f"{len(samples)} samples read, manifest says {entry['num_samples']}")
-        for key, label, valid in samples:
-            if not valid:
-                report.add(name, "label is not an integer", key)
-            elif label >= manifest["num_classes"]:
-                report.add(name, f"label {label} is outside 0..{manifest['num_classes'] - 1}", key)
-            elif expected is not None and key not in expected:
+        if not intact:
+            report.add(name, "sha256 differs from the manifest: the file changed or is corrupt")
+        if not index.is_file():
+            report.add(name, f"index file {index.name} is missing")
+            intact = False
+        expected, sidecar_problem = read_sidecar(tar.with_suffix(".json"))
+        if sidecar_problem:
+            report.add(name, sidecar_problem)
+
+        contents = walk_tar(tar, num_classes, decode=not intact)
+        if intact and contents.problems:  # the manifest vouches for a malformed tar: keep DALI away from it
+            contents = walk_tar(tar, num_classes, decode=True)
+            intact = False
+        for key, problem in contents.problems:
+            report.add(name, problem, key)
+        if intact:
+            _decode_with_dali(report, name, tar, index, contents, num_classes)
+
+        for key in sorted(contents.keys & shard_of.keys()):
+            report.add(name, f"sample key is also in {shard_of[key]}", key)
+        shard_of |= dict.fromkeys(contents.keys - shard_of.keys(), name)
+        report.num_samples += len(contents.samples)
+        if len(contents.samples) != entry["num_samples"]:
+            report.add(name, f"{len(contents.samples)} samples read, manifest says {entry['num_samples']}")
+        for key, label in contents.samples:
+            if expected is not None and key not in expected:
                 report.add(name, "sample not listed in the sidecar", key)
             elif expected is not None and expected[key] != label:
                 report.add(name, f"label {label}, sidecar says {expected[key]}", key)
-            class_counts[str(label)] = class_counts.get(str(label), 0) + 1
+            class_counts[str(label)] += 1
         if expected is not None:
-            for key in sorted(set(expected) - {k for k, _, _ in samples}):
-                report.add(name, "listed in the sidecar but not read", key)
+            for key in sorted(set(expected) - contents.keys):
+                report.add(name, "listed in the sidecar but not in the shard", key)
     if report.num_samples != manifest["num_samples"] and not report.problems:
         report.add("manifest.json", f"{report.num_samples} samples read, manifest says {manifest['num_samples']}")
     if not report.problems and class_counts != {str(k): v for k, v in manifest["class_counts"].items()}:
         report.add("manifest.json", "per-class counts read differ from the manifest's class_counts")
     return report
+
+
+def _decode_with_dali(
+    report: Report, name: str, tar: Path, index: Path, contents: TarContents, num_classes: int
+) -> None:
+    """Decode every JPEG of a well-formed, intact shard through DALI; name each that fails."""
+    try:
+        samples = read_shard(tar, index)
+    except Exception as exc:  # noqa: BLE001 -- DALI failed on an intact shard: name what PIL cannot decode
+        culprits = walk_tar(tar, num_classes, decode=True).problems
+        for key, problem in culprits:
+            report.add(name, problem, key)
+        if not culprits:
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            report.add(name, f"DALI cannot read the shard: {first_line}")
+        return
+    read = [(key, label) for key, label, _ in samples]
+    if read != contents.samples:
+        first = next((a for a, b in zip(read, contents.samples, strict=False) if a != b), None)
+        report.add(
+            name,
+            f"DALI reads {len(read)} samples, the tar holds {len(contents.samples)}"
+            + (f"; first difference at key {first[0]}" if first else ""),
+        )
 
 
 def print_report(report: Report) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,20 +192,101 @@ def build_pipeline(
     return pipe
 
 
+MAX_SCAN_BYTES = 512 << 20  # after a decoder failure, shards up to this size are searched for the culprit
+
+
 def _dali_error(exc: Exception, shards: ShardSet) -> SpecError:
-    text = str(exc).strip().splitlines()
-    first = next((line for line in text if "Error" in line or "error" in line), text[0] if text else repr(exc))
+    """DALI's own message (the operator and what it encountered), the shard it names, and for a
+    decoder failure, which DALI reports without the sample, the undecodable samples when the
+    shards are small enough to search (`shards check` finds them in any case)."""
+    text = str(exc)
+    operator = re.search(r"Error in \w+ operator `([^`]+)`", text)
+    encountered = text.split("encountered:", 1)[1] if "encountered:" in text else text
+    cause = " ".join(
+        line.strip()
+        for line in encountered.strip().splitlines()
+        if line.strip() and not line.startswith(("C++ context", "Current pipeline", "Critical error"))
+    )
+    if not cause:
+        cause = text.strip().splitlines()[0] if text.strip() else repr(exc)
+    named = re.search(r'"?([^"\s]+\.(?:tar|idx))"?', cause)
+    what = f"DALI's {operator.group(1)} failed" if operator else "the DALI pipeline failed"
+    message = f"{what}: {cause}"
     hint = None
-    if "missing" in first.lower() or "component" in first.lower():
+    if named:
+        message += f" (shard {Path(named.group(1)).with_suffix('.tar').name})"
+        hint = (
+            "the shard or its index is damaged: rebuild it (`python -m pipeline shards build` resumes) and "
+            "run `python -m pipeline shards check DIR`"
+        )
+    if re.search(r"underfull? sample|missing component", cause, re.IGNORECASE):  # DALI's words for it
         hint = (
             "a sample lacks its .jpg or .cls; rebuild the shards, or set data.on_bad_sample=skip to skip such samples"
         )
-    return user_error(
-        f"the DALI pipeline failed: {first.strip()}",
-        path="data.shards",
-        file=str(shards.root) if shards.root else None,
-        hint=hint,
-    )
+    if operator and "decoders" in operator.group(1):
+        damaged, culprits = _search_damage(shards)
+        if damaged:
+            message += f"; shard(s) whose SHA-256 differs from the manifest: {', '.join(damaged[:5])}"
+        if culprits:
+            message += "; JPEGs PIL cannot decode either: " + ", ".join(f"{s} sample {k!r}" for s, k in culprits[:5])
+        hint = (
+            "DALI cannot replace one sample of a batch, so a JPEG that does not decode stops the run; find every "
+            f"damaged sample with `python -m pipeline shards check {shards.root or 'DIR'}` and rebuild those shards"
+        )
+    return user_error(message, path="data.shards", file=str(shards.root) if shards.root else None, hint=hint)
+
+
+def _search_damage(shards: ShardSet) -> tuple[list[str], list[tuple[str, str]]]:
+    """After a decoder failure, if the shards are small enough to search now: the shards whose
+    checksum differs from the manifest, and (shard, key) of the JPEGs in them PIL cannot decode."""
+    from pipeline.data.check import walk_tar
+
+    try:
+        if sum(t.stat().st_size for t in shards.tars) > MAX_SCAN_BYTES:
+            return [], []
+        verifier = ShardVerifier(shards)
+        verifier.wait()
+        by_name = {t.name: t for t in shards.tars}
+        culprits = [
+            (name, key)
+            for name in verifier.damaged
+            for key, problem in walk_tar(by_name[name], 10**CLS_WIDTH, decode=True).problems
+            if key is not None and problem.startswith("JPEG does not decode")
+        ]
+        return verifier.damaged, culprits
+    except Exception:  # a search that fails itself must not hide DALI's error
+        return [], []
+
+
+class ShardVerifier:
+    """Hashes shard files against the manifest's SHA-256 in a background thread, once per process,
+    while training reads them: damage that still decodes (zeroed bytes in a JPEG decode to a smeared
+    image without an error) is found during the first pass instead of never. Rank r hashes every
+    world_size-th file from r, so the ranks share the work; hashlib releases the GIL."""
+
+    def __init__(self, shards: ShardSet, rank: int = 0, world_size: int = 1):
+        entries = {e["file"]: e.get("sha256") for e in (shards.manifest or {}).get("shards", []) if e.get("file")}
+        self.todo = [
+            (tar, entries[tar.name])
+            for i, tar in enumerate(shards.tars)
+            if i % world_size == rank and entries.get(tar.name)
+        ]
+        self.damaged: list[str] = []  # shard file names, appended by the thread
+        self.thread = threading.Thread(target=self._run, name="shard-verifier", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from pipeline.safe_files import sha256
+
+        for tar, digest in self.todo:
+            try:
+                if sha256(tar) != digest:
+                    self.damaged.append(tar.name)
+            except OSError:
+                self.damaged.append(tar.name)
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
 
 
 def parse_labels(cls_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -273,6 +356,8 @@ class DaliLoader:
             checkpoint=self.state,
             labelled=self.num_classes is not None,
         )
+        self.verifier = ShardVerifier(self.shards, self.rank, self.world_size)
+        self.damage_reported = 0
         self.dataset_size = self.pipe.reader_meta("reader")["epoch_size"]  # all ranks, after skipped samples
         self.epoch_size = part_size(self.dataset_size, self.rank, self.world_size)  # this rank's part
         if self.batch_size > self.epoch_size:
@@ -287,6 +372,12 @@ class DaliLoader:
 
     def state_dict(self) -> str:
         return self.pipe.checkpoint()
+
+    def new_damage(self) -> list[str]:
+        """Shards found damaged (checksum) by this rank's verifier since the last call."""
+        found = self.verifier.damaged[self.damage_reported :]
+        self.damage_reported += len(found)
+        return found
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:

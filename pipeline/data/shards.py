@@ -83,6 +83,9 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 MAX_ISSUES = 20  # user errors listed before "... and N more"
+# A CSV's labels must lie below this: it makes K = largest label + 1 classes, and a stray huge
+# number (a file size, an id) would otherwise make millions of empty ones.
+MAX_CSV_CLASSES = 100_000
 EXIF_ORIENTATION = 0x0112
 
 # Tar members carry fixed metadata so that the same input gives the same bytes and checksum.
@@ -116,7 +119,7 @@ def build_shards(
     IMAGE_SUFFIXES; files directly in SRC and hidden files are ignored), or, with `csv`, any folder
     and a CSV file of `path,label` rows: paths relative to SRC, labels integers >= 0 (class names
     are not accepted: put each class in its own folder instead). An optional header row
-    `path,label` is skipped. With integer labels, K is the largest label + 1.
+    `path,label` is skipped. K is the largest label + 1, at most MAX_CSV_CLASSES. The CSV must be UTF-8.
 
     Images are stored as RGB JPEG: an RGB JPEG that needs no resize (and no EXIF rotation) is
     copied byte for byte; anything else is converted (transparency composited on white, EXIF
@@ -217,16 +220,10 @@ def csv_samples(src: str | os.PathLike, csv: str | os.PathLike) -> tuple[list[tu
     """(source, path, label) of every row of a `path,label` CSV (paths relative to SRC), and the classes."""
     src, csv = Path(src), Path(csv)
     _check_source_dir(src)
-    if not csv.is_file():
-        raise user_error(
-            f"CSV file {csv} does not exist",
-            file=str(csv),
-            hint="give a CSV of path,label rows, paths relative to the source folder",
-        )
     hint_row = "each row is path,label: a path relative to the source folder and an integer class label >= 0"
     samples, issues, seen = [], [], {}
-    with open(csv, newline="", encoding="utf-8-sig") as f:
-        reader = csv_module.reader(f)
+    reader = csv_module.reader(io.StringIO(_read_csv_text(csv), newline=""))
+    try:
         for row in reader:
             if len(issues) > MAX_ISSUES:
                 break
@@ -240,20 +237,9 @@ def csv_samples(src: str | os.PathLike, csv: str | os.PathLike) -> tuple[list[tu
                 issues.append(Issue(f"row has {len(row)} field(s), expected 2 (path,label)", **where, hint=hint_row))
                 continue
             rel, label_text = row[0].strip(), row[1].strip()
-            try:
-                label = int(label_text)
-            except ValueError:
-                issues.append(
-                    Issue(
-                        f"label {label_text!r} is not an integer",
-                        **where,
-                        hint="labels are class numbers 0..K-1; to name classes, put each class's "
-                        "images in a folder named after it and leave out the CSV",
-                    )
-                )
-                continue
-            if label < 0:
-                issues.append(Issue(f"label {label} is negative", **where, hint="labels are class numbers 0..K-1"))
+            label, problem = _csv_label(label_text)
+            if problem is not None:
+                issues.append(Issue(problem[0], **where, hint=problem[1]))
                 continue
             posix = PurePosixPath(rel.replace("\\", "/"))
             if not rel or posix.is_absolute() or ".." in posix.parts:
@@ -277,11 +263,61 @@ def csv_samples(src: str | os.PathLike, csv: str | os.PathLike) -> tuple[list[tu
                 )
                 continue
             samples.append((name, path, label))
+    except csv_module.Error as exc:  # e.g. a field over the csv module's size limit
+        issues.append(Issue(f"cannot parse the CSV: {exc}", file=str(csv), line=reader.line_num, hint=hint_row))
     _raise_issues(issues)
     if not samples:
         raise user_error(f"CSV file {csv} lists no images", file=str(csv), hint=hint_row)
     num_classes = max(label for _, _, label in samples) + 1
     return samples, {str(label): label for label in range(num_classes)}
+
+
+def _read_csv_text(csv: Path) -> str:
+    """The text of a UTF-8 CSV (a byte order mark is dropped); a user error naming the line otherwise."""
+    try:
+        data = csv.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise user_error(
+            f"CSV file {csv} does not exist",
+            file=str(csv),
+            hint="give a CSV of path,label rows, paths relative to the source folder",
+        ) from None
+    except OSError as exc:
+        raise user_error(
+            f"cannot read CSV file {csv}: {exc.strerror}", file=str(csv), hint="give a file you can read"
+        ) from None
+    body = data.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = len(data) - len(body) + exc.start
+        raise user_error(
+            f"the CSV is not UTF-8: byte offset {offset} (0x{data[offset]:02x}), on this line, is not valid UTF-8",
+            file=str(csv),
+            line=data.count(b"\n", 0, offset) + 1,
+            hint=f"save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {csv.name} > utf8-{csv.name} for a Latin-1 file",
+        ) from None
+
+
+def _csv_label(text: str) -> tuple[int | None, tuple[str, str] | None]:
+    """(label, None) for a valid CSV label, or (None, (message, hint)); never converts a huge number."""
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        return None, (
+            f"label {text!r} is not an integer",
+            "labels are class numbers 0..K-1; to name classes, put each class's "
+            "images in a folder named after it and leave out the CSV",
+        )
+    if text.startswith("-") and text.strip("-0"):
+        return None, (f"label {text} is negative", "labels are class numbers 0..K-1")
+    digits = text.lstrip("+-").lstrip("0")
+    if len(digits) > len(str(MAX_CSV_CLASSES)) or int(digits or "0") >= MAX_CSV_CLASSES:
+        shown = digits if len(digits) <= 20 else digits[:20] + "..."
+        return None, (
+            f"label {shown} is too large: a CSV's labels must be below {MAX_CSV_CLASSES:,} "
+            "(the classes are 0..largest label)",
+            "number the classes 0..K-1 without gaps (is this column a class number?)",
+        )
+    return int(digits or "0"), None
 
 
 def _raise_issues(issues: list[Issue]) -> None:

@@ -12,6 +12,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     StringConstraints,
@@ -188,7 +189,17 @@ class DataSpec(Section):
         "error",
         description=(
             "A sample missing its .cls, with a non-integer label or one outside num_classes: stop with an error "
-            "naming its shard and key, or skip it (counted)."
+            "naming its shard and key, or skip it (counted, logged as data_skipped). Also decides what a shard "
+            "whose SHA-256 no longer matches the manifest does (each shard is hashed in the background during "
+            "the first pass): stop the run naming it, or warn and train on. A JPEG DALI cannot decode always "
+            "stops the run (DALI cannot replace one sample of a batch)."
+        ),
+    )
+    max_bad_samples: NonNegativeInt = Field(
+        1000,
+        description=(
+            "With on_bad_sample: skip, the run stops once more samples than this were skipped (all ranks, all "
+            "streams): data that damaged needs rebuilding, not skipping."
         ),
     )
     streams: dict[NodeName, StreamSpec] = Field(

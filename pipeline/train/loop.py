@@ -276,6 +276,41 @@ class Trainer:
             "method": self.method.state_dict(),
         }
 
+    def data_health(self) -> dict[str, int]:
+        """Samples skipped (all ranks) for a logged line; stops the run when a stream's shard was
+        found damaged (with data.on_bad_sample: error; a warning with skip) or more than
+        data.max_bad_samples were skipped. Every rank takes part in the one collective, so every
+        rank stops together; the rank that found a damaged shard names it."""
+        d = self.spec.data
+        damaged = [(name, shard) for name, loader in self.streams.items() for shard in _new_damage(loader)]
+        skipped = sum(getattr(loader, "skipped", 0) for loader in self.streams.values())
+        totals = dist.all_mean({"damaged": len(damaged), "skipped": skipped}, self.world.device)
+        damaged_total, skipped_total = (round(v * self.world.size) for v in totals.values())
+        roots = {name: getattr(loader, "shards", None) for name, loader in self.streams.items()}
+        for name, shard in damaged:
+            root = roots[name].root if roots[name] is not None else None
+            message = (
+                f"shard {shard} of stream {name!r} ({root}) no longer matches the SHA-256 in its manifest: it "
+                "changed or was damaged after it was written, and images read from it may be corrupt"
+            )
+            if d.on_bad_sample == "error":
+                raise user_error(
+                    message,
+                    path="data.shards",
+                    hint=f"`python -m pipeline shards check {root}` names the damaged samples; rebuild the shard, "
+                    "or set data.on_bad_sample=skip to train on with a warning",
+                )
+            print(f"warning: {message}; training goes on (data.on_bad_sample=skip)", file=sys.stderr)
+        if damaged_total and d.on_bad_sample == "error":
+            raise user_error(f"another rank found {damaged_total} damaged shard(s) (its message names them)")
+        if skipped_total > d.max_bad_samples:
+            raise user_error(
+                f"{skipped_total} bad samples were skipped, more than data.max_bad_samples={d.max_bad_samples}",
+                path="data.max_bad_samples",
+                hint="`python -m pipeline shards check DIR` names them; rebuild the shards, or raise the bound",
+            )
+        return {"data_skipped": skipped_total}
+
     def non_finite_weights(self) -> list[str]:
         """'generator has N non-finite weights' for each network (and EMA) whose parameters or
         buffers are not all finite: what a NaN or infinite update leaves even when the losses looked fine."""
@@ -385,6 +420,7 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
             if now_due["log_every"]:
                 now = time.perf_counter()
                 record = {"step": step, "images_seen": tr.images_seen, **tr.log.means(), **tr.lrs}
+                record |= tr.data_health()
                 record["images_per_s"] = (tr.images_seen - tick_images) / (now - tick)
                 tick, tick_images = now, tr.images_seen
                 if world.is_main:
@@ -431,6 +467,10 @@ class _StopSignal:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def _new_damage(loader) -> list[str]:
+    return loader.new_damage() if hasattr(loader, "new_damage") else []  # a synthetic stream has no shards
 
 
 def _stopped(problems: list[str], step: int, run_dir: Path) -> TrainingStopped:

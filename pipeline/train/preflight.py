@@ -36,11 +36,13 @@ def preflight(spec, world_size: int = 1) -> list[Issue]:
     from pipeline.data.dali import check_data  # imports no DALI; only looks at files
 
     issues: list[Issue] = []
-    for check in (lambda: check_data(spec), lambda: batch_plan(spec.train, world_size)):
+    found: dict = {}
+    for check in (lambda: found.update(check_data(spec)), lambda: batch_plan(spec.train, world_size)):
         try:
             check()
         except SpecError as exc:
             issues.extend(exc.issues)
+    issues += _batch_fits_the_data(spec, world_size, found)
     if spec.compile.enabled and cxx_compiler() is None:
         issues.append(
             Issue(
@@ -50,6 +52,25 @@ def preflight(spec, world_size: int = 1) -> list[Issue]:
                 hint="install one (Debian/Ubuntu: apt-get install g++) or set compile.enabled=false",
             )
         )
+    return issues
+
+
+def _batch_fits_the_data(spec, world_size: int, found: dict) -> list[Issue]:
+    """A micro-batch larger than a rank's part of a stream's shards (from their manifest) would
+    fail inside DALI (a batch of 1e9 was an out-of-memory error blamed on the shards)."""
+    micro = spec.train.batch_per_rank or max(1, spec.train.batch_size // world_size)
+    issues = []
+    for name, shards in found.items():
+        total = shards.num_samples if shards is not None else None
+        if total is not None and micro > total // world_size:
+            issues.append(
+                Issue(
+                    f"the batch of {micro:,} per rank is larger than each rank's part of stream {name!r}: "
+                    f"{total:,} samples over {world_size} rank(s)",
+                    path="train.batch_per_rank" if spec.train.batch_per_rank else "train.batch_size",
+                    hint="use a smaller batch, fewer ranks, or more data",
+                )
+            )
     return issues
 
 
