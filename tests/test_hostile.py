@@ -356,19 +356,30 @@ def test_a_jpeg_dali_cannot_decode_names_its_shard_and_sample(demo_shards, copy_
     assert "shards check" in text
 
 
+def test_shards_check_names_a_sample_whose_bytes_changed_but_still_decode(demo_shards, copy_shards, tmp_path):
+    from pipeline.data.check import check_shards
+
+    shards = copy_shards(demo_shards, tmp_path / "shards")
+    shard, key = _damage_one_jpeg(shards, where="middle")
+    problems = {(p["shard"], p["key"]): p["problem"] for p in check_shards(shards).problems}
+    assert "differ from the sidecar's digest" in problems[(shard, key)], problems
+    assert (shard, None) in problems  # and the shard's checksum
+
+
 @pytest.mark.parametrize("on_bad_sample", ["error", "skip"])
 def test_a_shard_damaged_after_writing_is_found_while_training(
     demo_shards, copy_shards, tmp_path, capsys, metrics, on_bad_sample
 ):
     shards = copy_shards(demo_shards, tmp_path / "shards")
-    shard, _ = _damage_one_jpeg(shards, where="middle")  # decodes without an error: only the checksum tells
+    shard, key = _damage_one_jpeg(shards, where="middle")  # decodes without an error: only the checksums tell
     # the shard is hashed in the background: 20 steps leave it ample time to report
     args = overrides(shards, tmp_path / "run", 20) + ["train.log_every=1", f"data.on_bad_sample={on_bad_sample}"]
     loaded = load_spec("demo", args)
     if on_bad_sample == "error":
         with pytest.raises(SpecError) as info:
             loop.train(loaded)
-        assert f"shard {shard} of stream 'images'" in str(info.value) and "SHA-256" in str(info.value)
+        text = str(info.value)
+        assert f"shard {shard} of stream 'images'" in text and f"damaged samples: {key!r}" in text, text
     else:
         loop.train(loaded)
         err = capsys.readouterr().err

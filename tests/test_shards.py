@@ -90,7 +90,7 @@ def sha256(path: Path) -> str:
 
 def written_sources(out: Path) -> list[str]:
     """Source paths in stored order, over all shards."""
-    return [source for sc in sidecars(out) for _, _, source in sc["samples"]]
+    return [source for sc in sidecars(out) for _, _, source, *_ in sc["samples"]]
 
 
 # --- what is written ------------------------------------------------------------------------------
@@ -118,12 +118,13 @@ def test_every_sample_is_an_rgb_jpeg_with_its_label(source, built):
     for entry, sidecar in zip(manifest["shards"], sidecars(out), strict=True):
         members = tar_members(out / entry["file"])
         assert [name for name, _ in members] == [
-            f"{key}.{ext}" for key, _, _ in sidecar["samples"] for ext in ("cls", "jpg")
+            f"{key}.{ext}" for key, *_ in sidecar["samples"] for ext in ("cls", "jpg")
         ]
-        for (_cls_name, cls_bytes), (_jpg_name, jpg_bytes), (key, label, src) in zip(
+        for (_cls_name, cls_bytes), (_jpg_name, jpg_bytes), (key, label, src, digest) in zip(
             members[::2], members[1::2], sidecar["samples"], strict=True
         ):
             assert cls_bytes == str(label).encode() and cls_bytes.isdigit()
+            assert digest == hashlib.sha256(jpg_bytes).hexdigest()[:16]
             assert "." not in key and len(key) == shards_module.KEY_WIDTH
             with Image.open(io.BytesIO(jpg_bytes)) as img:
                 assert (img.format, img.mode) == ("JPEG", "RGB")
@@ -138,7 +139,7 @@ def test_conversions(built):
     stored = {
         src: data
         for sc, entry in zip(sidecars(out), built[1]["shards"], strict=True)
-        for (_, _, src), (_, data) in zip(sc["samples"], tar_members(out / entry["file"])[1::2], strict=True)
+        for (_, _, src, *_), (_, data) in zip(sc["samples"], tar_members(out / entry["file"])[1::2], strict=True)
     }
     rgba = np.asarray(Image.open(io.BytesIO(stored["n01443537/rgba.png"])))
     assert rgba[:, :8].min() >= 245  # the transparent strip is white
@@ -151,7 +152,7 @@ def test_rgb_jpegs_are_copied_byte_for_byte(source, built):
     stored = {
         src: data
         for sc, entry in zip(sidecars(out), manifest["shards"], strict=True)
-        for (_, _, src), (_, data) in zip(sc["samples"], tar_members(out / entry["file"])[1::2], strict=True)
+        for (_, _, src, *_), (_, data) in zip(sc["samples"], tar_members(out / entry["file"])[1::2], strict=True)
     }
     for src in ("n01440764/rgb_0.jpg", "n01484850/small.jpg"):
         assert stored[src] == (source[0] / src).read_bytes()
@@ -172,7 +173,7 @@ def test_index_files_and_checksums(built):
 
 def test_shuffled_and_deterministic(source, built, tmp_path):
     out, manifest = built
-    labels = [label for sc in sidecars(out) for _, label, _ in sc["samples"]]
+    labels = [label for sc in sidecars(out) for _, label, *_ in sc["samples"]]
     assert labels != sorted(labels)  # not class-sorted
     again = build_shards(source[0], tmp_path / "again", shard_size=5, seed=0, num_workers=1)
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
@@ -188,7 +189,7 @@ def test_resolution_downscales_the_shorter_side(source, tmp_path):
     assert manifest["options"]["resolution"] == 24
     (sidecar,) = sidecars(tmp_path)
     members = tar_members(tmp_path / manifest["shards"][0]["file"])[1::2]
-    for (_, _, src), (_, data) in zip(sidecar["samples"], members, strict=True):
+    for (_, _, src, *_), (_, data) in zip(sidecar["samples"], members, strict=True):
         w0, h0 = source[1][src]
         img = Image.open(io.BytesIO(data))
         assert (img.format, img.mode) == ("JPEG", "RGB")
@@ -319,7 +320,7 @@ def test_csv_source(source, tmp_path):
     assert manifest["num_samples"] == 3 and manifest["num_classes"] == 3
     assert manifest["classes"] == {"0": 0, "1": 1, "2": 2}
     assert manifest["options"]["csv"] == str((tmp_path / "list.csv").resolve())
-    labels = {src: label for sc in sidecars(tmp_path / "out") for _, label, src in sc["samples"]}
+    labels = {src: label for sc in sidecars(tmp_path / "out") for _, label, src, *_ in sc["samples"]}
     assert labels == {"n01440764/rgb_0.jpg": 2, "n01443537/cmyk.jpg": 0, "n01484850/small.jpg": 1}
     assert [s["path"] for s in manifest["skipped"]] == ["n01484850/truncated.jpg"]
 

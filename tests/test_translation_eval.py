@@ -63,7 +63,7 @@ def images_of(shards_dir):
 
 def sources(shards_dir) -> list[str]:
     sidecars = [json.loads(path.read_text()) for path in sorted(shards_dir.glob("shard-*.json"))]
-    return [source for sidecar in sidecars for _, _, source in sidecar["samples"]]
+    return [source for sidecar in sidecars for _, _, source, *_ in sidecar["samples"]]
 
 
 # ----- the data -----

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data.dali import CLS_WIDTH, ShardSet, build_pipeline, parse_labels
+from pipeline.data.shards import sample_digest
 from pipeline.errors import Issue, SpecError, user_error
 from pipeline.safe_files import sha256
 
@@ -123,22 +124,30 @@ def _is_file_name(value) -> bool:
     return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\\" not in value
 
 
-def read_sidecar(path: Path) -> tuple[dict[str, int] | None, str | None]:
-    """({key: label} of a shard's sidecar, None), or (None, why it cannot be used)."""
+def read_sidecar(path: Path) -> tuple[dict[str, int] | None, dict[str, str], str | None]:
+    """({key: label} of a shard's sidecar, {key: digest} where it records them, None), or
+    (None, {}, why it cannot be used)."""
     if not path.is_file():
-        return None, f"sidecar {path.name} is missing: cannot check keys and labels"
+        return None, {}, f"sidecar {path.name} is missing: cannot check keys and labels"
     try:
         samples = json.loads(path.read_text(encoding="utf-8"))["samples"]
-        expected = {}
-        for key, label, *_ in samples:
+        expected, digests = {}, {}
+        for key, label, *rest in samples:
             if not isinstance(key, str) or not isinstance(label, int):
                 raise TypeError
             expected[key] = label
+            if len(rest) > 1 and isinstance(rest[1], str):
+                digests[key] = rest[1]
     except json.JSONDecodeError as exc:
-        return None, f"sidecar {path.name} is not valid JSON (line {exc.lineno}: {exc.msg}): cannot check labels"
+        return None, {}, f"sidecar {path.name} is not valid JSON (line {exc.lineno}: {exc.msg}): cannot check labels"
     except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        return None, f"sidecar {path.name} has no list of [key, label, source] samples: cannot check labels"
-    return expected, None
+        return None, {}, f"sidecar {path.name} has no list of [key, label, source] samples: cannot check labels"
+    return expected, digests, None
+
+
+def damaged_samples(contents: TarContents, digests: dict[str, str]) -> list[str]:
+    """Keys whose JPEG bytes (read by a walk with `decode`) differ from the digest the sidecar recorded."""
+    return [key for key, digest in contents.digests.items() if key in digests and digests[key] != digest]
 
 
 # --- walking a tar with Python -------------------------------------------------------------------
@@ -151,6 +160,7 @@ class TarContents:
     # (key, label) in tar order of the samples with one .jpg and one .cls holding a label in range
     samples: list[tuple[str, int]] = field(default_factory=list)
     keys: set[str] = field(default_factory=set)  # every key with a .jpg or .cls member
+    digests: dict[str, str] = field(default_factory=dict)  # key -> sample_digest of its JPEG (walks with decode)
     problems: list[tuple[str | None, str]] = field(default_factory=list)  # (key or None, problem)
 
 
@@ -163,7 +173,7 @@ def walk_tar(tar: Path, num_classes: int, *, decode: bool) -> TarContents:
     contents = TarContents()
     try:
         with tarfile.open(tar, mode="r:") as archive:
-            members, labels, broken = _read_members(archive, tar, contents.problems, decode=decode)
+            members, labels, broken = _read_members(archive, tar, contents.problems, contents.digests, decode=decode)
     except tarfile.ReadError as exc:  # raised by open only: the walk itself reports and stops
         contents.problems.append((None, f"not a readable tar file ({exc})"))
         return contents
@@ -193,7 +203,7 @@ def walk_tar(tar: Path, num_classes: int, *, decode: bool) -> TarContents:
     return contents
 
 
-def _read_members(archive: tarfile.TarFile, tar: Path, problems: list, *, decode: bool):
+def _read_members(archive: tarfile.TarFile, tar: Path, problems: list, digests: dict, *, decode: bool):
     """Members of the .jpg and .cls files by key and extension, the label bytes, and JPEGs that fail.
 
     Problems of the tar itself (truncated, a corrupt header, a member that is not a file) are
@@ -233,7 +243,9 @@ def _read_members(archive: tarfile.TarFile, tar: Path, problems: list, *, decode
             # a label is at most CLS_WIDTH digits: a larger member is not read into memory
             labels[key] = archive.extractfile(member).read() if member.size <= CLS_WIDTH else member.size
         elif ext == "jpg" and decode and key not in broken:
-            reason = _undecodable(archive.extractfile(member).read())
+            data = archive.extractfile(member).read()
+            digests.setdefault(key, sample_digest(data))
+            reason = _undecodable(data)
             if reason:
                 broken[key] = reason
     return members, labels, broken
@@ -315,7 +327,7 @@ def check_shards(root: str | Path) -> Report:
         if not index.is_file():
             report.add(name, f"index file {index.name} is missing")
             intact = False
-        expected, sidecar_problem = read_sidecar(tar.with_suffix(".json"))
+        expected, digests, sidecar_problem = read_sidecar(tar.with_suffix(".json"))
         if sidecar_problem:
             report.add(name, sidecar_problem)
 
@@ -325,6 +337,8 @@ def check_shards(root: str | Path) -> Report:
             intact = False
         for key, problem in contents.problems:
             report.add(name, problem, key)
+        for key in damaged_samples(contents, digests):
+            report.add(name, "JPEG bytes differ from the sidecar's digest: damaged since the shard was written", key)
         if intact:
             _decode_with_dali(report, name, tar, index, contents, num_classes)
 

@@ -228,7 +228,7 @@ def _dali_error(exc: Exception, shards: ShardSet) -> SpecError:
         if damaged:
             message += f"; shard(s) whose SHA-256 differs from the manifest: {', '.join(damaged[:5])}"
         if culprits:
-            message += "; JPEGs PIL cannot decode either: " + ", ".join(f"{s} sample {k!r}" for s, k in culprits[:5])
+            message += "; damaged samples: " + ", ".join(f"{s} sample {k!r}" for s, k in culprits[:5])
         hint = (
             "DALI cannot replace one sample of a batch, so a JPEG that does not decode stops the run; find every "
             f"damaged sample with `python -m pipeline shards check {shards.root or 'DIR'}` and rebuild those shards"
@@ -238,7 +238,8 @@ def _dali_error(exc: Exception, shards: ShardSet) -> SpecError:
 
 def _search_damage(shards: ShardSet) -> tuple[list[str], list[tuple[str, str]]]:
     """After a decoder failure, if the shards are small enough to search now: the shards whose
-    checksum differs from the manifest, and (shard, key) of the JPEGs in them PIL cannot decode."""
+    checksum differs from the manifest, and (shard, key) of their damaged samples (JPEG bytes that
+    differ from the sidecar's digest, or, in shards written without digests, that PIL cannot decode)."""
     from pipeline.data.check import walk_tar
 
     try:
@@ -247,14 +248,16 @@ def _search_damage(shards: ShardSet) -> tuple[list[str], list[tuple[str, str]]]:
         verifier = ShardVerifier(shards)
         verifier.wait()
         by_name = {t.name: t for t in shards.tars}
-        culprits = [
-            (name, key)
-            for name in verifier.damaged
-            for key, problem in walk_tar(by_name[name], 10**CLS_WIDTH, decode=True).problems
-            if key is not None and problem.startswith("JPEG does not decode")
-        ]
+        culprits = []
+        for name in verifier.damaged:
+            keys = verifier.samples.get(name) or [
+                key
+                for key, problem in walk_tar(by_name[name], 10**CLS_WIDTH, decode=True).problems
+                if key is not None and problem.startswith("JPEG does not decode")
+            ]
+            culprits += [(name, key) for key in keys]
         return verifier.damaged, culprits
-    except Exception:  # a search that fails itself must not hide DALI's error
+    except Exception:  # noqa: BLE001 -- a search that fails itself must not hide DALI's error
         return [], []
 
 
@@ -272,18 +275,23 @@ class ShardVerifier:
             if i % world_size == rank and entries.get(tar.name)
         ]
         self.damaged: list[str] = []  # shard file names, appended by the thread
+        self.samples: dict[str, list[str]] = {}  # shard -> keys whose bytes differ from the sidecar's digest
         self.thread = threading.Thread(target=self._run, name="shard-verifier", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
+        from pipeline.data.check import damaged_samples, read_sidecar, walk_tar
         from pipeline.safe_files import sha256
 
         for tar, digest in self.todo:
             try:
-                if sha256(tar) != digest:
-                    self.damaged.append(tar.name)
-            except OSError:
-                self.damaged.append(tar.name)
+                if sha256(tar) == digest:
+                    continue
+                _, digests, _ = read_sidecar(tar.with_suffix(".json"))
+                self.samples[tar.name] = damaged_samples(walk_tar(tar, 10**CLS_WIDTH, decode=True), digests)
+            except Exception:  # noqa: BLE001 -- unreadable is damaged too; naming its samples is a bonus
+                pass
+            self.damaged.append(tar.name)  # last: the samples are known once the shard is reported
 
     def wait(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
@@ -373,11 +381,13 @@ class DaliLoader:
     def state_dict(self) -> str:
         return self.pipe.checkpoint()
 
-    def new_damage(self) -> list[str]:
-        """Shards found damaged (checksum) by this rank's verifier since the last call."""
+    def new_damage(self) -> list[tuple[str, list[str]]]:
+        """(shard, damaged sample keys) for each shard this rank's verifier found damaged (its checksum
+        differs from the manifest) since the last call; the keys are those whose JPEG differs from the
+        sidecar's digest (none known for shards written without digests)."""
         found = self.verifier.damaged[self.damage_reported :]
         self.damage_reported += len(found)
-        return found
+        return [(shard, self.verifier.samples.get(shard, [])) for shard in found]
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:

@@ -26,7 +26,8 @@ A sidecar (`shard-NNNNNN.json`) holds:
     num_samples     samples in the tar
     options         {shard_size, resolution, seed, quality}
     class_counts    {"label": n} for the labels present, label keys as strings, in label order
-    samples         [[key, label, source], ...] in tar order; source is the path relative to SRC
+    samples         [[key, label, source, digest], ...] in tar order; source is the path relative to SRC,
+                    digest `sample_digest` of the JPEG's bytes (absent in shards written before it existed)
     skipped         [[key, label, source, reason], ...] the shard's samples that could not be read
 
 manifest.json holds:
@@ -660,6 +661,12 @@ def _shard_files_complete(out: Path, sidecar: dict) -> bool:
     return tar.is_file() and tar.stat().st_size == sidecar["size"] and (out / sidecar["index"]).is_file()
 
 
+def sample_digest(jpeg: bytes) -> str:
+    """A sample's fingerprint in its sidecar: the first 16 hex digits of the SHA-256 of its JPEG bytes,
+    so that damage to a shard can be traced to the samples it hit."""
+    return hashlib.sha256(jpeg).hexdigest()[:16]
+
+
 class _HashingWriter:
     """A write-only file wrapper that hashes what passes through it (tarfile needs write and tell)."""
 
@@ -709,7 +716,7 @@ def _write_shard(out: Path, n: int, members: list[_Planned], options: dict, pool
                     line.append((ext, tar.offset + tarfile.BLOCKSIZE, len(data), name))  # USTAR: one header block
                     tar.addfile(_tar_member(name, len(data)), io.BytesIO(data))
                 expected_index.append(line)
-                samples.append([member.key, member.label, member.source])
+                samples.append([member.key, member.label, member.source, sample_digest(jpeg)])
         f.flush()
         os.fsync(f.fileno())
 
@@ -721,7 +728,7 @@ def _write_shard(out: Path, n: int, members: list[_Planned], options: dict, pool
         "sha256": None,
         "num_samples": len(samples),
         "options": options,
-        "class_counts": _counts(label for _, label, _ in samples),
+        "class_counts": _counts(label for _, label, *_ in samples),
         "samples": samples,
         "skipped": skipped,
     }

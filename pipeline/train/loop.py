@@ -287,12 +287,15 @@ class Trainer:
         totals = dist.all_mean({"damaged": len(damaged), "skipped": skipped}, self.world.device)
         damaged_total, skipped_total = (round(v * self.world.size) for v in totals.values())
         roots = {name: getattr(loader, "shards", None) for name, loader in self.streams.items()}
-        for name, shard in damaged:
+        for name, (shard, keys) in damaged:
             root = roots[name].root if roots[name] is not None else None
             message = (
                 f"shard {shard} of stream {name!r} ({root}) no longer matches the SHA-256 in its manifest: it "
                 "changed or was damaged after it was written, and images read from it may be corrupt"
             )
+            if keys:
+                shown = ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                message += f"; damaged samples: {shown}"
             if d.on_bad_sample == "error":
                 raise user_error(
                     message,
@@ -469,7 +472,7 @@ class _StopSignal:
             signal.signal(s, handler)
 
 
-def _new_damage(loader) -> list[str]:
+def _new_damage(loader) -> list[tuple[str, list[str]]]:
     return loader.new_damage() if hasattr(loader, "new_damage") else []  # a synthetic stream has no shards
 
 
