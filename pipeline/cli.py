@@ -47,6 +47,7 @@ def _network_json(plan) -> dict:
 
 def cmd_validate(ns) -> int:
     from pipeline.graph import analyze_spec
+    from pipeline.graph.build import output_warnings
     from pipeline.spec import load_spec
     from pipeline.train.preflight import preflight
 
@@ -54,6 +55,7 @@ def cmd_validate(ns) -> int:
     loaded = load_spec(spec_arg, overrides, check_graphs=False)
     plans = analyze_spec(loaded)
     train_needs = preflight(loaded.spec, world_size=1)  # a valid spec may still lack its data
+    advice = output_warnings(loaded)
     from pipeline.methods import describe
 
     spec = loaded.spec
@@ -69,6 +71,7 @@ def cmd_validate(ns) -> int:
             "streams": list(spec.method.streams(spec)),
             **{which: _network_json(plan) for which, plan in plans.items()},
             "train_needs": [issue.format() for issue in train_needs],
+            "warnings": [issue.format() for issue in advice],
         }
         print(json.dumps(out, indent=2))
         return 0
@@ -77,6 +80,8 @@ def cmd_validate(ns) -> int:
     options = ", ".join(f"{k}={v}" for k, v in method.items() if k != "kind")
     print(f"method {spec.method.kind} ({options}); a step: {phases}")
     print_report(loaded, plans)
+    for issue in advice:
+        print("warning: " + issue.format().replace("\n", "\n  "))
     if train_needs:
         missing = "1 thing is" if len(train_needs) == 1 else f"{len(train_needs)} things are"
         print(f"The spec is valid. Before `train` can run it (on 1 rank), {missing} missing:")

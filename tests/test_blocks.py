@@ -73,6 +73,13 @@ CASES = [
     ({"kind": "g_output", "in": "x"}, {"in": X[1:]}, (4, 3, 8, 8)),
     ({"kind": "d_head", "in": "x", "y": "y"}, {"in": X[1:], "y": Y}, (4, 1)),
     ({"kind": "d_head", "in": "x"}, {"in": X[1:]}, (4, 1)),
+    # the ganhacks kinds (their behaviour: test_ganhacks.py)
+    ({"kind": "layer_norm", "in": "x"}, {"in": X[1:]}, X),
+    ({"kind": "layer_norm", "in": "z"}, {"in": (32,)}, Z),
+    ({"kind": "pixel_shuffle", "in": "x", "out_channels": 8}, {"in": X[1:]}, (4, 8, 16, 16)),
+    ({"kind": "gaussian_noise", "in": "x"}, {"in": X[1:]}, X),
+    ({"kind": "dropout", "in": "z", "always_on": True}, {"in": (32,)}, Z),
+    ({"kind": "minibatch_discrimination", "in": "z", "kernels": 10}, {"in": (32,)}, (4, 42)),
 ]
 
 

@@ -291,6 +291,9 @@ class TanhNode(Node):
     kind: Literal["tanh"]
     in_: Ref = Field(alias="in")
 
+    def bounded_output(self) -> bool:
+        return True
+
     def build(self, inputs, ctx):
         return nn.Tanh()
 

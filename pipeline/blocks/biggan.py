@@ -261,6 +261,9 @@ class GOutputNode(Weighted):
     out_channels: PositiveInt | None = Field(None, description="Default: data.channels.")
     kernel_size: PositiveInt = 3
 
+    def bounded_output(self) -> bool:
+        return True
+
     def build(self, inputs, ctx):
         c, _, _ = feature_map(inputs["in"])
         return GOutput(c, self.out_channels or ctx.image_channels, self.kernel_size, ctx)

@@ -257,6 +257,17 @@ class ConditionalBatchNorm(nn.Module):
         return self.bn(x) * gain + self.bias(cond).view(shape)
 
 
+def batch_statistics(module: nn.Module) -> list[str]:
+    """Names of the submodules whose training-mode output depends on the other samples of the
+    batch: BatchNorm (plain, conditional, cross-replica) and any module that says so with a
+    `batch_statistics = True` class attribute (minibatch standard deviation)."""
+    return [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or getattr(type(m), "batch_statistics", False)
+    ]
+
+
 class PixelNorm(nn.Module):
     """ProGAN's pixel-wise feature normalisation: x / sqrt(mean over channels of x^2 + eps)."""
 

@@ -29,6 +29,8 @@ class MinibatchStddev(nn.Module):
     samples, averaged over channels and pixels (ProGAN/StyleGAN). Sample i is in group i mod
     (batch / group); the group is min(group_size, batch) and must divide the batch."""
 
+    batch_statistics = True  # see layers.batch_statistics
+
     def __init__(self, group_size: int, num_features: int, eps: float = 1e-8):
         super().__init__()
         self.group_size, self.num_features, self.eps = group_size, num_features, eps

@@ -141,6 +141,11 @@ class Node(BaseModel):
         description=("Per-instance values of parameters for a repeated node: a list of `repeat` values per key."),
     )
 
+    def bounded_output(self) -> bool:
+        """Whether this node's output lies in [-1, 1] whatever its input (a generator's output
+        should: the images are scaled to [-1, 1]; ganhacks tip 1)."""
+        return False
+
     # ----- references -----
     @classmethod
     def ref_fields(cls) -> list[tuple[str, str, str]]:

@@ -154,6 +154,9 @@ class ReflectConvNode(Weighted):
         "relu", description="After the norm: relu, leaky_relu (slope 0.2), tanh (the output layer) or none."
     )
 
+    def bounded_output(self) -> bool:
+        return self.activation == "tanh"
+
     def build(self, inputs, ctx):
         c, h, w = feature_map(inputs["in"])
         check_in_channels(self, c)

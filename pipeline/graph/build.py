@@ -530,6 +530,33 @@ def analyze_spec(loaded) -> dict[str, NetworkPlan]:
     return plans
 
 
+def output_warnings(loaded) -> list[Issue]:
+    """Advice, not errors: a generator whose output node is not bounded to [-1, 1] (a tanh) while
+    the real images are scaled to [-1, 1] (ganhacks tip 1; ProGAN's linear output is a deliberate
+    exception)."""
+    spec, found = loaded.spec, []
+    for name, need in spec.method.networks(spec).items():
+        net = spec.all_networks().get(name)
+        if need.role != "generator" or net is None:
+            continue
+        for out in net.output:
+            node_name = out.partition(".")[0]
+            node = net.nodes.get(node_name)
+            if node is not None and not node.bounded_output():
+                path = f"{spec.network_path(name)}.nodes.{node_name}"
+                file, line = loaded.where(tuple(path.split(".")))
+                found.append(
+                    Issue(
+                        f"the output of {name} ({node.kind}) is not bounded to [-1, 1], the range of the real images",
+                        path,
+                        file,
+                        line,
+                        "end the generator with a tanh (kind: tanh) unless the method needs a linear output",
+                    )
+                )
+    return found
+
+
 def instantiate(loaded, plan: NetworkPlan, device: str | torch.device = "cpu") -> GraphModule:
     """Build the analyzed network with real, initialized weights on `device`."""
     ctx = context(loaded.spec, plan.which, meta=torch.device(device).type == "meta")

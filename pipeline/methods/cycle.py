@@ -36,6 +36,7 @@ from pipeline.errors import Issue
 from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Phase, register
 from pipeline.profile.regions import region
 from pipeline.train.losses import LOSSES, get_loss
+from pipeline.train.replay import ImageHistory
 
 
 @register
@@ -153,42 +154,6 @@ class CycleMethod(Method):
 
     def build(self, spec) -> MethodRun:
         return _CycleRun(self, spec)
-
-
-class ImageHistory:
-    """CycleGAN's image pool: until it holds `size` images each new image is kept and returned;
-    after, each new image is returned with probability 1/2, else it replaces a random kept one,
-    which is returned instead. Its draws come from its own generator; its contents and that
-    generator's state are checkpointed, so a resumed run sees the same history."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.images = size, []
-        self.rng = torch.Generator().manual_seed(seed)
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.size == 0:
-            return batch
-        if self.images and self.images[0].device != batch.device:  # restored from a checkpoint on the CPU
-            self.images = [t.to(batch.device) for t in self.images]
-        out = []
-        for image in batch.detach():
-            if len(self.images) < self.size:
-                self.images.append(image.clone())
-                out.append(image)
-            elif torch.rand((), generator=self.rng) < 0.5:
-                i = int(torch.randint(0, self.size, (), generator=self.rng))
-                out.append(self.images[i])
-                self.images[i] = image.clone()
-            else:
-                out.append(image)
-        return torch.stack(out)
-
-    def state_dict(self) -> dict:
-        return {"images": [t.cpu() for t in self.images], "rng": self.rng.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.images = list(state["images"])
-        self.rng.set_state(state["rng"])
 
 
 class _CycleRun(MethodRun):

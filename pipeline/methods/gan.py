@@ -8,12 +8,14 @@ from typing import Literal
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
+from pipeline.blocks.layers import batch_statistics
 from pipeline.errors import Issue
 from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, register
 from pipeline.profile.regions import region
 from pipeline.train import latent_opt, unet_gan
 from pipeline.train.losses import LOSSES, get_loss
 from pipeline.train.regularizers import gradient_penalty, ortho_penalty, r1_penalty
+from pipeline.train.replay import ImageHistory
 
 LossName = Literal["hinge", "non_saturating", "wgan_gp", "least_squares"]
 
@@ -40,6 +42,43 @@ class CutMix(Options):
     consistency: NonNegativeFloat = Field(
         unet_gan.CONSISTENCY_WEIGHT, description="Weight of the consistency regulariser (1.0 in the authors' code)."
     )
+
+
+class SoftLabels(Options):
+    """Soft and noisy labels for D (ganhacks tip 6; Salimans et al. 2016 for one-sided
+    smoothing): each real sample's target is drawn uniformly in `real`, each fake's in `fake`, and
+    with probability `flip` a sample gets a target of the other kind. For the losses with targets:
+    non_saturating (cross-entropy; targets in [0, 1], since a target above 1 makes it unbounded
+    below) and least_squares (any targets)."""
+
+    real: tuple[float, float] = Field((0.7, 1.2), description="Range of real targets (ganhacks: 0.7 to 1.2).")
+    fake: tuple[float, float] = Field((0.0, 0.3), description="Range of fake targets (ganhacks: 0 to 0.3).")
+    flip: float = Field(0.0, ge=0, le=1, description="Probability that a sample's target is of the other kind.")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for name, (lo, hi) in (("real", self.real), ("fake", self.fake)):
+            if lo > hi:
+                raise ValueError(f"{name}: the range [{lo}, {hi}] is empty; give [low, high]")
+        return self
+
+
+class Replay(Options):
+    """Experience replay (ganhacks tip 8): D's fakes pass through a pool of past generated images
+    (the mechanism of CycleGAN's image history): once it holds `size`, each fake is swapped for a
+    kept one with probability `fraction`. Checkpointed, so resume stays exact."""
+
+    size: PositiveInt = Field(50, description="Past generated images kept (with their labels).")
+    fraction: float = Field(0.5, gt=0, le=1, description="Probability that a fake is replaced by a kept one.")
+
+
+class InstanceNoise(Options):
+    """Instance noise (ganhacks tip 13; Sonderby et al. 2017, Arjovsky & Bottou 2017): Gaussian noise
+    added to D's real and fake inputs in the D step, its standard deviation falling linearly from
+    `std` to 0 over `anneal_images` real images."""
+
+    std: float = Field(0.1, gt=0, description="Standard deviation at the start (images are in [-1, 1]).")
+    anneal_images: PositiveInt = Field(description="Real images over which the noise falls to 0.")
 
 
 _NGD = latent_opt.BIGGAN_DEEP_NGD
@@ -100,6 +139,18 @@ class GanMethod(Method):
     gp_weight: NonNegativeFloat = Field(
         0.0, description="WGAN-GP gradient penalty weight (10 in Gulrajani et al.; 0: off)."
     )
+    d_batches: Literal["auto", "joint", "separate"] = Field(
+        "auto",
+        description=(
+            "How the D step shows D the real and the fake images: `joint`, one concatenated batch (one forward, "
+            "faster); `separate`, an all-real and an all-fake batch (ganhacks tip 4, as in the DCGAN and ProGAN "
+            "code): a layer computing statistics over the batch (BatchNorm, minibatch stddev) must not mix them; "
+            "`auto`, separate when D has such a layer, else joint."
+        ),
+    )
+    soft_labels: SoftLabels | None = Field(None, description="Soft and noisy targets for D; null: off.")
+    replay: Replay | None = Field(None, description="Experience replay of past fakes for D; null: off.")
+    instance_noise: InstanceNoise | None = Field(None, description="Annealed noise on D's inputs; null: off.")
     logan: Logan | None = Field(None, description="LOGAN's latent optimisation before D and G updates; null: off.")
     cutmix: CutMix | None = Field(None, description="U-Net GAN's CutMix consistency; null: off.")
     generator: str = Field("generator", description="The network trained as G (inputs z and y).")
@@ -110,6 +161,18 @@ class GanMethod(Method):
     def _options_of_the_loss(self):
         if self.loss != "non_saturating" and (self.label_smoothing or self.label_flip):
             raise ValueError(f"label_smoothing and label_flip apply to the non_saturating loss, not {self.loss}")
+        if self.soft_labels is not None:
+            if self.loss not in ("non_saturating", "least_squares"):
+                raise ValueError(
+                    f"soft_labels apply to the losses with targets (non_saturating, least_squares), not {self.loss}"
+                )
+            if self.label_smoothing or self.label_flip:
+                raise ValueError("soft_labels replace label_smoothing and label_flip; set those to 0")
+            if self.loss == "non_saturating" and max(*self.soft_labels.real, *self.soft_labels.fake) > 1:
+                raise ValueError(
+                    "soft_labels: non_saturating is a cross-entropy, unbounded below for targets above 1; "
+                    "use ranges within [0, 1], e.g. real: [0.7, 1.0] (or loss: least_squares)"
+                )
         if self.cutmix is not None:
             try:
                 unet_gan.check_pixel_targets(get_loss(self.loss, **self._loss_options()))
@@ -246,6 +309,9 @@ class _GanRun(MethodRun):
         self.cutmix_rng = torch.Generator().manual_seed(spec.seed + 31) if m.cutmix is not None else None
         # LOGAN's element masks, drawn like CutMix's from a generator of the method's own
         self.logan_rng = torch.Generator().manual_seed(spec.seed + 37) if m.logan is not None else None
+        self.separate = None  # whether D sees real and fake apart: decided from D's modules on first use
+        self.replay = ImageHistory(m.replay.size, spec.seed + 41, m.replay.fraction) if m.replay is not None else None
+        self.labels_rng = torch.Generator().manual_seed(spec.seed + 43) if m.soft_labels is not None else None
         self.clip = (-1.0, 1.0) if spec.latent is not None and spec.latent.distribution == "uniform" else None
         # with LOGAN, the D step's latent gradient runs through G: G is frozen there (no gradient of
         # D's loss may reach G's parameters)
@@ -256,19 +322,38 @@ class _GanRun(MethodRun):
         ]
 
     def _generators(self) -> dict:
-        return {k: g for k, g in (("cutmix_rng", self.cutmix_rng), ("logan_rng", self.logan_rng)) if g is not None}
+        named = (("cutmix_rng", self.cutmix_rng), ("logan_rng", self.logan_rng), ("labels_rng", self.labels_rng))
+        return {k: g for k, g in named if g is not None}
 
     def state_dict(self) -> dict:
-        return {name: g.get_state() for name, g in self._generators().items()}
+        state = {name: g.get_state() for name, g in self._generators().items()}
+        if self.replay is not None:
+            state["replay"] = self.replay.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         generators = self._generators()
-        if set(state) != set(generators):
-            raise ValueError(
-                f"the checkpoint's method state holds {sorted(state)}, this run keeps {sorted(generators)}"
-            )
+        kept = set(generators) | ({"replay"} if self.replay is not None else set())
+        if set(state) != kept:
+            raise ValueError(f"the checkpoint's method state holds {sorted(state)}, this run keeps {sorted(kept)}")
         for name, g in generators.items():
             g.set_state(state[name])
+        if self.replay is not None:
+            self.replay.load_state_dict(state["replay"])
+
+    def _targets(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft, noisy targets for n real and n fake samples (drawn on the CPU from the method's generator)."""
+        s = self.m.soft_labels
+        draw = torch.rand(4, n, generator=self.labels_rng)
+        real = s.real[0] + (s.real[1] - s.real[0]) * draw[0]
+        fake = s.fake[0] + (s.fake[1] - s.fake[0]) * draw[1]
+        flip_real, flip_fake = draw[2] < s.flip, draw[3] < s.flip
+        real, fake = torch.where(flip_real, fake, real), torch.where(flip_fake, real, fake)
+        return real.to(device), fake.to(device)
+
+    def _noise_std(self, step) -> float:
+        noise = self.m.instance_noise
+        return noise.std * max(0.0, 1.0 - step.images_seen / noise.anneal_images)
 
     def _latents(self, step, G, D):
         """z (LOGAN's z' when it is on), the labels, and the latent penalty to add to the loss."""
@@ -301,15 +386,24 @@ class _GanRun(MethodRun):
         through_delta = penalty is not None and m.logan.second_order
         with region("G_fwd"), torch.set_grad_enabled(through_delta), step.mixed():
             fake = G(z, y_fake)
+        if self.replay is not None:
+            fake, y_fake = self.replay(fake, y_fake) if y_fake is not None else (self.replay(fake), None)
+        if m.instance_noise is not None and (std := self._noise_std(step)) > 0:
+            real = real + std * torch.randn_like(real)
+            fake = fake + std * torch.randn_like(fake)
         if m.r1_gamma:
             real = real.detach().requires_grad_(True)
         with region("D_fwd"), step.mixed():
-            # real and fake in one batch: one forward of D
-            out = _float(D(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake])))
-            real_out, fake_out = _rows(out, slice(None, step.micro)), _rows(out, slice(step.micro, None))
+            if self._separate(D):
+                real_out, fake_out = _float(D(real, y_real)), _float(D(fake.to(real.dtype), y_fake))
+            else:  # real and fake in one batch: one forward of D
+                out = _float(D(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake])))
+                real_out, fake_out = _rows(out, slice(None, step.micro)), _rows(out, slice(step.micro, None))
             real_logits, fake_logits = _logit(real_out), _logit(fake_out)
-            if isinstance(out, tuple):  # U-Net D: the encoder's and the decoder's losses
+            if isinstance(real_out, tuple):  # U-Net D: the encoder's and the decoder's losses
                 d_loss = unet_gan.unet_d_loss(self.loss, real_out, fake_out)
+            elif self.labels_rng is not None:
+                d_loss = self.loss.d_targets(real_logits, fake_logits, *self._targets(step.micro, real.device))
             else:
                 d_loss = self.loss.d(real_logits, fake_logits)
             if m.r1_gamma:
@@ -330,6 +424,11 @@ class _GanRun(MethodRun):
                 d_loss = d_loss + cutmix + m.cutmix.consistency * consistency
             logs |= {"loss_cutmix": cutmix.detach(), "consistency": consistency.detach()}
         return {"D": d_loss}, {"loss_d": d_loss.detach(), **logs}
+
+    def _separate(self, D) -> bool:
+        if self.separate is None:
+            self.separate = self.m.d_batches == "separate" or (self.m.d_batches == "auto" and bool(batch_statistics(D)))
+        return self.separate
 
     def _cutmix_now(self, step) -> bool:
         if step.counting_flops:

@@ -109,6 +109,15 @@ class NonSaturating(GanLoss):
     def g(self, fake_logits: Tensor) -> Tensor:
         return F.softplus(-_promote(fake_logits)).mean()
 
+    def d_targets(self, real_logits: Tensor, fake_logits: Tensor, real_targets: Tensor, fake_targets: Tensor) -> Tensor:
+        """D's loss toward given per-sample targets (soft and noisy labels): cross-entropy on logits."""
+        real_logits, fake_logits = _promote(real_logits), _promote(fake_logits)
+        return F.binary_cross_entropy_with_logits(
+            real_logits, real_targets.view(-1, *[1] * (real_logits.dim() - 1)).expand_as(real_logits)
+        ) + F.binary_cross_entropy_with_logits(
+            fake_logits, fake_targets.view(-1, *[1] * (fake_logits.dim() - 1)).expand_as(fake_logits)
+        )
+
 
 @dataclass(frozen=True)
 class WganGp(GanLoss):
@@ -142,6 +151,15 @@ class LeastSquares(GanLoss):
 
     def g(self, fake_logits: Tensor) -> Tensor:
         return 0.5 * (_promote(fake_logits) - 1.0).square().mean()
+
+    def d_targets(self, real_logits: Tensor, fake_logits: Tensor, real_targets: Tensor, fake_targets: Tensor) -> Tensor:
+        """D's loss toward given per-sample targets (soft and noisy labels) in place of b = 1 and a = 0."""
+        real_logits, fake_logits = _promote(real_logits), _promote(fake_logits)
+        shape = (-1, *[1] * (real_logits.dim() - 1))
+        return (
+            0.5 * (real_logits - real_targets.view(shape)).square().mean()
+            + 0.5 * (fake_logits - fake_targets.view(shape)).square().mean()
+        )
 
 
 # Keyed by the spec's `train.loss` values; each entry holds its default options.

@@ -1,0 +1,244 @@
+"""The "How to train a GAN" tips as spec switches (issue 15): each does what it says."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from pipeline.blocks.layers import batch_statistics
+from pipeline.graph import build_network
+from pipeline.spec import load_spec
+
+
+class Step:
+    """The StepInputs an objective sees, over fixed batches: real images from a list, fixed latents."""
+
+    def __init__(self, nets, real, y, z):
+        self.nets, self.micro = nets, real.shape[0]
+        self.real, self.y, self.z = real, y, z
+        self.images_seen, self.counting_flops = 0, False
+
+    def next(self, stream):
+        return self.real, self.y
+
+    def latents(self, n):
+        return self.z[:n], self.y[:n]
+
+    def mixed(self):
+        return contextlib.nullcontext()
+
+
+def _gan(spec_name: str, *overrides: str):
+    loaded = load_spec(spec_name, ["compile.enabled=false", *overrides])
+    torch.manual_seed(0)
+    nets = {which: build_network(loaded, which) for which in ("generator", "discriminator")}
+    return loaded.spec, nets
+
+
+def _d_real_logged(spec, nets, real, y, z) -> torch.Tensor:
+    run = spec.method.build(spec)
+    _, logs = run.phases[0].objective(Step(nets, real, y, z))
+    return logs["d_real"]
+
+
+@pytest.mark.parametrize("spec_name, layer", [("dcgan_32", "BatchNorm"), ("progan_demo_d", "minibatch_stddev")])
+def test_d_sees_real_and_fake_apart_when_it_has_batch_statistics(spec_name, layer, write_spec):
+    if spec_name == "progan_demo_d":  # a D with minibatch stddev and no BatchNorm
+        spec_name = str(write_spec(PROGAN_STYLE_D))
+    spec, nets = _gan(spec_name, "train.batch_size=8")
+    D = nets["discriminator"]
+    assert batch_statistics(D), layer
+    torch.manual_seed(1)
+    real, y = torch.rand(8, 3, 32, 32) * 2 - 1, torch.zeros(8, dtype=torch.long)
+    z1, z2 = torch.randn(8, spec.latent.z_dim), 5 * torch.randn(8, spec.latent.z_dim)
+    with torch.no_grad():
+        alone = D(real, y).mean()
+    # the step's D(real) is D on the real batch alone, whatever the fakes are
+    assert torch.equal(_d_real_logged(spec, nets, real, y, z1), alone)
+    assert torch.equal(_d_real_logged(spec, nets, real, y, z2), alone)
+    # with joint batches (the old behaviour), the fakes move D(real): what tip 4 is about
+    spec_joint, _ = _gan(spec_name, "train.batch_size=8", "method.d_batches=joint")
+    joint_1 = _d_real_logged(spec_joint, nets, real, y, z1)
+    joint_2 = _d_real_logged(spec_joint, nets, real, y, z2)
+    assert not torch.allclose(joint_1, joint_2)
+
+
+def test_d_without_batch_statistics_keeps_one_joint_batch(monkeypatch):
+    spec, nets = _gan("tiny_biggan")
+    assert not batch_statistics(nets["discriminator"])
+    run = spec.method.build(spec)
+    calls = []
+    D = nets["discriminator"]
+    monkeypatch.setattr(D, "forward", lambda *a, f=D.forward: calls.append(a[0].shape[0]) or f(*a))
+    real, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.zeros(4, dtype=torch.long)
+    run.phases[0].objective(Step(nets, real, y, torch.randn(4, spec.latent.z_dim)))
+    assert calls == [8]  # one forward of real and fake together
+
+
+PROGAN_STYLE_D = """\
+base: dcgan_32
+discriminator:
+  init: normal
+  nodes:
+    down_16: {kind: dcgan_down, in: image,   out_channels: 16, norm: false}
+    down_8:  {kind: dcgan_down, in: down_16, out_channels: 32, norm: false}
+    down_4:  {kind: dcgan_down, in: down_8,  out_channels: 32, norm: false}
+    stddev:  {kind: minibatch_stddev, in: down_4}
+    logit:   {kind: conv, in: stddev, out_channels: 1, kernel_size: 4, padding: 0}
+    head:    {kind: reshape, in: logit, shape: [1]}
+  output: head
+"""
+
+
+# ----- block kinds
+def _block(kind: str, in_shape: tuple, **params):
+    from pipeline.blocks.registry import REGISTRY
+    from pipeline.graph.build import context
+
+    spec = load_spec("tiny_biggan").spec
+    node = REGISTRY[kind].model_validate({"kind": kind, "in": "x", **params})
+    return node.build({"in": in_shape}, context(spec, "generator", meta=False).for_node(node))
+
+
+def test_layer_norm_normalises_each_sample_over_all_its_features():
+    norm = _block("layer_norm", (4, 3, 3))
+    x = torch.randn(2, 4, 3, 3) * 5 + 3
+    y = norm(x)
+    assert torch.allclose(y.mean(dim=(1, 2, 3)), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(y.var(dim=(1, 2, 3), unbiased=False), torch.ones(2), atol=1e-3)
+    assert torch.equal(norm(x[:1]), y[:1])  # no batch statistics
+
+
+def test_pixel_shuffle_upsamples_with_a_conv_per_output_pixel():
+    up = _block("pixel_shuffle", (8, 4, 4), out_channels=3)
+    assert up(torch.randn(2, 8, 4, 4)).shape == (2, 3, 8, 8)
+    assert sum(p.numel() for p in up.parameters()) == 12 * 8 * 3 * 3 + 12  # one 3x3 conv to 3 x 2^2 channels
+
+
+@pytest.mark.parametrize("kind, params", [("dropout", {"p": 0.5}), ("gaussian_noise", {"std": 0.5})])
+def test_noise_in_g_is_on_in_training_and_off_in_eval_unless_always_on(kind, params):
+    x = torch.ones(64, 16)
+    for always_on in (False, True):
+        layer = _block(kind, (16,), **params, always_on=always_on)
+        assert not torch.equal(layer.train()(x), x)
+        assert torch.equal(layer.eval()(x), x) is not always_on
+    dropped = _block("dropout", (16,), p=0.5, always_on=True).eval()(torch.ones(20000))
+    assert set(dropped.unique().tolist()) == {0.0, 2.0} and abs((dropped == 0).float().mean() - 0.5) < 0.02
+
+
+def test_minibatch_discrimination_sees_how_alike_the_batch_is():
+    mbd = _block("minibatch_discrimination", (6,), kernels=4, kernel_dim=3)
+    assert batch_statistics(mbd)
+    varied = torch.randn(8, 6) * 3
+    collapsed = varied[:1].repeat(8, 1)
+    out_varied, out_collapsed = mbd(varied), mbd(collapsed)
+    assert out_varied.shape == (8, 10) and torch.equal(out_varied[:, :6], varied)
+    # o(x_i)_b = sum_j exp(-L1): identical samples give the batch size, distinct ones less
+    assert torch.allclose(out_collapsed[:, 6:], torch.full((8, 4), 8.0))
+    assert (out_varied[:, 6:] < 8).all() and (out_varied[:, 6:] >= 1).all()
+
+
+# ----- method switches
+def test_soft_labels_draw_targets_in_their_ranges_and_flip():
+    spec, nets = _gan("dcgan_32", "train.batch_size=8", "method.loss=least_squares", "method.soft_labels={}")
+    run = spec.method.build(spec)
+    real, fake = run._targets(10000, "cpu")
+    assert real.min() >= 0.7 and real.max() <= 1.2 and fake.min() >= 0.0 and fake.max() <= 0.3
+    assert abs(real.mean() - 0.95) < 0.01 and abs(fake.mean() - 0.15) < 0.01
+    spec, _ = _gan("dcgan_32", "method.loss=least_squares", "method.soft_labels={flip: 0.25}")
+    real, fake = spec.method.build(spec)._targets(10000, "cpu")
+    assert abs((real <= 0.3).float().mean() - 0.25) < 0.02 and abs((fake >= 0.7).float().mean() - 0.25) < 0.02
+    # the D loss is least squares toward those targets
+    from pipeline.train.losses import get_loss
+
+    logits = torch.randn(4, 1)
+    t_real, t_fake = torch.full((4,), 0.8), torch.full((4,), 0.1)
+    expected = 0.5 * ((logits - 0.8) ** 2).mean() + 0.5 * ((logits - 0.1) ** 2).mean()
+    assert torch.allclose(get_loss("least_squares").d_targets(logits, logits, t_real, t_fake), expected)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method.soft_labels={}"], "unbounded below for targets above 1"),  # dcgan_32: non_saturating
+        (["method.loss=hinge", "method.soft_labels={}"], "losses with targets"),
+        (["method.loss=least_squares", "method.soft_labels={real: [1.0, 0.7]}"], "is empty"),
+    ],
+)
+def test_soft_labels_are_refused_where_they_mean_nothing(overrides, message):
+    from pipeline.errors import SpecError
+
+    with pytest.raises(SpecError, match=message):
+        load_spec("dcgan_32", overrides)
+
+
+def test_replay_shows_d_past_fakes_and_resumes_exactly():
+    from pipeline.train.replay import ImageHistory
+
+    pool = ImageHistory(4, seed=0, probability=1.0)
+    first = torch.arange(4.0).view(4, 1, 1, 1)
+    shown, labels = pool(first, torch.arange(4))
+    assert torch.equal(shown, first)  # filling up: shown as they are
+    state = pool.state_dict()
+    second = torch.arange(10.0, 14.0).view(4, 1, 1, 1)
+    shown, labels = pool(second, torch.arange(10, 14))
+    assert set(shown.flatten().tolist()) <= set(range(14)) and not torch.equal(shown, second)
+    assert torch.equal(shown.flatten().long(), labels)  # each replayed image keeps its own label
+    again = ImageHistory(4, seed=99, probability=1.0)
+    again.load_state_dict(state)
+    assert torch.equal(again(second, torch.arange(10, 14))[0], shown)
+
+
+def test_instance_noise_falls_to_zero_over_its_images():
+    spec, nets = _gan("dcgan_32", "train.batch_size=8", "method.instance_noise={std: 0.2, anneal_images: 1000}")
+    run = spec.method.build(spec)
+    step = Step(nets, torch.zeros(8, 3, 32, 32), torch.zeros(8, dtype=torch.long), torch.randn(8, 100))
+    seen = []
+    D = nets["discriminator"]
+    original = D.forward
+    D.forward = lambda x, y=None: seen.append(x.std().item()) or original(x, y)
+    for images in (0, 500, 1000):
+        step.images_seen = images
+        seen.clear()
+        run.phases[0].objective(step)
+        assert seen[0] == pytest.approx(0.2 * (1 - images / 1000), abs=0.02)  # the real batch of zeros
+
+
+def test_the_switches_train_together_and_resume_exactly(demo_shards, tmp_path, metrics):
+    from pipeline.train import loop
+
+    def run(run_dir, stop_after=None):
+        loaded = load_spec(
+            "demo",
+            [
+                f"data.shards={demo_shards}",
+                f"run.dir={run_dir}",
+                "train.batch_size=8",
+                "train.max_steps=3",
+                "train.log_every=1",
+                "train.checkpoint_every=2",
+                "eval.every=0",
+                "method.loss=least_squares",
+                "method.soft_labels={flip: 0.1}",
+                "method.replay={size: 8}",  # full after the first D step: later steps replay
+                "method.instance_noise={std: 0.1, anneal_images: 1000}",
+            ],
+        )
+        loop.train(loaded, stop_after=stop_after)
+        return [[r[k] for k in ("loss_d", "loss_g", "d_real", "d_fake")] for r in metrics(run_dir)]
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "broken", stop_after=2)
+    assert run(tmp_path / "broken") == straight
+
+
+def test_validate_warns_when_a_generator_output_is_not_bounded(cli):
+    import json
+
+    linear = cli("validate", "progan_g_256", "--json")
+    assert linear.code == 0 and "generator.nodes.rgb" in json.loads(linear.out)["warnings"][0]
+    for name in ("demo", "dcgan_32", "csgan_demo"):  # tanh, BigGAN's g_output, reflect_conv with tanh
+        assert json.loads(cli("validate", name, "--json").out)["warnings"] == [], name
+    assert "warning: " in cli("validate", "progan_g_256").out
