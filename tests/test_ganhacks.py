@@ -242,3 +242,84 @@ def test_validate_warns_when_a_generator_output_is_not_bounded(cli):
     for name in ("demo", "dcgan_32", "csgan_demo"):  # tanh, BigGAN's g_output, reflect_conv with tanh
         assert json.loads(cli("validate", name, "--json").out)["warnings"] == [], name
     assert "warning: " in cli("validate", "progan_g_256").out
+
+
+def test_sgd_for_d_is_used_with_its_momentum_and_resumes_exactly(demo_shards, tmp_path, metrics):
+    from pipeline.train import loop
+
+    sgd = ["train.d_opt.kind=sgd", "train.d_opt.momentum=0.9", "train.d_opt.lr=0.01"]
+    base = [f"data.shards={demo_shards}", "train.batch_size=8", "train.max_steps=3", "train.log_every=1"]
+    base += ["train.checkpoint_every=2", "eval.every=0", "train.zero_stage=1", *sgd]
+    trainer = loop.Trainer(load_spec("demo", [*base, f"run.dir={tmp_path / 'look'}"]), resume=False)
+    d_opt, g_opt = (trainer.engines[e]._engine.basic_optimizer for e in ("D", "G"))
+    assert isinstance(d_opt, torch.optim.SGD) and d_opt.param_groups[0]["momentum"] == 0.9
+    assert d_opt.param_groups[0]["lr"] == 0.01 and isinstance(g_opt, torch.optim.Adam)
+
+    def run(run_dir, stop_after=None):
+        loop.train(load_spec("demo", [*base, f"run.dir={run_dir}"]), stop_after=stop_after)
+        return [[r[k] for k in ("loss_d", "loss_g")] for r in metrics(run_dir)]
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "broken", stop_after=2)
+    assert run(tmp_path / "broken") == straight
+
+
+def test_momentum_belongs_to_sgd():
+    from pipeline.errors import SpecError
+
+    with pytest.raises(SpecError, match="momentum is an option of kind: sgd"):
+        load_spec("demo", ["train.d_opt.momentum=0.9"])
+
+
+ACGAN = """\
+base: demo
+method: {aux_classifier: {weight_d: 1.0, weight_g: 0.5}}
+discriminator:
+  nodes:
+    pooled: {kind: sum_pool, in: final}
+    classes: {kind: linear, in: pooled, out_features: 10}
+  output: [head, classes]
+"""
+
+
+def test_the_auxiliary_classifier_adds_class_cross_entropies_to_both_losses(write_spec):
+    import torch.nn.functional as F
+
+    spec, nets = _gan(str(write_spec(ACGAN)), "train.batch_size=4")
+    G, D = nets["generator"], nets["discriminator"]
+    torch.manual_seed(3)
+    real, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([1, 2, 3, 4])
+    z = torch.randn(4, spec.latent.z_dim)
+    run = spec.method.build(spec)
+    step = Step(nets, real, y, z)
+    d_losses, d_logs = run.phases[0].objective(step)
+    g_losses, g_logs = run.phases[1].objective(step)
+    with torch.no_grad():
+        fake = G(z, y)
+        (r, r_cls), (f, f_cls) = D(real, y), D(fake, y)
+        hinge_d = F.relu(1 - r).mean() + F.relu(1 + f).mean()
+        classes_d = F.cross_entropy(r_cls, y) + F.cross_entropy(f_cls, y)
+        g_logit, g_cls = D(G(z, y), y)
+    assert torch.allclose(d_losses["D"].detach(), hinge_d + classes_d, atol=1e-5)
+    assert torch.allclose(d_logs["aux_loss_d"], classes_d, atol=1e-5)
+    assert torch.allclose(g_losses["G"].detach(), -g_logit.mean() + 0.5 * F.cross_entropy(g_cls, y), atol=1e-5)
+
+
+def test_the_auxiliary_classifier_needs_class_logits_as_ds_second_output(write_spec):
+    from pipeline.errors import SpecError
+
+    wrong = ACGAN.replace("out_features: 10", "out_features: 7")
+    with pytest.raises(SpecError, match="one logit per image and 10 class logits; got 1 \\+ 7"):
+        load_spec(str(write_spec(wrong)))
+    with pytest.raises(SpecError, match="one logit per image and 10 class logits; got 1"):
+        load_spec(str(write_spec("base: demo\nmethod: {aux_classifier: {}}\n", "one.yaml")))
+
+
+def test_an_acgan_trains_and_logs_its_classifier(write_spec, demo_shards, tmp_path, metrics):
+    from pipeline.train import loop
+
+    path = write_spec(ACGAN)
+    args = [f"data.shards={demo_shards}", f"run.dir={tmp_path}", "train.batch_size=8", "train.max_steps=2"]
+    loop.train(load_spec(str(path), [*args, "train.log_every=1", "eval.every=0"]))
+    rows = metrics(tmp_path)
+    assert len(rows) == 2 and all(0 <= r["aux_accuracy_real"] <= 1 and r["aux_loss_g"] > 0 for r in rows)

@@ -107,17 +107,10 @@ class Engine:
 
         self.name, self.networks = name, tuple(modules)
         self.zero_stage = config["zero_optimization"]["stage"]
-        if len(modules) == 1:
-            (module,) = modules.values()
-            (opt,) = opts.values()
-            optimizer = torch.optim.Adam(module.parameters(), lr=opt.lr, betas=_betas(opt), eps=opt.eps)
-        else:
-            module = torch.nn.ModuleDict(modules)
-            groups = [
-                {"params": list(modules[n].parameters()), "lr": o.lr, "betas": _betas(o), "eps": o.eps}
-                for n, o in opts.items()
-            ]
-            optimizer = torch.optim.Adam(groups)
+        module = next(iter(modules.values())) if len(modules) == 1 else torch.nn.ModuleDict(modules)
+        optimizer = _optimizer(name, {n: (modules[n], o) for n, o in opts.items()})
+        if not isinstance(optimizer, torch.optim.Adam):  # DeepSpeed asks for this to wrap SGD in ZeRO
+            config = {**config, "zero_allow_untested_optimizer": True}
         self._engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         if type(self._engine.checkpoint_engine) is not TorchCheckpointEngine:  # the one our config asks for
             raise RuntimeError(
@@ -176,6 +169,27 @@ def saved_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def _betas(opt) -> tuple[float, float]:
     return tuple(float(b) for b in opt.betas)
+
+
+def _optimizer(engine: str, networks: dict) -> torch.optim.Optimizer:
+    """One optimizer over the networks of an engine, a param group each with its own settings
+    (networks -> (module, OptimizerSpec)); the networks of one engine share an optimizer kind."""
+    kinds = {opt.kind for _, opt in networks.values()}
+    if len(kinds) > 1:
+        from pipeline.errors import user_error
+
+        raise user_error(
+            f"the networks of engine {engine} ({', '.join(networks)}) are optimised together, so they need one "
+            f"optimizer kind, not {' and '.join(sorted(kinds))}",
+            hint="give them the same opt.kind",
+        )
+    if kinds == {"sgd"}:
+        groups = [{"params": list(m.parameters()), "lr": o.lr, "momentum": o.momentum} for m, o in networks.values()]
+        return torch.optim.SGD(groups)
+    groups = [
+        {"params": list(m.parameters()), "lr": o.lr, "betas": _betas(o), "eps": o.eps} for m, o in networks.values()
+    ]
+    return torch.optim.Adam(groups)
 
 
 @functools.cache

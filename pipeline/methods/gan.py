@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
 from pipeline.blocks.layers import batch_statistics
@@ -61,6 +62,16 @@ class SoftLabels(Options):
             if lo > hi:
                 raise ValueError(f"{name}: the range [{lo}, {hi}] is empty; give [low, high]")
         return self
+
+
+class AuxClassifier(Options):
+    """AC-GAN (Odena et al. 2017; ganhacks tip 12): D's second output is num_classes class logits
+    (e.g. a `linear` node on its pooled features, listed second in discriminator.output); D's loss
+    adds the cross-entropy of its class predictions on the real and the fake images, G's loss that
+    on the fakes of the classes G was given."""
+
+    weight_d: NonNegativeFloat = Field(1.0, description="Weight of the class cross-entropy in D's loss.")
+    weight_g: NonNegativeFloat = Field(1.0, description="Weight of the class cross-entropy in G's loss.")
 
 
 class Replay(Options):
@@ -148,6 +159,9 @@ class GanMethod(Method):
             "`auto`, separate when D has such a layer, else joint."
         ),
     )
+    aux_classifier: AuxClassifier | None = Field(
+        None, description="AC-GAN's auxiliary classifier (D's second output: class logits); null: off."
+    )
     soft_labels: SoftLabels | None = Field(None, description="Soft and noisy targets for D; null: off.")
     replay: Replay | None = Field(None, description="Experience replay of past fakes for D; null: off.")
     instance_noise: InstanceNoise | None = Field(None, description="Annealed noise on D's inputs; null: off.")
@@ -161,6 +175,8 @@ class GanMethod(Method):
     def _options_of_the_loss(self):
         if self.loss != "non_saturating" and (self.label_smoothing or self.label_flip):
             raise ValueError(f"label_smoothing and label_flip apply to the non_saturating loss, not {self.loss}")
+        if self.aux_classifier is not None and self.cutmix is not None:
+            raise ValueError("aux_classifier and cutmix both use D's second output; choose one")
         if self.soft_labels is not None:
             if self.loss not in ("non_saturating", "least_squares"):
                 raise ValueError(
@@ -217,6 +233,29 @@ class GanMethod(Method):
                 )
             )
         shapes = plans[self.discriminator].output_shapes if self.discriminator in plans else None
+        if self.aux_classifier is not None and shapes is not None:
+            path = f"{spec.network_path(self.discriminator)}.output"
+            if not d.num_classes:
+                issues.append(
+                    Issue(
+                        "the auxiliary classifier needs classes, and data.num_classes is 0",
+                        "method.aux_classifier",
+                        *where(("method", "aux_classifier")),
+                    )
+                )
+            elif len(shapes) != 2 or shapes[1] != (d.num_classes,):
+                got = " + ".join("x".join(map(str, s)) or "label" for s in shapes)
+                issues.append(
+                    Issue(
+                        f"with method.aux_classifier, the discriminator's outputs are one logit per image and "
+                        f"{d.num_classes} class logits; got {got}",
+                        path,
+                        *where(tuple(path.split("."))),
+                        f"add a linear node with out_features: {d.num_classes} on D's pooled features and list it "
+                        "second in discriminator.output",
+                    )
+                )
+            shapes = shapes[:1]  # the class logits are accounted for
         if shapes is not None and (len(shapes) > 2 or (len(shapes) == 2 and shapes[1] != (1, *image[1:]))):
             path = f"{spec.network_path(self.discriminator)}.output"
             issues.append(
@@ -276,6 +315,8 @@ class GanMethod(Method):
         def grid(nets):
             images = nets[self.generator](z, y)
             out = {"": images.unflatten(0, (rows, -1))}
+            if self.aux_classifier is not None:  # D's second output is class logits, nothing to draw
+                return out
             judged = nets[self.discriminator](images, y)
             if isinstance(judged, tuple):
                 out["-d-pixels"] = (torch.sigmoid(judged[1].float()) * 2 - 1).unflatten(0, (rows, -1))
@@ -400,17 +441,26 @@ class _GanRun(MethodRun):
                 out = _float(D(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake])))
                 real_out, fake_out = _rows(out, slice(None, step.micro)), _rows(out, slice(step.micro, None))
             real_logits, fake_logits = _logit(real_out), _logit(fake_out)
-            if isinstance(real_out, tuple):  # U-Net D: the encoder's and the decoder's losses
+            aux = m.aux_classifier
+            if isinstance(real_out, tuple) and aux is None:  # U-Net D: the encoder's and the decoder's losses
                 d_loss = unet_gan.unet_d_loss(self.loss, real_out, fake_out)
             elif self.labels_rng is not None:
                 d_loss = self.loss.d_targets(real_logits, fake_logits, *self._targets(step.micro, real.device))
             else:
                 d_loss = self.loss.d(real_logits, fake_logits)
+            if aux is not None:  # AC-GAN: D also classifies the real and the fake images
+                classes = F.cross_entropy(real_out[1], y_real) + F.cross_entropy(fake_out[1], y_fake)
+                d_loss = d_loss + aux.weight_d * classes
             if m.r1_gamma:
                 d_loss = d_loss + m.r1_gamma / 2 * r1_penalty(real_logits, real)
             if m.gp_weight:
                 d_loss = d_loss + m.gp_weight * gradient_penalty(lambda x, y: _logit(D(x, y)), real, fake, y_real)
         logs = {"d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
+        if aux is not None:
+            logs |= {
+                "aux_loss_d": classes.detach(),
+                "aux_accuracy_real": (real_out[1].detach().argmax(1) == y_real).float().mean(),
+            }
         if penalty is not None:
             d_loss = d_loss + penalty
             logs["latent_penalty"] = penalty.detach()
@@ -446,10 +496,18 @@ class _GanRun(MethodRun):
             fake = G(z, y)
         with region("D_fwd"), step.mixed():
             out = _float(D(fake, y))
-            g_loss = unet_gan.unet_g_loss(self.loss, out) if isinstance(out, tuple) else self.loss.g(out)
+            aux, logs = m.aux_classifier, {}
+            if aux is not None:  # AC-GAN: G also wants its images classified as the class it was given
+                classes = F.cross_entropy(out[1], y)
+                g_loss = self.loss.g(out[0]) + aux.weight_g * classes
+                logs["aux_loss_g"] = classes.detach()
+            elif isinstance(out, tuple):
+                g_loss = unet_gan.unet_g_loss(self.loss, out)
+            else:
+                g_loss = self.loss.g(out)
         if penalty is not None:
             g_loss = g_loss + penalty
         if m.ortho_reg:
             with region("G_fwd"):
                 g_loss = g_loss + ortho_penalty(G, m.ortho_reg)
-        return {"G": g_loss}, {"loss_g": g_loss.detach()}
+        return {"G": g_loss}, {"loss_g": g_loss.detach(), **logs}

@@ -88,9 +88,19 @@ def _input_shorthand(v):
 
 
 class OptimizerSpec(Section):
-    lr: PositiveFloat = Field(description="Adam learning rate.")
+    kind: Literal["adam", "sgd"] = Field(
+        "adam", description="adam (everywhere, ganhacks tip 9), or sgd (the tip's alternative for D)."
+    )
+    lr: PositiveFloat = Field(description="Learning rate.")
     betas: tuple[Beta, Beta] = Field((0.0, 0.999), description="Adam betas, each in [0, 1).")
     eps: PositiveFloat = Field(1e-8, description="Adam epsilon.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (sgd only).")
+
+    @model_validator(mode="after")
+    def _momentum_is_sgd(self):
+        if self.momentum and self.kind != "sgd":
+            raise ValueError("momentum is an option of kind: sgd; Adam's are betas and eps")
+        return self
 
 
 class EmaSpec(Section):
