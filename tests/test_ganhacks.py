@@ -323,3 +323,111 @@ def test_an_acgan_trains_and_logs_its_classifier(write_spec, demo_shards, tmp_pa
     loop.train(load_spec(str(path), [*args, "train.log_every=1", "eval.every=0"]))
     rows = metrics(tmp_path)
     assert len(rows) == 2 and all(0 <= r["aux_accuracy_real"] <= 1 and r["aux_loss_g"] > 0 for r in rows)
+
+
+# ----- failure tracking (tip 10)
+def _tracker(**settings):
+    from pipeline.spec.schema import FailureSpec
+    from pipeline.train.failures import FailureTracker
+
+    return FailureTracker(FailureSpec(**{"intervals": 3, **settings}), bounded_d_loss=True)
+
+
+def _line(step, **values):
+    return {"step": step, "loss_d": 1.0, "loss_g": 1.0, "d_real": 1.0, "d_fake": -1.0, "grad_norm_d": 5.0} | values
+
+
+def test_d_loss_at_zero_fires_after_its_intervals_and_names_when_it_began():
+    tracker = _tracker()
+    fired = [tracker.check(_line(s, loss_d=1.0 if s < 30 else 1e-4)) for s in range(10, 70, 10)]
+    assert [bool(f) for f in fired] == [False, False, False, False, True, True]  # 30, 40, 50: three lines
+    (failure,) = fired[4]
+    assert failure.detector == "d_loss_zero" and failure.since_step == 30 and "loss_d" in failure.message
+    assert not _tracker(d_loss_below=1e-5).check(_line(10, loss_d=1e-4))
+    wgan = _tracker()
+    wgan.bounded_d_loss = False
+    assert not any(wgan.check(_line(s, loss_d=-5.0)) for s in range(5))
+
+
+def test_grad_norm_and_g_fooling_and_diversity_detectors():
+    (norm,) = _tracker().check(_line(10, grad_norm_d=150.0))
+    assert norm.detector == "grad_norm" and "150" in norm.message
+    tracker = _tracker()
+    lines = [_line(s, d_fake=2.0, d_real=0.5, loss_g=1.0 - s / 100) for s in (10, 20, 30)]
+    found = [tracker.check(line) for line in lines]
+    assert not found[0] and not found[1] and found[2][0].detector == "g_fooling" and found[2][0].since_step == 10
+    healthy = _tracker()  # G's loss falling and D's fake logit rising is normal while fakes stay below reals
+    assert not any(healthy.check(_line(s, d_fake=-2 + s / 100, loss_g=2 - s / 100)) for s in range(10, 100, 10))
+    collapse = _tracker()
+    assert not collapse.check(_line(10), diversity=8.0) and not collapse.check(_line(20), diversity=4.0)
+    (gone,) = collapse.check(_line(30), diversity=1.0)
+    assert gone.detector == "diversity" and "12%" in gone.message
+
+
+def test_diversity_of_a_collapsed_batch_is_zero():
+    from pipeline.train.failures import diversity
+
+    varied = torch.rand(8, 3, 8, 8)
+    assert diversity(varied[:1].repeat(8, 1, 1, 1)) == 0.0 and diversity(varied) > 0.5
+
+
+def _provoke_d_once(monkeypatch, at_step: int, lr: float):
+    """An absurd learning rate for D from `at_step` on, once (a rollback sets the rates anew)."""
+    from pipeline.train import loop
+
+    run_step, done = loop.Trainer.run_step, []
+
+    def provoked(self):
+        if self.step == at_step and not done:
+            done.append(True)
+            for group in self.engines["D"]._engine.optimizer.param_groups:
+                group["lr"] = lr
+        return run_step(self)
+
+    monkeypatch.setattr(loop.Trainer, "run_step", provoked)
+
+
+def test_a_provoked_collapse_is_rolled_back_to_the_checkpoint_before_it(demo_shards, tmp_path, monkeypatch, metrics):
+    import json as json_module
+
+    from pipeline.train import checkpoint, loop
+
+    _provoke_d_once(monkeypatch, at_step=4, lr=0.05)  # 250x the demo's: D's gradient norm explodes at step 5
+    restored = {}
+    restore = loop.Trainer.restore
+
+    def watched(self, path):
+        restore(self, path)
+        if path is not None:
+            restored[path.name] = {k: v.clone() for k, v in self.nets["discriminator"].state_dict().items()}
+
+    monkeypatch.setattr(loop.Trainer, "restore", watched)
+    args = [f"data.shards={demo_shards}", f"run.dir={tmp_path}", "train.batch_size=8", "train.max_steps=8"]
+    args += ["train.log_every=1", "train.checkpoint_every=2", "eval.every=0", "train.failures.on_failure=rollback"]
+    summary = loop.train(load_spec("demo", args))
+    assert summary.step == 8
+    rows = metrics(tmp_path)
+    (rollback,) = [r for r in rows if "rollback" in r]
+    assert rollback["step"] == 4 and rollback["at_step"] == 5 and "grad_norm_d" in rollback["reason"]
+    # the weights D continued from are exactly those of the checkpoint of step 4
+    saved = checkpoint.network_weights(tmp_path / "checkpoints" / "step-00000004", "discriminator")
+    assert restored.keys() == {"step-00000004"}
+    assert all(torch.equal(restored["step-00000004"][k], saved[k].to(torch.float32)) for k in saved)
+    # and continued with halved learning rates, recorded in later checkpoints
+    after = [r for r in rows if r["step"] > 4 and "lr_d" in r]
+    assert after and all(r["lr_d"] == pytest.approx(1e-4) for r in after)
+    state = json_module.loads((tmp_path / "checkpoints" / "step-00000008" / "state.json").read_text())
+    assert [r["at_step"] for r in state["rollbacks"]] == [5]
+
+
+def test_stop_on_failure_names_the_last_good_checkpoint(demo_shards, tmp_path, monkeypatch):
+    from pipeline.errors import SpecError
+    from pipeline.train import loop
+
+    _provoke_d_once(monkeypatch, at_step=4, lr=0.05)
+    args = [f"data.shards={demo_shards}", f"run.dir={tmp_path}", "train.batch_size=8", "train.max_steps=8"]
+    args += ["train.log_every=1", "train.checkpoint_every=2", "eval.every=0", "train.failures.on_failure=stop"]
+    with pytest.raises(
+        SpecError, match=r"grad_norm_d is .* at step 5; stopped. The last good checkpoint is .*step-00000004"
+    ):
+        loop.train(load_spec("demo", args))

@@ -111,6 +111,7 @@ class Engine:
         optimizer = _optimizer(name, {n: (modules[n], o) for n, o in opts.items()})
         if not isinstance(optimizer, torch.optim.Adam):  # DeepSpeed asks for this to wrap SGD in ZeRO
             config = {**config, "zero_allow_untested_optimizer": True}
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self._engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         if type(self._engine.checkpoint_engine) is not TorchCheckpointEngine:  # the one our config asks for
             raise RuntimeError(
@@ -120,6 +121,11 @@ class Engine:
         # DeepSpeed all-reduces gradients inside backward(): charged to the region `comm`
         self._engine.allreduce_gradients = timed("comm", self._engine.allreduce_gradients)
         self.module = module
+
+    def scale_lr(self, scale: float) -> None:
+        """Set every param group's learning rate to its spec value times `scale` (after a rollback)."""
+        for group, base in zip(self._engine.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * scale
 
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)

@@ -12,6 +12,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -246,6 +247,37 @@ def upgrade_stored(data: dict) -> dict:
     return data | {"train": {k: v for k, v in train.items() if k not in moved}, "method": {"kind": "gan", **moved}}
 
 
+class RollbackSpec(Section):
+    lr_scale: float = Field(0.5, gt=0, le=1, description="Every learning rate is multiplied by this at each rollback.")
+    reseed: bool = Field(True, description="Draw the latents from a new seed after a rollback.")
+
+
+class FailureSpec(Section):
+    """Failure tracking (ganhacks tip 10): detectors over each logged line (pipeline/train/failures.py)."""
+
+    on_failure: Literal["off", "warn", "stop", "rollback"] = Field(
+        "warn",
+        description=(
+            "warn: a line in metrics.jsonl and a message; stop: stop like a NaN loss, naming the last good "
+            "checkpoint; rollback: reload the newest checkpoint from before the symptom began, apply `rollback`, "
+            "continue (at most max_rollbacks times, then stop); off: no detectors."
+        ),
+    )
+    intervals: PositiveInt = Field(3, description="Logged lines a symptom must last (D loss at 0, G fooling D).")
+    d_loss_below: NonNegativeFloat = Field(1e-3, description="A D loss at or below this counts as 0.")
+    grad_norm_above: PositiveFloat = Field(100.0, description="A gradient norm above this is a failure (the tip: 100).")
+    g_fooling: bool = Field(True, description="Detect D scoring fakes above reals while G's loss falls.")
+    diversity_below: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="Mode collapse: the fixed-latent samples' mean pairwise distance below this fraction of its "
+        "first value (0: off).",
+    )
+    max_rollbacks: NonNegativeInt = Field(3, description="Rollbacks before the run stops instead.")
+    rollback: RollbackSpec = Field(default_factory=RollbackSpec)
+
+
 class TrainSpec(Section):
     @model_validator(mode="before")
     @classmethod
@@ -287,6 +319,7 @@ class TrainSpec(Section):
         description="Steps (or images: 1Mimg) between checkpoints (one is also written at the end and on Ctrl-C).",
     )
     keep_checkpoints: PositiveInt = Field(3, description="Checkpoints kept; older ones are deleted.")
+    failures: FailureSpec = Field(default_factory=FailureSpec, description="Failure tracking and what it does.")
 
 
 class EvalSpec(Section):

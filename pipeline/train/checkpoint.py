@@ -37,6 +37,8 @@ MAY_DIFFER = (
     "train.sample_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.failures",
+    "data.max_bad_samples",
     "data.shards",
     "data.num_threads",
 )
@@ -84,12 +86,14 @@ def damage(path: Path) -> str | None:
     return None
 
 
-def latest_intact(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose files match their checksums; a damaged newer one is skipped
-    with a warning naming the file. None when there is no checkpoint; an error when every one is
-    damaged."""
+def latest_intact(run_dir: Path, before: int | None = None) -> Path | None:
+    """The newest checkpoint (of a step below `before`, when given) whose files match their
+    checksums; a damaged newer one is skipped with a warning naming the file. None when there is
+    no such checkpoint; an error when every one is damaged."""
     problems = []
     for path in _complete(run_dir):
+        if before is not None and int(path.name.removeprefix("step-")) >= before:
+            continue
         problem = damage(path)
         if problem is None:
             for earlier in problems:

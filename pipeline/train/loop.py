@@ -10,6 +10,7 @@ images read from the data streams. Re-running the same command resumes from the 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ from pipeline.profile.regions import region
 from pipeline.spec.schema import due
 from pipeline.train import checkpoint
 from pipeline.train.ema import EMA
+from pipeline.train.failures import Failure, FailureTracker, diversity
 from pipeline.train.preflight import (
     batch_plan,
     check_before_building,
@@ -169,7 +171,6 @@ class Trainer:
             )
             for engine, members in spec.method.engines(spec).items()
         }
-        self.lrs = {f"lr_{e.lower()}": spec.opt_of(members[0]).lr for e, members in spec.method.engines(spec).items()}
         # bf16: convolutions and matrix products in bf16, norms, losses and master weights in fp32
         self.dtype = DTYPES[t.precision]
 
@@ -177,21 +178,32 @@ class Trainer:
         # run on N ranks draws the same z as a run on one
         self.latent_rng = torch.Generator().manual_seed(spec.seed)
 
-        # ----- resume
-        self.step, self.images_seen, local = 0, 0, {}
+        # ----- resume, and the data: one reader per stream, each at its checkpointed position
         last = checkpoint.latest_intact(self.run_dir) if resume else None
-        if last is not None:
+        self.restore(last)
+        self._probe = None  # the fixed latents of sample_diversity
+        self.inputs = StepInputs(self)
+        self.log = RunLog(world.device)
+        self.images_last_step = 0
+
+    def restore(self, path: Path | None) -> None:
+        """Continue from a checkpoint (None: from the start): weights, optimizer states, EMAs,
+        counters, RNG states, the method's state, rollbacks so far (their learning-rate scale), and
+        the data streams reopened at their positions."""
+        spec, world = self.spec, self.world
+        self.step, self.images_seen, self.rollbacks, local = 0, 0, [], {}
+        if path is not None:
             state, local = checkpoint.load(
-                last, engines=self.engines, emas=self.emas, world=world, spec_dict=self.spec_dict
+                path, engines=self.engines, emas=self.emas, world=world, spec_dict=self.spec_dict
             )
             self.step, self.images_seen = state["step"], state["images_seen"]
+            self.rollbacks = list(state.get("rollbacks", []))
             torch.set_rng_state(local["rng"]["cpu"])
             self.latent_rng.set_state(local["rng"]["latents"])
             if "cuda" in local["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(local["rng"]["cuda"])
             self.method.load_state_dict(local.get("method", {}))
-
-        # ----- data: one reader per stream, each resuming at its own position
+        self.scale_lrs()
         positions = local.get("streams", {})
         together = spec.method.read_together(spec)
         self.streams = {
@@ -218,9 +230,35 @@ class Trainer:
                 hint="paired streams hold the same samples in the same order; set method.paired=false for "
                 "unpaired data (and method.lambda_cs=0)",
             )
-        self.inputs = StepInputs(self)
-        self.log = RunLog(world.device)
-        self.images_last_step = 0
+
+    def sample_diversity(self, failures) -> float | None:
+        """The diversity (failures.diversity) of G's images of a fixed latent batch, for the gan
+        method with the detector on; None otherwise. G as exported (its EMA when it has one), in
+        evaluation mode, drawing nothing from the run's random streams."""
+        m, spec = self.spec.method, self.spec
+        if failures.diversity_below == 0 or m.kind != "gan" or spec.latent is None:
+            return None
+        if self._probe is None:
+            generator = torch.Generator().manual_seed(spec.seed + 2)
+            z = torch.randn(32, spec.latent.z_dim, generator=generator).to(self.world.device)
+            classes = spec.data.num_classes
+            y = (torch.arange(32) % classes).to(self.world.device) if classes else None
+            self._probe = (z, y)
+        G = self.emas[m.generator].module if m.generator in self.emas else self.nets[m.generator]
+        mode = G.training
+        G.eval()
+        with torch.no_grad():
+            value = diversity(G(*self._probe))
+        G.train(mode)
+        return value
+
+    def scale_lrs(self) -> None:
+        """Learning rates: the spec's, times the scale of every rollback so far."""
+        scale = math.prod(r["lr_scale"] for r in self.rollbacks)
+        for engine in self.engines.values():
+            engine.scale_lr(scale)
+        engines = self.spec.method.engines(self.spec)
+        self.lrs = {f"lr_{e.lower()}": self.spec.opt_of(members[0]).lr * scale for e, members in engines.items()}
 
     def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         world, classes = self.world, self.spec.data.num_classes
@@ -351,9 +389,8 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.resolved.yaml").write_text(yaml.safe_dump(tr.spec_dict, sort_keys=False))
     metrics_path = run_dir / "metrics.jsonl"
-    if world.is_main and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [line for line in _metric_lines(metrics_path) if json.loads(line)["step"] <= tr.step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+    if world.is_main:  # drop lines logged after the checkpoint we resume from
+        _keep_metrics_until(metrics_path, tr.step)
     evaluate = evaluate if spec.eval.every else None
     # the method's sample grid: fixed inputs, chosen once
     grid = spec.method.sample_grid(spec, world.device) if world.is_main else None
@@ -384,6 +421,7 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
 
     def save_checkpoint(at: int) -> Path:
         state = {"step": at, "images_seen": tr.images_seen, "world_size": world.size, "spec": tr.spec_dict}
+        state["rollbacks"] = tr.rollbacks
         rank_state = tr.rank_state() | {"rng": {"latents": tr.latent_rng.get_state()}}
         return checkpoint.save(
             run_dir,
@@ -395,6 +433,35 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
             state=state,
             keep=t.keep_checkpoints,
         )
+
+    # ----- failure tracking (ganhacks tip 10): detectors over each logged line
+    failures = t.failures
+    tracker = None
+    if failures.on_failure != "off":
+        tracker = FailureTracker(failures, bounded_d_loss=getattr(spec.method, "loss", None) != "wgan_gp")
+
+    def roll_back(found: list[Failure], step: int) -> None:
+        """Reload the newest checkpoint from before the symptom began, scale the learning rates,
+        reseed the latents, and log the rollback with what triggered it."""
+        reason = "; ".join(f.message for f in found)
+        if len(tr.rollbacks) >= failures.max_rollbacks:
+            limit = f"{reason} (after {len(tr.rollbacks)} rollbacks, train.failures.max_rollbacks)"
+            raise _stopped([limit], step, run_dir)
+        since = min(f.since_step for f in found)
+        target = checkpoint.latest_intact(run_dir, before=since)
+        if target is None:
+            raise _stopped([f"{reason}; no checkpoint from before step {since} to roll back to"], step, run_dir)
+        rollbacks = [*tr.rollbacks, {"at_step": step, "reason": reason, "lr_scale": failures.rollback.lr_scale}]
+        tr.restore(target)
+        tr.rollbacks = rollbacks
+        tr.scale_lrs()
+        if failures.rollback.reseed:
+            tr.latent_rng.manual_seed(spec.seed + 1_000_003 * len(rollbacks))
+        tracker.reset()
+        if world.is_main:
+            _keep_metrics_until(metrics_path, tr.step)
+            write_line({"step": tr.step, "images_seen": tr.images_seen, "rollback": len(rollbacks), **rollbacks[-1]})
+            print(f"warning: rolled back from step {step} to {target} ({reason})", file=sys.stderr)
 
     # ----- Ctrl-C / SIGTERM: finish the step, save, stop
     stop = _StopSignal()
@@ -426,9 +493,21 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
                 record |= tr.data_health()
                 record["images_per_s"] = (tr.images_seen - tick_images) / (now - tick)
                 tick, tick_images = now, tr.images_seen
+                found = _agreed(tracker.check(record, tr.sample_diversity(failures)) if tracker else [], world)
+                if found and world.is_main:  # the line says what was detected in it
+                    record["failure"] = sorted({f.detector for f in found})
+                    record["failure_message"] = "; ".join(f.message for f in found)
+                    print(f"warning: step {step}: {record['failure_message']}", file=sys.stderr)
                 if world.is_main:
                     write_line(record)
                 progress.update(step, record)
+                if found:
+                    if failures.on_failure == "stop":
+                        raise _stopped(["; ".join(f.message for f in found)], step, run_dir)
+                    if failures.on_failure == "rollback":
+                        roll_back(found, step)
+                        tick, tick_images = time.perf_counter(), tr.images_seen
+                        continue
             if world.is_main and now_due["sample_every"]:
                 write_samples(step)
             if world.is_main and evaluate and (step % spec.eval.every == 0 or step == t.max_steps):
@@ -474,6 +553,23 @@ class _StopSignal:
 
 def _new_damage(loader) -> list[tuple[str, list[str]]]:
     return loader.new_damage() if hasattr(loader, "new_damage") else []  # a synthetic stream has no shards
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    if path.exists():
+        kept = [line for line in _metric_lines(path) if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _agreed(found: list[Failure], world) -> list[Failure]:
+    """Rank 0's failures, on every rank (each rank's logged means are its own): one collective."""
+    if world.size == 1:
+        return found
+    mine = {"fired": float(bool(found)), "since": float(min((f.since_step for f in found), default=0))}
+    sent = dist.all_mean({k: v if world.is_main else 0.0 for k, v in mine.items()}, world.device)
+    if sent["fired"] * world.size < 0.5:
+        return []
+    return found if world.is_main else [Failure("rank 0", "rank 0 found a failure", round(sent["since"] * world.size))]
 
 
 def _stopped(problems: list[str], step: int, run_dir: Path) -> TrainingStopped:
