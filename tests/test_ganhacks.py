@@ -172,6 +172,18 @@ def test_soft_labels_are_refused_where_they_mean_nothing(overrides, message):
 
     with pytest.raises(SpecError, match=message):
         load_spec("dcgan_32", overrides)
+    with pytest.raises(SpecError, match="per-pixel logits"):  # a U-Net D's decoder loss takes no targets
+        load_spec(
+            "demo_unet", ["method.loss=least_squares", "method.soft_labels={real: [0.7, 1.0]}", "method.cutmix=null"]
+        )
+
+
+def test_replay_and_logans_second_order_step_exclude_each_other():
+    from pipeline.errors import SpecError
+
+    with pytest.raises(SpecError, match="set logan.second_order=false"):
+        load_spec("demo_logan", ["method.replay={}"])
+    load_spec("demo_logan", ["method.replay={}", "method.logan.second_order=false"])
 
 
 def test_replay_shows_d_past_fakes_and_resumes_exactly():

@@ -175,6 +175,11 @@ class GanMethod(Method):
     def _options_of_the_loss(self):
         if self.loss != "non_saturating" and (self.label_smoothing or self.label_flip):
             raise ValueError(f"label_smoothing and label_flip apply to the non_saturating loss, not {self.loss}")
+        if self.replay is not None and self.logan is not None and self.logan.alpha > 0 and self.logan.second_order:
+            raise ValueError(
+                "replay shows D stored (detached) fakes, so D's loss cannot reach back through LOGAN's step; "
+                "set logan.second_order=false or replay=null"
+            )
         if self.aux_classifier is not None and self.cutmix is not None:
             raise ValueError("aux_classifier and cutmix both use D's second output; choose one")
         if self.soft_labels is not None:
@@ -256,6 +261,16 @@ class GanMethod(Method):
                     )
                 )
             shapes = shapes[:1]  # the class logits are accounted for
+        if self.soft_labels is not None and shapes is not None and len(shapes) == 2:
+            issues.append(
+                Issue(
+                    "soft_labels set targets for one logit per image; this discriminator also has per-pixel logits "
+                    "(a U-Net D), whose loss takes no targets",
+                    "method.soft_labels",
+                    *where(("method", "soft_labels")),
+                    "set method.soft_labels=null, or give the discriminator one output",
+                )
+            )
         if shapes is not None and (len(shapes) > 2 or (len(shapes) == 2 and shapes[1] != (1, *image[1:]))):
             path = f"{spec.network_path(self.discriminator)}.output"
             issues.append(
