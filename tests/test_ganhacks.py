@@ -370,7 +370,7 @@ def test_grad_norm_and_g_fooling_and_diversity_detectors():
     assert not found[0] and not found[1] and found[2][0].detector == "g_fooling" and found[2][0].since_step == 10
     healthy = _tracker()  # G's loss falling and D's fake logit rising is normal while fakes stay below reals
     assert not any(healthy.check(_line(s, d_fake=-2 + s / 100, loss_g=2 - s / 100)) for s in range(10, 100, 10))
-    collapse = _tracker()
+    collapse = _tracker(diversity_below=0.25)
     assert not collapse.check(_line(10), diversity=8.0) and not collapse.check(_line(20), diversity=4.0)
     (gone,) = collapse.check(_line(30), diversity=1.0)
     assert gone.detector == "diversity" and "12%" in gone.message

@@ -268,11 +268,12 @@ class FailureSpec(Section):
     grad_norm_above: PositiveFloat = Field(100.0, description="A gradient norm above this is a failure (the tip: 100).")
     g_fooling: bool = Field(True, description="Detect D scoring fakes above reals while G's loss falls.")
     diversity_below: float = Field(
-        0.25,
+        0.0,
         ge=0,
         lt=1,
         description="Mode collapse: the fixed-latent samples' mean pairwise distance below this fraction of its "
-        "first value (0: off).",
+        "first value, e.g. 0.25 (0: off; off by default: an EMA that starts mid-run can fall below 0.25 of an "
+        "untrained generator's noise without collapsing).",
     )
     max_rollbacks: NonNegativeInt = Field(3, description="Rollbacks before the run stops instead.")
     rollback: RollbackSpec = Field(default_factory=RollbackSpec)
