@@ -238,25 +238,13 @@ def _dali_error(exc: Exception, shards: ShardSet) -> SpecError:
 
 def _search_damage(shards: ShardSet) -> tuple[list[str], list[tuple[str, str]]]:
     """After a decoder failure, if the shards are small enough to search now: the shards whose
-    checksum differs from the manifest, and (shard, key) of their damaged samples (JPEG bytes that
-    differ from the sidecar's digest, or, in shards written without digests, that PIL cannot decode)."""
-    from pipeline.data.check import walk_tar
-
+    checksum differs from the manifest, and (shard, key) of their damaged samples (ShardVerifier)."""
     try:
         if sum(t.stat().st_size for t in shards.tars) > MAX_SCAN_BYTES:
             return [], []
         verifier = ShardVerifier(shards)
         verifier.wait()
-        by_name = {t.name: t for t in shards.tars}
-        culprits = []
-        for name in verifier.damaged:
-            keys = verifier.samples.get(name) or [
-                key
-                for key, problem in walk_tar(by_name[name], 10**CLS_WIDTH, decode=True).problems
-                if key is not None and problem.startswith("JPEG does not decode")
-            ]
-            culprits += [(name, key) for key in keys]
-        return verifier.damaged, culprits
+        return verifier.damaged, [(name, key) for name in verifier.damaged for key in verifier.samples.get(name, [])]
     except Exception:  # noqa: BLE001 -- a search that fails itself must not hide DALI's error
         return [], []
 
@@ -275,7 +263,7 @@ class ShardVerifier:
             if i % world_size == rank and entries.get(tar.name)
         ]
         self.damaged: list[str] = []  # shard file names, appended by the thread
-        self.samples: dict[str, list[str]] = {}  # shard -> keys whose bytes differ from the sidecar's digest
+        self.samples: dict[str, list[str]] = {}  # shard -> keys of its damaged samples
         self.thread = threading.Thread(target=self._run, name="shard-verifier", daemon=True)
         self.thread.start()
 
@@ -288,13 +276,34 @@ class ShardVerifier:
                 if sha256(tar) == digest:
                     continue
                 _, digests, _ = read_sidecar(tar.with_suffix(".json"))
-                self.samples[tar.name] = damaged_samples(walk_tar(tar, 10**CLS_WIDTH, decode=True), digests)
+                contents = walk_tar(tar, 10**CLS_WIDTH, decode=True)
+                # JPEG bytes that differ from the sidecar's digests; without digests (older shards),
+                # those PIL cannot decode
+                self.samples[tar.name] = (
+                    damaged_samples(contents, digests)
+                    if digests
+                    else [
+                        key for key, problem in contents.problems if key and problem.startswith("JPEG does not decode")
+                    ]
+                )
             except Exception:  # noqa: BLE001 -- unreadable is damaged too; naming its samples is a bonus
                 pass
             self.damaged.append(tar.name)  # last: the samples are known once the shard is reported
 
     def wait(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
+
+
+_VERIFIERS: dict[tuple, ShardVerifier] = {}
+
+
+def shard_verifier(shards: ShardSet, rank: int, world_size: int) -> ShardVerifier:
+    """The one verifier of a rank's shards in this process: a loader reopened (a rollback) does
+    not hash them again."""
+    key = (tuple(shards.tars), rank, world_size)
+    if key not in _VERIFIERS:
+        _VERIFIERS[key] = ShardVerifier(shards, rank, world_size)
+    return _VERIFIERS[key]
 
 
 def parse_labels(cls_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -340,6 +349,7 @@ class DaliLoader:
     shuffle_buffer: int = 1024
     num_threads: int | None = None
     on_bad_sample: str = "error"
+    verify: bool = False  # hash the shards in the background (training); not for short-lived readers
     state: str | None = None
     skipped: int = field(default=0, init=False)
 
@@ -364,7 +374,7 @@ class DaliLoader:
             checkpoint=self.state,
             labelled=self.num_classes is not None,
         )
-        self.verifier = ShardVerifier(self.shards, self.rank, self.world_size)
+        self.verifier = shard_verifier(self.shards, self.rank, self.world_size) if self.verify else None
         self.damage_reported = 0
         self.dataset_size = self.pipe.reader_meta("reader")["epoch_size"]  # all ranks, after skipped samples
         self.epoch_size = part_size(self.dataset_size, self.rank, self.world_size)  # this rank's part
@@ -385,6 +395,8 @@ class DaliLoader:
         """(shard, damaged sample keys) for each shard this rank's verifier found damaged (its checksum
         differs from the manifest) since the last call; the keys are those whose JPEG differs from the
         sidecar's digest (none known for shards written without digests)."""
+        if self.verifier is None:
+            return []
         found = self.verifier.damaged[self.damage_reported :]
         self.damage_reported += len(found)
         return [(shard, self.verifier.samples.get(shard, [])) for shard in found]
@@ -517,6 +529,7 @@ def loader_from_spec(
         shuffle_buffer=d.shuffle_buffer,
         num_threads=d.num_threads,
         on_bad_sample=d.on_bad_sample,
+        verify=True,
         state=state,
     )
 

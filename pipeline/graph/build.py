@@ -367,7 +367,7 @@ class _Checker:
                 self.issue(f"{where}cannot be built: {str(exc).splitlines()[0]}", *loc, hint=SIZE_HINT)
                 return False
             params = sum(p.numel() for p in module.parameters())
-            plan_params = sum(r.params for r in plan.rows) + params
+            plan_params = plan.params + params
             if plan_params > MAX_PARAMS:
                 self.issue(
                     f"{where}the network reaches {plan_params:,} parameters here, above the bound of {MAX_PARAMS:,}",
