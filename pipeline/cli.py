@@ -7,6 +7,7 @@ it, and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -42,6 +43,7 @@ def _network_json(plan) -> dict:
             {"name": r.name, "kind": r.kind, "output_shape": r.shape, "params": r.params, "flops_per_image": r.flops}
             for r in plan.rows
         ],
+        **({"stages": [dataclasses.asdict(stage) for stage in plan.growth.stages]} if plan.growth else {}),
     }
 
 

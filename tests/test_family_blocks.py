@@ -13,7 +13,7 @@ from pipeline.blocks.layers import BuildContext
 from pipeline.graph import analyze_spec, build_network
 from pipeline.spec import load_spec
 
-FAMILY_SPECS = ["dcgan_32", "sagan_128", "progan_g_256", "unet_d_128"]
+FAMILY_SPECS = ["dcgan_32", "sagan_128", "progan_256", "unet_d_128"]
 
 
 def ctx(**changes) -> BuildContext:
@@ -212,7 +212,7 @@ def test_spec_builds_and_runs(name):
     z, y = torch.randn(batch, loaded.spec.latent.z_dim), labels(batch)
     img = G(z, y)
     assert img.shape == (batch, 3, res, res)
-    if name == "progan_g_256":
+    if name == "progan_256":
         assert torch.isfinite(img).all()  # ProGAN's toRGB is linear: no tanh, images learn the range
     else:
         assert img.min() >= -1 and img.max() <= 1

@@ -249,11 +249,11 @@ def test_the_switches_train_together_and_resume_exactly(demo_shards, tmp_path, m
 def test_validate_warns_when_a_generator_output_is_not_bounded(cli):
     import json
 
-    linear = cli("validate", "progan_g_256", "--json")
+    linear = cli("validate", "progan_256", "--json")
     assert linear.code == 0 and "generator.nodes.rgb" in json.loads(linear.out)["warnings"][0]
     for name in ("demo", "dcgan_32", "csgan_demo"):  # tanh, BigGAN's g_output, reflect_conv with tanh
         assert json.loads(cli("validate", name, "--json").out)["warnings"] == [], name
-    assert "warning: " in cli("validate", "progan_g_256").out
+    assert "warning: " in cli("validate", "progan_256").out
 
 
 def test_sgd_for_d_is_used_with_its_momentum_and_resumes_exactly(demo_shards, tmp_path, metrics):

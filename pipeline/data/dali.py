@@ -391,6 +391,12 @@ class DaliLoader:
     def state_dict(self) -> str:
         return self.pipe.checkpoint()
 
+    def close(self) -> None:
+        """Release the DALI pipeline now. A loader replaced by another (a new stage's resolution, a
+        rollback) must be closed: left to the garbage collector, its pipeline stayed alive and the
+        process grew by about 0.2 MB per batch read from the new one (measured on CPU)."""
+        self.pipe = None
+
     def new_damage(self) -> list[tuple[str, list[str]]]:
         """(shard, damaged sample keys) for each shard this rank's verifier found damaged (its checksum
         differs from the manifest) since the last call; the keys are those whose JPEG differs from the
@@ -484,6 +490,7 @@ def loader_from_spec(
     stream: str = "images",
     labelled: bool = True,
     batch_size: int | None = None,
+    resolution: int | None = None,
     device="cpu",
     rank: int = 0,
     world_size: int = 1,
@@ -492,8 +499,10 @@ def loader_from_spec(
     seed_offset: int = 0,
 ):
     """The training loader of one of a spec's data streams: its `data:` settings and `train`
-    batch and precision. Labels come with the images when `labelled`."""
+    batch and precision. Labels come with the images when `labelled`. `resolution` (default
+    data.resolution) is the side DALI resizes and crops to: a growing network's current stage."""
     d = spec.data
+    side = resolution or d.resolution
     if dtype is None:
         dtype = DTYPES[spec.train.precision]
     batch_size = batch_size or spec.train.batch_per_rank or spec.train.batch_size
@@ -503,9 +512,7 @@ def loader_from_spec(
     if shards is None:
         from pipeline.data.synthetic import SyntheticLoader
 
-        return SyntheticLoader(
-            batch_size, d.resolution, num_classes, d.channels, device, dtype, rank, world_size, seed, state
-        )
+        return SyntheticLoader(batch_size, side, num_classes, d.channels, device, dtype, rank, world_size, seed, state)
     stored = ((shards.manifest or {}).get("options") or {}).get("resolution")
     if stored and stored < d.resolution:
         warnings.warn(
@@ -516,7 +523,7 @@ def loader_from_spec(
     return DaliLoader(
         shards,
         batch_size,
-        d.resolution,
+        side,
         num_classes,
         crop=d.augment.crop,
         area=tuple(d.augment.area),

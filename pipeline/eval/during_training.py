@@ -22,15 +22,25 @@ def _device(nets: dict) -> torch.device:
     return next(next(iter(nets.values())).parameters()).device
 
 
+def _side(net, spec) -> int:
+    """The side of a generator's images: a growing one's current stage, else data.resolution."""
+    growth = getattr(net, "growth", None)
+    return growth.stages[net.stage].resolution if growth is not None else spec.data.resolution
+
+
 def _gan_evaluator():
-    scorer = None  # the scorer and the real statistics are made once, at the first evaluation
+    # a scorer and its real statistics per image side, made at the first evaluation there: a growing
+    # generator is scored against the real images at its stage's resolution, as D sees them
+    scorers = {}
 
     def evaluate(nets: dict, spec) -> dict:
-        nonlocal scorer
         from pipeline.eval.evaluate import evaluate_module, make_scorer
 
         e, name = spec.eval, spec.method.exports(spec)[0]
-        scorer = scorer or make_scorer(spec, e.features, _device(nets))
+        side = _side(nets[name], spec)
+        if side not in scorers:
+            scorers[side] = make_scorer(spec, e.features, _device(nets), resolution=side)
+        scorer = scorers[side]
         result = evaluate_module(
             nets[name],
             spec,

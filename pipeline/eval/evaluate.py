@@ -34,8 +34,9 @@ def feature_net_for(spec, features: str, device) -> FeatureNet:
     return load_feature_net(features, device, what="eval.features")
 
 
-def make_scorer(spec, features: str, device, *, shards: str | None = None) -> Scorer:
-    """A scorer against the real statistics of the spec's shards (computed once, cached there)."""
+def make_scorer(spec, features: str, device, *, shards: str | None = None, resolution: int | None = None) -> Scorer:
+    """A scorer against the real statistics of the spec's shards (computed once, cached there) at
+    `resolution` (default data.resolution; a growing generator's current stage)."""
     shards = shards or spec.data.shards
     if not shards or spec.data.synthetic:
         raise user_error(
@@ -44,7 +45,7 @@ def make_scorer(spec, features: str, device, *, shards: str | None = None) -> Sc
             hint="give --shards DIR (the shards the model was trained on)",
         )
     net = feature_net_for(spec, features, device)
-    return Scorer(net, reference_stats(shards, net, resolution=spec.data.resolution))
+    return Scorer(net, reference_stats(shards, net, resolution=resolution or spec.data.resolution))
 
 
 def fake_batches(

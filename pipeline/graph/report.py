@@ -23,10 +23,13 @@ def print_report(loaded, plans, console: Console | None = None) -> None:
         table.add_column("kind")
         table.add_column("output", footer=" + ".join("x".join(map(str, s)) for s in plan.output_shapes))
         table.add_column("params", justify="right", footer=f"{plan.params:,}")
+        # a growing network: the FLOPs of its last stage (its stages' converters never run together)
         table.add_column("FLOPs/img", justify="right", footer=_si(plan.flops_per_image))
         for row in plan.rows:
             table.add_row(row.name, row.kind, row.shape, f"{row.params:,}", _si(row.flops))
         console.print(table)
+        if plan.growth is not None:
+            _print_stages(plan, console)
         if plan.sn_flops_per_forward:
             console.print(
                 f"  + spectral norm power iteration: {_si(plan.sn_flops_per_forward)} FLOPs per training "
@@ -37,3 +40,17 @@ def print_report(loaded, plans, console: Console | None = None) -> None:
         "(2 per multiply-add), forward, per image.",
         style="dim",
     )
+
+
+def _print_stages(plan, console: Console) -> None:
+    g = plan.growth
+    table = Table(
+        title=f"{plan.which} by stage (grows along {g.chain!r}; a fade-in also runs the previous stage's converters)",
+        title_justify="left",
+    )
+    for name in ("stage", "resolution", "params", "FLOPs/img", "fade-in params", "fade-in FLOPs/img"):
+        table.add_column(name, justify="right")
+    for s in g.stages:
+        fade = (f"{s.fade_params:,}", _si(s.fade_flops)) if s.index else ("-", "-")
+        table.add_row(str(s.index), f"{s.resolution}x{s.resolution}", f"{s.params:,}", _si(s.flops), *fade)
+    console.print(table)

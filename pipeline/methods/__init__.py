@@ -1,6 +1,6 @@
 """Training methods. Importing this package registers every method."""
 
-from pipeline.methods import cycle, gan  # noqa: F401  (registration side effects)
+from pipeline.methods import cycle, gan, progressive  # noqa: F401  (registration side effects)
 from pipeline.methods.registry import (  # noqa: F401
     METHODS,
     Method,

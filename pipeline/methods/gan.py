@@ -436,7 +436,7 @@ class _GanRun(MethodRun):
 
     def d_objective(self, step):
         m, G, D = self.m, step.nets[self.m.generator], step.nets[self.m.discriminator]
-        real, y_real = step.next(m.stream)
+        real, y_real = self.real_batch(step)
         z, y_fake, penalty = self._latents(step, G, D)
         # no graph through G, unless D's loss must reach D's parameters through LOGAN's Δz
         through_delta = penalty is not None and m.logan.second_order
@@ -489,6 +489,10 @@ class _GanRun(MethodRun):
                 d_loss = d_loss + cutmix + m.cutmix.consistency * consistency
             logs |= {"loss_cutmix": cutmix.detach(), "consistency": consistency.detach()}
         return {"D": d_loss}, {"loss_d": d_loss.detach(), **logs}
+
+    def real_batch(self, step):
+        """The D step's real images and their labels."""
+        return step.next(self.m.stream)
 
     def _separate(self, D) -> bool:
         if self.separate is None:

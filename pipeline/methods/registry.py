@@ -94,11 +94,43 @@ def describe(phases: list[Phase]) -> str:
     return ", ".join(p.name + (f" x{p.repeat}" if p.repeat > 1 else "") for p in phases)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """What a method with a schedule (ProGAN's growth) sets for the coming step, a function of the
+    real images seen: the stage of every growing network and its fade-in weight alpha, the side
+    of the real images, the global batch and the learning rate by role (None: the spec's)."""
+
+    stage: int
+    fading: bool
+    alpha: float
+    resolution: int
+    batch_size: int | None = None
+    lr: dict[str, float] = field(default_factory=dict)  # role -> learning rate
+
+    def record(self) -> dict:
+        """The schedule as logged and checkpointed."""
+        return {
+            "stage": self.stage,
+            "phase": "fade" if self.fading else "stable",
+            "alpha": self.alpha,
+            "resolution": self.resolution,
+        }
+
+
 class MethodRun:
     """A method's implementation for one run: its phases, plus any state of its own that must be
     checkpointed for an exact resume (kept per rank)."""
 
     phases: list[Phase]
+
+    def schedule(self, images_seen: int) -> Schedule | None:
+        """The schedule for the step that starts at `images_seen` real images; None: fixed."""
+        return None
+
+    def profiled_at(self) -> int:
+        """The real images seen at which `profile` measures steps: where the schedule's last phase
+        begins (0 without a schedule)."""
+        return 0
 
     def state_dict(self) -> dict:
         return {}

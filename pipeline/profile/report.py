@@ -29,6 +29,12 @@ def summary(r: dict) -> str:
             f"{r['accumulation']} accumulation), method {r['method']} ({r['phases']}), {r['precision']}, "
             f"{'compiled' if r['compiled'] else 'eager'}, {r['data']} data; {r['steps']} timed steps "
             f"after {r['warmup']} warm-up."
+            + (
+                f" Measured at the schedule's last phase: stage {r['schedule']['stage']} "
+                f"({r['schedule']['resolution']}x{r['schedule']['resolution']}, {r['schedule']['phase']})."
+                if "schedule" in r
+                else ""
+            )
         ),
         "",
         (

@@ -99,6 +99,9 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     check_before_building(loaded.spec, world_size_from_environment())
     tr = Trainer(loaded, device=device, resume=False)
     world, dev = tr.world, tr.world.device
+    # a method with a schedule is measured where it ends (ProGAN: the last stage, stable)
+    tr.images_seen = tr.method.profiled_at()
+    tr.apply_schedule()
 
     # the step's FLOPs and the batches it reads, from one run of the phases on the meta device
     flops, reads = meta_step(loaded, tr.micro, tr.accum)
@@ -168,8 +171,9 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
         "data": "synthetic" if all(s.synthetic for s in spec.data.all_streams().values()) else "real",
         "device": _device_name(dev),
         "world_size": world.size,
-        "batch_size": t.batch_size,
+        "batch_size": tr.micro * tr.accum * world.size,
         "batch_per_rank": tr.micro,
+        **({"schedule": tr.schedule.record()} if tr.schedule is not None else {}),
         "accumulation": tr.accum,
         "method": spec.method.kind,
         "phases": describe(tr.method.phases),

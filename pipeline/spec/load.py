@@ -206,9 +206,12 @@ def parse_override(text: str) -> tuple[list[str], object]:
 def apply_override(data: dict, sources: SourceMap, keys: list[str], value) -> None:
     """Set a dotted key, checking every key against the schema and the spec's node names."""
     tp, node = Spec, data
+    keys = list(keys)
     for depth, key in enumerate(keys):
         allowed, open_keys = _keys_at(tp, node)
-        dotted = ".".join(keys[: depth + 1])
+        if open_keys and key.isdigit() and int(key) in allowed:  # a mapping keyed by numbers (resolutions)
+            key = keys[depth] = int(key)
+        dotted = ".".join(map(str, keys[: depth + 1]))
         if allowed is None or (key not in allowed and not (open_keys and depth == len(keys) - 1)):
             choices = list(allowed or {})
             hint = did_you_mean(key, choices) if choices else "this value has no sub-keys"
@@ -225,7 +228,7 @@ def apply_override(data: dict, sources: SourceMap, keys: list[str], value) -> No
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict):
-            raise user_error(f"{'.'.join(keys[: depth + 1])} is a value, not a section", path=dotted, file=COMMAND_LINE)
+            raise user_error(f"{dotted} is a value, not a section", path=dotted, file=COMMAND_LINE)
         tp, node = allowed[key], child
 
 

@@ -149,6 +149,16 @@ class NetworkSpec(Section):
     bn_eps: PositiveFloat = Field(1e-5, description="BatchNorm epsilon.")
     bn_momentum: float = Field(0.1, gt=0, le=1, description="BatchNorm running-statistics momentum.")
     cross_replica_bn: bool = Field(False, description="Synchronize BatchNorm statistics across data-parallel ranks.")
+    grow: NodeName | None = Field(
+        None,
+        description=(
+            "Progressive growing (ProGAN): a node repeated N times whose instances are the stages of the network. "
+            "Stage 0 runs none of them, stage k the k nearest the image. The nodes between that node and the image "
+            "(a generator's to_rgb after it; a discriminator's from_rgb before it) are built once per stage. "
+            "During a stage's fade-in, the previous stage's path (its image up- or down-sampled 2x) is blended "
+            "with the new one by alpha. The method `progressive` sets the stage and alpha."
+        ),
+    )
 
 
 class LatentSpec(Section):

@@ -9,6 +9,8 @@ images read from the data streams. Re-running the same command resumes from the 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import signal
@@ -92,7 +94,12 @@ class StepInputs:
 
     def __init__(self, trainer: Trainer):
         self.tr = trainer
-        self.nets, self.micro = trainer.nets, trainer.micro
+        self.nets = trainer.nets
+
+    @property
+    def micro(self) -> int:
+        """Samples per micro-batch on this rank (a method's schedule may change it between steps)."""
+        return self.tr.micro
 
     def next(self, stream: str):
         with region("data_wait"):
@@ -149,9 +156,11 @@ class Trainer:
         self.spec, self.t = spec, t
         self.world = world = dist.setup(device)
         self.micro, self.accum = batch_plan(t, world.size)
+        self.spec_micro = self.micro
         self.run_dir = spec.run_dir
         self.spec_dict = spec.resolved()
         self.method = spec.method.build(spec)
+        self.schedule, self.data_shape, self.skipped_before, self.streams = None, None, 0, {}
         needs = spec.method.networks(spec)
 
         # ----- networks, EMAs and engines: identical initial weights on every rank
@@ -203,24 +212,8 @@ class Trainer:
             if "cuda" in local["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(local["rng"]["cuda"])
             self.method.load_state_dict(local.get("method", {}))
-        self.scale_lrs()
-        positions = local.get("streams", {})
+        self.apply_schedule(positions=local.get("streams", {}))
         together = spec.method.read_together(spec)
-        self.streams = {
-            name: loader_from_spec(
-                spec,
-                stream=name,
-                labelled=labelled,
-                seed_offset=0 if together else i,
-                batch_size=self.micro,
-                device=world.device,
-                rank=world.rank,
-                world_size=world.size,
-                state=positions.get(name),
-                dtype=self.dtype,
-            )
-            for i, (name, labelled) in enumerate(spec.method.streams(spec).items())
-        }
         sizes = {name: getattr(loader, "dataset_size", None) for name, loader in self.streams.items()}
         if together and len(set(sizes.values())) > 1:
             raise user_error(
@@ -230,6 +223,58 @@ class Trainer:
                 hint="paired streams hold the same samples in the same order; set method.paired=false for "
                 "unpaired data (and method.lambda_cs=0)",
             )
+
+    def apply_schedule(self, positions: dict | None = None) -> None:
+        """The method's schedule for the coming step (ProGAN's growth; most methods have none): the
+        growing networks' stage and alpha, the learning rates, and the data streams, reopened at
+        their positions when the resolution or the batch changes (or `positions` are given: the
+        first opening)."""
+        spec, world = self.spec, self.world
+        s = self.schedule = self.method.schedule(self.images_seen)
+        resolution = s.resolution if s is not None else spec.data.resolution
+        micro = self.spec_micro
+        if s is not None:
+            for net in [*self.nets.values(), *(ema.module for ema in self.emas.values())]:
+                if getattr(net, "growth", None) is not None:
+                    net.set_stage(s.stage, s.fading, s.alpha)
+            if s.batch_size is not None:
+                micro, rest = divmod(s.batch_size, self.accum * world.size)
+                if rest or not micro:
+                    raise user_error(
+                        f"the batch of {s.batch_size} at resolution {resolution} does not split into "
+                        f"{self.accum} accumulation step(s) x {world.size} rank(s)",
+                        path=f"method.resolutions.{resolution}.batch_size",
+                        hint="give a multiple of the accumulation steps times the ranks",
+                    )
+        if positions is None and (resolution, micro) == self.data_shape:
+            if s is not None and s.lr != self._scheduled_lr:
+                self.scale_lrs()
+            return
+        self.scale_lrs()
+        if positions is None:  # a new stage: the streams continue where they are
+            positions = {name: loader.state_dict() for name, loader in self.streams.items()}
+            self.skipped_before += sum(getattr(loader, "skipped", 0) for loader in self.streams.values())
+        for loader in self.streams.values():  # replaced: released now (see DaliLoader.close)
+            if hasattr(loader, "close"):
+                loader.close()
+        self.data_shape, self.micro = (resolution, micro), micro
+        together = spec.method.read_together(spec)
+        self.streams = {
+            name: loader_from_spec(
+                spec,
+                stream=name,
+                labelled=labelled,
+                seed_offset=0 if together else i,
+                batch_size=micro,
+                resolution=resolution,
+                device=world.device,
+                rank=world.rank,
+                world_size=world.size,
+                state=positions.get(name),
+                dtype=self.dtype,
+            )
+            for i, (name, labelled) in enumerate(spec.method.streams(spec).items())
+        }
 
     def sample_diversity(self, failures) -> float | None:
         """The diversity (failures.diversity) of G's images of a fixed latent batch, for the gan
@@ -255,10 +300,14 @@ class Trainer:
     def scale_lrs(self) -> None:
         """Learning rates: the spec's, times the scale of every rollback so far."""
         scale = math.prod(r["lr_scale"] for r in self.rollbacks)
-        for engine in self.engines.values():
-            engine.scale_lr(scale)
-        engines = self.spec.method.engines(self.spec)
-        self.lrs = {f"lr_{e.lower()}": self.spec.opt_of(members[0]).lr * scale for e, members in engines.items()}
+        scheduled = self._scheduled_lr = dict(self.schedule.lr) if self.schedule is not None else {}
+        spec, self.lrs = self.spec, {}
+        needs = spec.method.networks(spec)
+        for name, members in spec.method.engines(spec).items():
+            base = spec.opt_of(members[0]).lr
+            lr = scheduled.get(needs[members[0]].role, base)
+            self.engines[name].scale_lr(scale * lr / base)
+            self.lrs[f"lr_{name.lower()}"] = lr * scale
 
     def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         world, classes = self.world, self.spec.data.num_classes
@@ -276,6 +325,7 @@ class Trainer:
         """One step; returns what became non-finite in it ('loss_g became nan'), usually nothing
         (one host synchronisation)."""
         start_images, losses = self.images_seen, {}
+        self.apply_schedule()
         for phase in self.method.phases:
             for _ in range(phase.repeat):
                 with frozen(*(self.nets[n] for n in phase.frozen)):
@@ -321,7 +371,7 @@ class Trainer:
         rank stops together; the rank that found a damaged shard names it."""
         d = self.spec.data
         damaged = [(name, shard) for name, loader in self.streams.items() for shard in _new_damage(loader)]
-        skipped = sum(getattr(loader, "skipped", 0) for loader in self.streams.values())
+        skipped = self.skipped_before + sum(getattr(loader, "skipped", 0) for loader in self.streams.values())
         totals = dist.all_mean({"damaged": len(damaged), "skipped": skipped}, self.world.device)
         damaged_total, skipped_total = (round(v * self.world.size) for v in totals.values())
         roots = {name: getattr(loader, "shards", None) for name, loader in self.streams.items()}
@@ -422,6 +472,8 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
     def save_checkpoint(at: int) -> Path:
         state = {"step": at, "images_seen": tr.images_seen, "world_size": world.size, "spec": tr.spec_dict}
         state["rollbacks"] = tr.rollbacks
+        if tr.schedule is not None:  # the last step's stage, phase and alpha (the next follow from images_seen)
+            state["schedule"] = tr.schedule.record()
         rank_state = tr.rank_state() | {"rng": {"latents": tr.latent_rng.get_state()}}
         return checkpoint.save(
             run_dir,
@@ -490,6 +542,8 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
             if now_due["log_every"]:
                 now = time.perf_counter()
                 record = {"step": step, "images_seen": tr.images_seen, **tr.log.means(), **tr.lrs}
+                if tr.schedule is not None:  # the schedule of the step just taken
+                    record |= tr.schedule.record()
                 record |= tr.data_health()
                 record["images_per_s"] = (tr.images_seen - tick_images) / (now - tick)
                 tick, tick_images = now, tr.images_seen
@@ -501,6 +555,7 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
                 if world.is_main:
                     write_line(record)
                 progress.update(step, record)
+                _return_freed_host_memory()
                 if found:
                     if failures.on_failure == "stop":
                         raise _stopped(["; ".join(f.message for f in found)], step, run_dir)
@@ -553,6 +608,25 @@ class _StopSignal:
 
 def _new_damage(loader) -> list[tuple[str, list[str]]]:
     return loader.new_damage() if hasattr(loader, "new_damage") else []  # a synthetic stream has no shards
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (AttributeError, OSError):
+        return None
+
+
+def _return_freed_host_memory() -> None:
+    """Give the memory glibc holds freed on its heap back to the system. Once a growing network's
+    activation sizes change (a new stage), the heap fragments: measured on this CPU at progan_demo's
+    32x32 stage, resident memory grew by about 8 MB a step (1.4 to 1.9 GB in 60 steps), and stayed at
+    0.74 GB with malloc_trim after each step. Called once per logged line; nothing where there is
+    no glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:

@@ -108,7 +108,9 @@ def gradient_penalty(
     eps = torch.rand(real.shape[0], generator=generator, device=device, dtype=real.dtype)
     eps = eps.to(real.device).view(-1, *([1] * (real.dim() - 1)))
     x_hat = torch.lerp(fake.detach(), real.detach(), eps).requires_grad_(True)
-    logits = discriminator(x_hat, y)
+    # D gets a view, not the leaf itself: flop_counter's module hooks (profile's FLOP count)
+    # cannot follow autograd.grad to a leaf that is a module's input
+    logits = discriminator(x_hat.view_as(x_hat), y)
     (grad,) = torch.autograd.grad(logits.sum(), x_hat, create_graph=True)
     if grad.dtype in (torch.float16, torch.bfloat16):
         grad = grad.float()
