@@ -432,17 +432,7 @@ class _Checker:
                     key,
                 )
             shapes.append(shape[int(index)] if index else shape)
-        if not refs:
-            return None
-        if mode == "one":
-            return shapes[0]
-        if mode == "many":
-            return shapes
-        if any(len(s) != 1 for s in shapes):
-            raise BlockError(
-                f"conditioning inputs must be feature vectors, got {', '.join(map(_shape_str, shapes))}", key
-            )
-        return (sum(s[0] for s in shapes),)
+        return combined(shapes, mode, key)
 
     def run_node(self, name: str, node: Node, ctx, plan: NetworkPlan, values: dict) -> bool:
         fields = [(mode, node.refs()[key]) for _, key, mode in node.ref_fields()]
@@ -641,8 +631,9 @@ class _Checker:
             if name == feeder and "out_channels" in type(node).model_fields:
                 node = node.model_copy(update={"out_channels": cut[0]})
             fields = [(key, mode, node.refs()[key]) for _, key, mode in node.ref_fields()]
-            in_shapes = {key: self._shape_of(local, refs, mode) for key, mode, refs in fields}
+            in_shapes = {}
             try:
+                in_shapes = {key: self._shape_of(local, refs, mode, key) for key, mode, refs in fields}
                 module = node.build(in_shapes, ctx.for_node(node))
                 module.eval()
                 with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -681,15 +672,21 @@ class _Checker:
         side = local[growth.output].shape[-1] if growth.side == "output" else local[growth.image].shape[-1]
         return rows, instances, int(side)
 
-    def _shape_of(self, local: dict, refs: list[str], mode: str):
-        shapes = [tuple(lookup(local, r).shape[1:]) for r in refs]
-        if not refs:
-            return None
-        if mode == "one":
-            return shapes[0]
-        if mode == "many":
-            return shapes
-        return (sum(s[0] for s in shapes),)
+    def _shape_of(self, local: dict, refs: list[str], mode: str, key: str):
+        return combined([tuple(lookup(local, r).shape[1:]) for r in refs], mode, key)
+
+
+def combined(shapes: list, mode: str, key: str):
+    """The input shape a node's reference field passes on: one, a list, or joined features."""
+    if not shapes:
+        return None
+    if mode == "one":
+        return shapes[0]
+    if mode == "many":
+        return shapes
+    if any(len(s) != 1 for s in shapes):
+        raise BlockError(f"conditioning inputs must be feature vectors, got {', '.join(map(_shape_str, shapes))}", key)
+    return (sum(s[0] for s in shapes),)
 
 
 class _NoDynamoImport(types.ModuleType):
