@@ -228,3 +228,14 @@ def test_compiled_growth_compiles_per_phase_and_never_inside_one(demo_shards, tm
     assert all(new[i] == 0 for i in range(14) if i not in firsts), new
     assert graphs[-1] <= RECOMPILES_PER_PHASE * len(firsts)
     torch._dynamo.reset()
+
+
+def test_a_scheduled_batch_that_does_not_split_is_refused_before_training():
+    from pipeline.train.preflight import preflight
+
+    spec = load_spec("progan_demo", ["method.resolutions={16: {batch_size: 15}}"]).spec
+    issues = [i for i in preflight(spec, world_size=2) if i.path.startswith("method.")]
+    assert [(i.path, i.message) for i in issues] == [
+        ("method.resolutions.16.batch_size", "the batch of 15 does not split into 1 accumulation step(s) x 2 rank(s)")
+    ]
+    assert not [i for i in preflight(spec, world_size=1) if i.path.startswith("method.")]

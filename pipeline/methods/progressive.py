@@ -67,6 +67,9 @@ class ProgressiveMethod(GanMethod):
         n = node.repeat if node is not None else 0
         return [spec.data.resolution >> (n - k) for k in range(n + 1)]
 
+    def batch_sizes(self, spec) -> dict[str, int]:
+        return {f"method.resolutions.{r}.batch_size": o.batch_size for r, o in self.resolutions.items() if o.batch_size}
+
     def check(self, spec, plans, where) -> list[Issue]:
         issues = super().check(spec, plans, where)
         growth = {name: plans[name].growth for name in (self.generator, self.discriminator) if name in plans}

@@ -192,6 +192,10 @@ class Method(BaseModel):
         """Networks written to export/NAME.safetensors at the end of a run (their EMA where declared)."""
         ...
 
+    def batch_sizes(self, spec) -> dict[str, int]:
+        """Global batches other than train.batch_size the method's schedule uses, by spec path."""
+        return {}
+
     def check(self, spec, plans: dict[str, NetworkPlan], where: Callable) -> list[Issue]:
         """Cross-network checks after every graph is analyzed (shapes that must fit each other)."""
         return []

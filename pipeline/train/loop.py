@@ -237,15 +237,8 @@ class Trainer:
             for net in [*self.nets.values(), *(ema.module for ema in self.emas.values())]:
                 if getattr(net, "growth", None) is not None:
                     net.set_stage(s.stage, s.fading, s.alpha)
-            if s.batch_size is not None:
-                micro, rest = divmod(s.batch_size, self.accum * world.size)
-                if rest or not micro:
-                    raise user_error(
-                        f"the batch of {s.batch_size} at resolution {resolution} does not split into "
-                        f"{self.accum} accumulation step(s) x {world.size} rank(s)",
-                        path=f"method.resolutions.{resolution}.batch_size",
-                        hint="give a multiple of the accumulation steps times the ranks",
-                    )
+            if s.batch_size is not None:  # preflight checked that it splits
+                micro = s.batch_size // (self.accum * world.size)
         if positions is None and (resolution, micro) == self.data_shape:
             if s is not None and s.lr != self._scheduled_lr:
                 self.scale_lrs()
@@ -298,7 +291,8 @@ class Trainer:
         return value
 
     def scale_lrs(self) -> None:
-        """Learning rates: the spec's, times the scale of every rollback so far."""
+        """Learning rates: the spec's (or the schedule's at this stage), times the scale of every
+        rollback so far."""
         scale = math.prod(r["lr_scale"] for r in self.rollbacks)
         scheduled = self._scheduled_lr = dict(self.schedule.lr) if self.schedule is not None else {}
         spec, self.lrs = self.spec, {}

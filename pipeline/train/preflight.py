@@ -43,6 +43,7 @@ def preflight(spec, world_size: int = 1) -> list[Issue]:
         except SpecError as exc:
             issues.extend(exc.issues)
     issues += _batch_fits_the_data(spec, world_size, found)
+    issues += _scheduled_batches_split(spec, world_size)
     if spec.compile.enabled and cxx_compiler() is None:
         issues.append(
             Issue(
@@ -72,6 +73,24 @@ def _batch_fits_the_data(spec, world_size: int, found: dict) -> list[Issue]:
                 )
             )
     return issues
+
+
+def _scheduled_batches_split(spec, world_size: int) -> list[Issue]:
+    """The global batches a method's schedule switches to (ProGAN's per-resolution batches) split
+    into the accumulation steps times the ranks, as train.batch_size must."""
+    try:
+        _, accum = batch_plan(spec.train, world_size)
+    except SpecError:
+        return []  # reported by batch_plan's own check
+    return [
+        Issue(
+            f"the batch of {batch} does not split into {accum} accumulation step(s) x {world_size} rank(s)",
+            path=path,
+            hint="give a multiple of the accumulation steps times the ranks",
+        )
+        for path, batch in spec.method.batch_sizes(spec).items()
+        if batch % (accum * world_size)
+    ]
 
 
 def check_before_building(spec, world_size: int) -> None:
