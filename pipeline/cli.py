@@ -145,14 +145,23 @@ def ensure_demo_shards(loaded) -> None:
     """Write the embedded demo data on first use: the digits, or the two-domain digits."""
     from pipeline.data.demo import build_demo_shards, demo_shards_ready
     from pipeline.data.domains import build_domain_shards, domain_shards_ready
+    from pipeline.train.preflight import world_size_from_environment
 
     read = {s.shards for s in loaded.spec.data.all_streams().values() if not s.synthetic}
+    missing = []
     if DEMO_SHARDS in read and not demo_shards_ready():
-        print(f"writing the demo shards to {DEMO_SHARDS}", file=sys.stderr)
-        build_demo_shards(DEMO_SHARDS)
+        missing.append((DEMO_SHARDS, build_demo_shards, "demo"))
     if read & {f"{DEMO_DOMAIN_SHARDS}/a", f"{DEMO_DOMAIN_SHARDS}/b"} and not domain_shards_ready():
-        print(f"writing the two-domain demo shards to {DEMO_DOMAIN_SHARDS}", file=sys.stderr)
-        build_domain_shards(DEMO_DOMAIN_SHARDS)
+        missing.append((DEMO_DOMAIN_SHARDS, build_domain_shards, "two-domain demo"))
+    for where, build, what in missing:
+        if world_size_from_environment() > 1:  # every rank of an outside launcher would write them at once
+            raise user_error(
+                f"the {what} shards {where} are not written yet, and the ranks of a launched run do not write them",
+                path="data.shards",
+                hint="write them once first: `python -m pipeline demo-data` (or `just demo-data`)",
+            )
+        print(f"writing the {what} shards to {where}", file=sys.stderr)
+        build(where)
 
 
 def cmd_train(ns) -> int:
@@ -169,10 +178,38 @@ def cmd_train(ns) -> int:
     from pipeline.eval.during_training import evaluator_for
     from pipeline.train.loop import train
 
-    summary = train(loaded, device=device, evaluate=evaluator_for(loaded.spec))
+    try:
+        summary = train(loaded, device=device, evaluate=evaluator_for(loaded.spec))
+    except RuntimeError as exc:
+        from pipeline.distributed.engines import lost_peer
+
+        if not lost_peer(exc):
+            raise
+        print(lost_peer_message(loaded.spec, exc), file=sys.stderr)
+        return 1
     if world_size_from_environment() == 1 or os.environ.get("RANK", "0") == "0":
         print(train_report(summary), file=sys.stderr)
     return 0
+
+
+def lost_peer_message(spec, exc: RuntimeError) -> str:
+    """What a rank says when a collective failed because another rank is gone or hung: which
+    checkpoint the run can resume from, and how."""
+    from pipeline.train import checkpoint
+    from pipeline.train.preflight import rank_from_environment
+
+    last = checkpoint.latest(spec.run_dir)
+    where = (
+        f"the last complete checkpoint is {last}; run the same command again (on every node) to resume from it"
+        if last is not None
+        else "no checkpoint was written yet; run the same command again (on every node) to start over"
+    )
+    said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"rank {rank_from_environment()}: error: another rank of this run stopped or stopped answering (killed, "
+        f"crashed, its node lost, or silent for more than run.collective_timeout_s={spec.run.collective_timeout_s:g} "
+        f"s), so the run stops here; {where}\n  (the collective said: {said[:300]})"
+    )
 
 
 def train_report(summary) -> str:
@@ -528,6 +565,9 @@ def cmd_demo_data(ns) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    # DeepSpeed's launcher passes --local_rank=N before the command; the rank is read from the
+    # environment it also sets (LOCAL_RANK), so the flag is accepted and not used
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("validate", help="check a spec; report shapes, parameters and FLOPs (no weights allocated)")
     p.add_argument("args", nargs="*", metavar="SPEC|key=value", help="spec=NAME or a path, then overrides")

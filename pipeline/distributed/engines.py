@@ -7,6 +7,7 @@ directory; one backward per micro-batch per engine; bf16 (as autocast) rather th
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import socket
@@ -35,9 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup(device: str | None = None) -> World:
+def setup(device: str | None = None, timeout_s: float = 1800) -> World:
     """Join (or, for a single process, create) the process group DeepSpeed's launcher describes
-    in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT."""
+    in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A collective that waits longer
+    than `timeout_s` for another rank raises (see `lost_peer`)."""
     gpu = torch.cuda.is_available() and device != "cpu"
     if not gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -53,14 +55,15 @@ def setup(device: str | None = None) -> World:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     backend = "nccl" if gpu else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not torch.distributed.is_initialized() and "RANK" not in os.environ:
         # A single process: a group of one on a free port, without RANK / MASTER_PORT in the
         # environment, which child processes would inherit.
         torch.distributed.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timeout
         )
         os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it is set
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)  # wraps an existing group
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)  # wraps an existing group
     local = int(os.environ.get("LOCAL_RANK", 0))
     if gpu:
         torch.cuda.set_device(local)
@@ -219,6 +222,28 @@ def _safe_checkpoint_engine():
             return read_torch(path, map_location=map_location, allowed=stored)
 
     return _SafeCheckpointEngine
+
+
+# what the collectives of gloo and NCCL say when another rank died or stopped answering
+_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out", "timed out", "NCCL")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another rank of a multi-rank run is gone or
+    hung (killed, crashed, its node lost, or past run.collective_timeout_s)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return False
+    return isinstance(exc, torch.distributed.DistError) or (
+        isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _LOST)
+    )
+
+
+def shut_down() -> None:
+    """Leave the process group, if this process joined one: a process that exits with its gloo
+    group alive was seen to abort in the group's destructor ("terminate called without an active
+    exception", exit status 250) after its work was done."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def barrier() -> None:

@@ -59,7 +59,7 @@ def profile_loader_only(loaded, *, steps: int, warmup: int, device: str | None =
     from pipeline.train.preflight import batch_plan
 
     spec, t = loaded.spec, loaded.spec.train
-    world = dist.setup(device)
+    world = dist.setup(device, spec.run.collective_timeout_s)
     micro, accum = batch_plan(t, world.size)
     dtype = DTYPES[t.precision]
     stream, labelled = next(iter(spec.method.streams(spec).items()))  # the first stream the method reads

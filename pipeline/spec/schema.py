@@ -377,6 +377,14 @@ class EvalSpec(Section):
 
 class RunSpec(Section):
     dir: str | None = Field(None, description="Run directory; default runs/NAME. Re-running resumes from it.")
+    collective_timeout_s: float = Field(
+        1800,
+        gt=0,
+        le=86400,
+        description="Seconds a rank waits in a collective (gradient all-reduce, barrier) for the others before "
+        "the run stops with an error: a hung rank or node then ends the run instead of holding it forever. Above "
+        "the longest first-step compilation.",
+    )
 
 
 class CompileSpec(Section):

@@ -154,7 +154,7 @@ class Trainer:
     def __init__(self, loaded, *, device: str | None = None, resume: bool = True):
         spec, t = loaded.spec, loaded.spec.train
         self.spec, self.t = spec, t
-        self.world = world = dist.setup(device)
+        self.world = world = dist.setup(device, spec.run.collective_timeout_s)
         self.micro, self.accum = batch_plan(t, world.size)
         self.spec_micro = self.micro
         self.run_dir = spec.run_dir
