@@ -62,3 +62,19 @@ def test_valid_fixture_base_resolves_inside_specs(cli, write_spec):
     # a spec outside specs/ may extend a shipped one
     path = write_spec("base: tiny_biggan\ndescription: derived\n")
     assert cli("validate", path).code == 0
+
+
+def test_zero_stage_3_is_refused_with_figures_that_match_the_largest_spec(cli):
+    import json
+
+    from pipeline.spec.schema import ZERO_3_REFUSED
+
+    result = cli("validate", "spec=demo", "train.zero_stage=3")
+    assert result.code == 2 and "Traceback" not in result.err
+    assert "train.zero_stage: ZeRO stage 3 is not supported" in result.err and "train.zero_stage=2" in result.err
+    report = cli("validate", "spec=biggan_deep_512", "--json")
+    assert report.code == 0, report.err
+    networks = json.loads(report.out)
+    params = networks["generator"]["params"] + networks["discriminator"]["params"]
+    assert f"{params / 1e6:.1f}M parameters" in ZERO_3_REFUSED
+    assert f"{params * 4 / 1e6:.0f} MB" in ZERO_3_REFUSED

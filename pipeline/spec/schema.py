@@ -289,6 +289,15 @@ class FailureSpec(Section):
     rollback: RollbackSpec = Field(default_factory=RollbackSpec)
 
 
+ZERO_3_REFUSED = (
+    "ZeRO stage 3 is not supported: it partitions the parameters themselves, and the EMA update, the exported "
+    "and checkpointed weights, sampling and evaluation read every network whole on every rank (under stage 3 "
+    "the first EMA update fails on a partitioned weight). What stage 3 would save is one copy of the fp32 weights "
+    "per rank: 377 MB for the largest shipped spec (biggan_deep_512, G and D 94.3M parameters); stage 2 already "
+    "partitions the optimizer states (twice that) and the gradients. Use train.zero_stage=2"
+)
+
+
 class TrainSpec(Section):
     @model_validator(mode="before")
     @classmethod
@@ -321,8 +330,19 @@ class TrainSpec(Section):
             "optimizer states in fp32) and bf16 images from the loader."
         ),
     )
-    zero_stage: Literal[0, 1, 2] = Field(0, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal[0, 1, 2] = Field(
+        0,
+        description="DeepSpeed ZeRO stage: 1 partitions optimizer states over the ranks, 2 also gradients; 3 "
+        "(parameters too) is refused, see README.",
+    )
     max_steps: PositiveInt = Field(100_000, description="Steps of the run (each: every phase of the method once).")
+
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _no_zero_3(cls, v):
+        if v == 3 and not isinstance(v, bool):
+            raise ValueError(ZERO_3_REFUSED)
+        return v
     log_every: Interval = Field(10, description="Steps (or images: 64kimg) between lines of metrics.jsonl.")
     sample_every: Interval = Field(500, description="Steps (or images: 640kimg) between sample grids.")
     checkpoint_every: Interval = Field(
