@@ -137,6 +137,55 @@ def test_restored_position_gives_identical_batches(shard_dir):
         assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
+@pytest.mark.parametrize(("parts", "ranks"), [(2, 1), (1, 2), (2, 4)])
+def test_parts_shared_over_another_number_of_ranks_continue_every_part_exactly(shard_dir, parts, ranks):
+    """A run read in PARTS parts (its first number of ranks), resumed on RANKS ranks from a checkpoint
+    of its readers: together the ranks read exactly what the parts would have read (augmented alike),
+    past the end of the epoch: no sample repeated or skipped."""
+    from pipeline.data.parts import PartsLoader
+
+    shards, global_batch = find_shards(shard_dir), 8
+
+    def make(part, batch, state):
+        return DaliLoader(
+            shards,
+            batch,
+            16,
+            NUM_CLASSES,
+            flip=True,
+            seed=5,
+            shuffle_buffer=8,
+            rank=part,
+            world_size=parts,
+            state=state,
+        )
+
+    before = [make(p, global_batch // parts, None) for p in range(parts)]
+    for loader in before:
+        for _ in range(2):
+            next(loader)
+    positions = {p: loader.state_dict() for p, loader in enumerate(before)}
+    expected = [[next(loader) for _ in range(4)] for loader in before]  # 32 samples, past the epoch of 30
+    readers = [PartsLoader(make, parts, r, ranks, global_batch // ranks, positions) for r in range(ranks)]
+    for step in range(4):
+        x, y = (torch.cat(t) for t in zip(*(next(reader) for reader in readers), strict=True))
+        x_expected, y_expected = (torch.cat(t) for t in zip(*(e[step] for e in expected), strict=True))
+        assert torch.equal(x, x_expected) and torch.equal(y, y_expected), step
+    assert all(reader.state_dict().keys() <= set(range(parts)) for reader in readers)
+
+
+def test_parts_that_ranks_cannot_share_are_refused_naming_both_numbers():
+    from pipeline.data.parts import share
+
+    with pytest.raises(SpecError, match="read in 2 parts .* which 3 ranks cannot share") as caught:
+        share(2, 0, 3, 8)
+    assert "divides 2 or is a multiple of it" in caught.value.issues[0].format()
+    with pytest.raises(SpecError, match="micro-batch of 3 per rank does not split into 2"):
+        share(4, 0, 2, 3)
+    assert share(4, 1, 2, 8) == ([2, 3], 4, None)
+    assert share(2, 3, 4, 8) == ([1], 16, slice(8, 16))
+
+
 # ----- errors a user will make -----
 def write_tar(path, samples):
     with tarfile.open(path, "w") as tar:

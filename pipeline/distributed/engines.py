@@ -151,7 +151,9 @@ class Engine:
     def save(self, directory: Path) -> None:
         self._engine.save_checkpoint(str(directory), tag=TAG)
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, written_by: int) -> None:
+        """Restore the engine from `directory`, written by `written_by` ranks (any number: ZeRO 0
+        keeps the optimizer state whole)."""
         loaded, _ = self._engine.load_checkpoint(
             str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )

@@ -343,6 +343,7 @@ class TrainSpec(Section):
         if v == 3 and not isinstance(v, bool):
             raise ValueError(ZERO_3_REFUSED)
         return v
+
     log_every: Interval = Field(10, description="Steps (or images: 64kimg) between lines of metrics.jsonl.")
     sample_every: Interval = Field(500, description="Steps (or images: 640kimg) between sample grids.")
     checkpoint_every: Interval = Field(

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pipeline.data.parts import merge_positions
 from pipeline.distributed.engines import barrier, saved_weights
 from pipeline.errors import user_error
 from pipeline.safe_files import DAMAGED, read_json, read_tensors, read_torch, sha256
@@ -224,19 +225,30 @@ def load(path: Path, *, engines: dict, emas: dict, world, spec_dict: dict) -> tu
             f"the checkpoint {path} was written by a different spec:\n      " + "\n      ".join(differences),
             hint="use the spec the run was started with, or start a new run with run.dir=PATH",
         )
-    if state["world_size"] != world.size:
-        raise user_error(
-            f"the checkpoint {path} was written by {state['world_size']} rank(s), this run has {world.size}",
-            hint="resume with the same number of processes",
-        )
+    written_by = state["world_size"]
     for name, engine in engines.items():
-        engine.load(path / name)
+        engine.load(path / name, written_by=written_by)
     for name, ema in emas.items():
         ema.load_state_dict(read_tensors(ema_file(path, name)))
-    local = read_torch(path / f"rank-{world.rank:05d}.pt")
+    # RNG states and the method's own (CSGAN's image history, replay): this rank's, or on another
+    # number of ranks those of rank (rank mod the old number); the streams' positions: every part's
+    ranks = [world.rank] if written_by == world.size else range(written_by)
+    files = {rank: _rank_file(path, rank) for rank in ranks}
+    local = files[world.rank % written_by]
+    local["streams"] = merge_positions(files)
+    return state, local
+
+
+def _rank_file(path: Path, rank: int) -> dict:
+    local = read_torch(path / f"rank-{rank:05d}.pt")
     if "loader" in local:  # written before streams had names: the one stream of a GAN
         local["streams"] = {"images": local.pop("loader")}
-    return state, local
+    return local
+
+
+def data_parts(state: dict) -> int:
+    """The number of parts a run reads its data in (data/parts.py): its first number of ranks."""
+    return state.get("data_parts", state["world_size"])  # written before parts: never resumed elsewhere
 
 
 def ema_file(path: Path, network: str) -> Path:

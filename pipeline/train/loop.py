@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from pipeline.data.dali import loader_from_spec
+from pipeline.data.parts import PartsLoader, share
 from pipeline.distributed import engines as dist
 from pipeline.errors import Issue, SpecError, user_error
 from pipeline.graph import build_network, compile_network
@@ -201,7 +202,20 @@ class Trainer:
         the data streams reopened at their positions."""
         spec, world = self.spec, self.world
         self.step, self.images_seen, self.rollbacks, local = 0, 0, [], {}
+        self.parts = world.size  # the data's parts (data/parts.py): one per rank of the run's first start
         if path is not None:
+            written = checkpoint.read_state(path)
+            self.parts = checkpoint.data_parts(written)
+            if written["world_size"] != world.size and self.t.zero_stage > 0:
+                raise user_error(
+                    f"the checkpoint {path} was written by {written['world_size']} rank(s) with ZeRO stage "
+                    f"{self.t.zero_stage}, whose optimizer states are partitioned over those ranks; this run has "
+                    f"{world.size}, and DeepSpeed 0.19 does not re-partition them",
+                    path="train.zero_stage",
+                    hint=f"resume on {written['world_size']} rank(s); runs with train.zero_stage=0 resume on any "
+                    "number of ranks that divides or is a multiple of their first one",
+                )
+            share(self.parts, world.rank, world.size, self.spec_micro)  # refused before anything is loaded
             state, local = checkpoint.load(
                 path, engines=self.engines, emas=self.emas, world=world, spec_dict=self.spec_dict
             )
@@ -252,19 +266,33 @@ class Trainer:
                 loader.close()
         self.data_shape, self.micro = (resolution, micro), micro
         together = spec.method.read_together(spec)
+
+        def part_reader(name: str, labelled: bool, seed_offset: int):
+            def make(part: int, batch: int, state):
+                return loader_from_spec(
+                    spec,
+                    stream=name,
+                    labelled=labelled,
+                    seed_offset=seed_offset,
+                    batch_size=batch,
+                    resolution=resolution,
+                    device=world.device,
+                    rank=part,
+                    world_size=self.parts,
+                    state=state,
+                    dtype=self.dtype,
+                )
+
+            return make
+
         self.streams = {
-            name: loader_from_spec(
-                spec,
-                stream=name,
-                labelled=labelled,
-                seed_offset=0 if together else i,
-                batch_size=micro,
-                resolution=resolution,
-                device=world.device,
-                rank=world.rank,
-                world_size=world.size,
-                state=positions.get(name),
-                dtype=self.dtype,
+            name: PartsLoader(
+                part_reader(name, labelled, 0 if together else i),
+                self.parts,
+                world.rank,
+                world.size,
+                micro,
+                positions.get(name),
             )
             for i, (name, labelled) in enumerate(spec.method.streams(spec).items())
         }
@@ -464,7 +492,8 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
         write_line({"step": at, "images_seen": tr.images_seen, **result})
 
     def save_checkpoint(at: int) -> Path:
-        state = {"step": at, "images_seen": tr.images_seen, "world_size": world.size, "spec": tr.spec_dict}
+        state = {"step": at, "images_seen": tr.images_seen, "world_size": world.size, "data_parts": tr.parts}
+        state["spec"] = tr.spec_dict
         state["rollbacks"] = tr.rollbacks
         if tr.schedule is not None:  # the last step's stage, phase and alpha (the next follow from images_seen)
             state["schedule"] = tr.schedule.record()
