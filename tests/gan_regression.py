@@ -62,7 +62,17 @@ def run_case(name: str, shards: Path, run_dir: Path) -> dict:
 
 
 def machine() -> dict:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    """What the recorded digests hold on: torch, its CPU kernels and the CPU model (the same AVX512
+    capability gave other digests on an AMD EPYC than where the fixture was first recorded)."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "unknown")
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": model}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
 
 
 if __name__ == "__main__":

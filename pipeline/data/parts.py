@@ -76,7 +76,10 @@ class PartsLoader:
         return sum(getattr(loader, "skipped", 0) for loader in self.loaders.values())
 
     def new_damage(self) -> list[tuple[str, list[str]]]:
-        return [found for loader in self.loaders.values() for found in loader.new_damage()]
+        # a synthetic stream has no shards to be damaged
+        return [
+            found for loader in self.loaders.values() if hasattr(loader, "new_damage") for found in loader.new_damage()
+        ]
 
     def close(self) -> None:
         for loader in self.loaders.values():
