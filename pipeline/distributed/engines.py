@@ -151,9 +151,9 @@ class Engine:
     def save(self, directory: Path) -> None:
         self._engine.save_checkpoint(str(directory), tag=TAG)
 
-    def load(self, directory: Path, written_by: int) -> None:
-        """Restore the engine from `directory`, written by `written_by` ranks (any number: ZeRO 0
-        keeps the optimizer state whole)."""
+    def load(self, directory: Path) -> None:
+        """Restore the engine from `directory` (written by any number of ranks under ZeRO 0, which
+        keeps the optimizer state whole; by this run's number under ZeRO 1/2, see Trainer.restore)."""
         loaded, _ = self._engine.load_checkpoint(
             str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
