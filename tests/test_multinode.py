@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -101,6 +103,32 @@ def training_process(launcher: subprocess.Popen) -> psutil.Process:
     raise AssertionError("the launcher has no training process")
 
 
+def test_every_process_group_waits_the_runs_timeout(root, clean_env):
+    """DeepSpeed reduces gradients in a group of its own (a clone of the world group): it gives up
+    on a hung rank after run.collective_timeout_s, like the world group, not after torch's default
+    half hour (seen: a stopped node held the other in a gradient all-reduce)."""
+    code = textwrap.dedent(
+        """
+        import json, types, torch
+        from torch.distributed import distributed_c10d
+        from pipeline.distributed import engines
+        from pipeline.spec.schema import OptimizerSpec
+        engines.setup("cpu", timeout_s=7)
+        train = types.SimpleNamespace(zero_stage=0, precision="fp32")
+        engine = engines.Engine("d", {"d": torch.nn.Linear(2, 2)}, {"d": OptimizerSpec(lr=1e-3)},
+                                engines.engine_config(train, 1, 1, 1))
+        groups = [engine._engine.data_parallel_group, *distributed_c10d._world.pg_map]
+        print(json.dumps([g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups]))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=clean_env, capture_output=True, text=True, timeout=PATIENCE_S
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    timeouts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(timeouts) >= 3 and set(timeouts) == {7.0}, timeouts
+
+
 @pytest.mark.slow
 def test_two_nodes_equal_one_node_with_two_ranks(demo_shards, tmp_path, root, clean_env, metrics):
     args = [*COMMON, f"data.shards={demo_shards}", "train.max_steps=4"]
@@ -156,7 +184,12 @@ def test_a_lost_node_stops_the_run_and_the_same_lines_resume_it(demo_shards, tmp
     victim.send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
     stopped = time.monotonic()
     survivor = nodes[1 if how == "killed" else 0]
-    survivor[0].wait(timeout=120)  # no hang: seconds after a kill, the timeout after a stop
+    try:
+        survivor[0].wait(timeout=120)  # no hang: seconds after a kill, the timeout after a stop
+    except subprocess.TimeoutExpired:
+        for p, _ in nodes:
+            _kill_tree(p)
+        pytest.fail(f"the surviving node had not exited 120 s after the {how} node:\n{survivor[1].read_text()[-3000:]}")
     waited = time.monotonic() - stopped
     if how == "hung":
         victim.kill()

@@ -56,6 +56,15 @@ def setup(device: str | None = None, timeout_s: float = 1800) -> World:
 
     backend = "nccl" if gpu else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
+    # Groups created later take torch's default timeout (30 min), not the world group's:
+    # DeepSpeed reduces gradients in its own clone of the world group (utils/groups.py,
+    # _clone_world_group), so a hung rank held the others there for half an hour. The run's
+    # timeout becomes the default for every group this process creates.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if distributed_c10d.default_pg_nccl_timeout is not None:
+        distributed_c10d.default_pg_nccl_timeout = timeout
     if not torch.distributed.is_initialized() and "RANK" not in os.environ:
         # A single process: a group of one on a free port, without RANK / MASTER_PORT in the
         # environment, which child processes would inherit.
