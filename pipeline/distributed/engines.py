@@ -160,16 +160,64 @@ class Engine:
     def save(self, directory: Path) -> None:
         self._engine.save_checkpoint(str(directory), tag=TAG)
 
-    def load(self, directory: Path) -> None:
-        """Restore the engine from `directory` (written by any number of ranks under ZeRO 0, which
-        keeps the optimizer state whole; by this run's number under ZeRO 1/2, see Trainer.restore)."""
+    def load(self, directory: Path, written_by: int) -> None:
+        """Restore the engine from `directory`, saved by `written_by` ranks. ZeRO 0 keeps the
+        optimizer state whole. ZeRO 1/2 partition it over the ranks, and on another number of
+        ranks DeepSpeed 0.19 refuses to load it ("Automatic adjustment of ZeRO's optimizer state
+        partitioning with a new world size is not currently supported"): then DeepSpeed loads the
+        weights (and its fp32 partitions from them: the networks are fp32, so exactly) and Adam's
+        state is partitioned anew here (`_repartitioned`)."""
+        moved = self.zero_stage > 0 and written_by != torch.distributed.get_world_size()
         loaded, _ = self._engine.load_checkpoint(
-            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(directory), tag=TAG, load_optimizer_states=not moved, load_lr_scheduler_states=False
         )
         if loaded is None:
             from pipeline.errors import user_error
 
             raise user_error(f"cannot load {directory}", hint="the checkpoint is incomplete; use an earlier one")
+        if moved:
+            self._engine.optimizer.optimizer.load_state_dict(self._repartitioned(directory, written_by))
+
+    def _repartitioned(self, directory: Path, written_by: int) -> dict:
+        """This rank's share of the optimizer state that `written_by` ranks saved under ZeRO 1/2, as
+        the state dict of the optimizer ZeRO wraps (one flat parameter per param group). ZeRO
+        flattens a group's parameters in order, pads the end to a multiple of the ranks and gives
+        each rank an equal slice (deepspeed/runtime/zero/stage_1_and_2.py); so the saved slices,
+        each cut to its length without padding (GROUP_PADDINGS, per rank) and joined in rank
+        order, are the group's whole state, which is sliced again for this rank."""
+        from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, GROUP_PADDINGS, OPTIMIZER_STATE_DICT
+
+        zero = self._engine.optimizer
+        saved = []
+        for rank in range(written_by):
+            file = self._engine._get_rank_zero_ckpt_name(str(directory), TAG, 0, rank, False)
+            if not Path(file).is_file():
+                from pipeline.errors import user_error
+
+                raise user_error(f"{file} is missing", hint="the checkpoint is incomplete; use an earlier one")
+            saved.append(self._engine.checkpoint_engine.load(file, map_location="cpu")[OPTIMIZER_STATE_DICT])
+        rank, ranks = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        state = {}
+        for group, mine in enumerate(zero.single_partition_of_fp32_groups):
+            size, state[group] = mine.numel(), {}
+            # a group without state (SGD without momentum keeps none) has nothing to share out
+            for key, first in saved[0][BASE_OPTIMIZER_STATE]["state"].get(group, {}).items():
+                if not (torch.is_tensor(first) and first.dim() > 0):  # Adam's step: the same on every rank
+                    state[group][key] = first
+                    continue
+                slices = []
+                for part in saved:
+                    value = part[BASE_OPTIMIZER_STATE]["state"][group][key]
+                    slices.append(value[: value.numel() - part[GROUP_PADDINGS][group]])
+                whole = torch.cat(slices)
+                if whole.numel() > ranks * size:
+                    raise RuntimeError(
+                        f"{directory}: param group {group} of {self.name} holds {whole.numel()} values of {key}, "
+                        f"which {ranks} partitions of {size} do not fit"
+                    )
+                share = whole[rank * size : (rank + 1) * size]
+                state[group][key] = torch.cat([share, share.new_zeros(size - share.numel())])
+        return {"state": state, "param_groups": saved[0][BASE_OPTIMIZER_STATE]["param_groups"]}
 
 
 TAG = "ckpt"  # the tag of every engine checkpoint, in the engine's own directory

@@ -227,7 +227,7 @@ def load(path: Path, *, engines: dict, emas: dict, world, spec_dict: dict) -> tu
         )
     written_by = state["world_size"]
     for name, engine in engines.items():
-        engine.load(path / name)
+        engine.load(path / name, written_by)
     for name, ema in emas.items():
         ema.load_state_dict(read_tensors(ema_file(path, name)))
     # RNG states and the method's own (CSGAN's image history, replay): this rank's, or on another

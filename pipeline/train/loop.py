@@ -206,15 +206,6 @@ class Trainer:
         if path is not None:
             written = checkpoint.read_state(path)
             self.parts = checkpoint.data_parts(written)
-            if written["world_size"] != world.size and self.t.zero_stage > 0:
-                raise user_error(
-                    f"the checkpoint {path} was written by {written['world_size']} rank(s) with ZeRO stage "
-                    f"{self.t.zero_stage}, whose optimizer states are partitioned over those ranks; this run has "
-                    f"{world.size}, and DeepSpeed 0.19 does not re-partition them",
-                    path="train.zero_stage",
-                    hint=f"resume on {written['world_size']} rank(s); runs with train.zero_stage=0 resume on any "
-                    "number of ranks that divides or is a multiple of their first one",
-                )
             share(self.parts, world.rank, world.size, self.spec_micro)  # refused before anything is loaded
             state, local = checkpoint.load(
                 path, engines=self.engines, emas=self.emas, world=world, spec_dict=self.spec_dict
