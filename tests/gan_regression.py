@@ -1,7 +1,11 @@
 """Five steps of tiny_biggan on the demo shards, recorded before the method layer existed
 (`python tests/gan_regression.py SHARDS OUT.json`), so that `method: gan` can be checked against
 what main trained then: the logged losses of a step without accumulation, and a digest of every
-weight of G, D and the EMA after five steps with two D steps and two micro-batches each."""
+weight of G, D and the EMA after five steps with two D steps and two micro-batches each.
+
+Re-recorded on 2026-12-06 when attention moved to the fused kernels and feature maps to channels-last:
+different kernels, so different bits; the logged losses of the two recordings agree within a relative
+1e-5 (plain) and 6.3e-5 (accumulated, with R1) over the five steps."""
 
 from __future__ import annotations
 

@@ -151,6 +151,47 @@ def test_attention_starts_as_identity_then_mixes():
     assert diff[:, 7, 7].min() > 0
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_attention_is_sagans_formula_through_the_fused_kernel(channels_last):
+    """softmax(theta(x)ᵀ phi(x)) g(x), unscaled, over 2x2-pooled keys and values: the padded
+    scaled_dot_product_attention path gives the explicit map's outputs and gradients."""
+    torch.manual_seed(0)
+    module = build({"kind": "attention", "in": "x"}, {"in": (32, 8, 8)})
+    with torch.no_grad():
+        module.gamma.fill_(0.7)
+    x = torch.randn(4, 32, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+
+    def explicit(x):
+        q = module.theta(x).flatten(2).transpose(1, 2)  # (b, 64, 4)
+        k = F.max_pool2d(module.phi(x), 2).flatten(2)  # (b, 4, 16)
+        v = F.max_pool2d(module.g(x), 2).flatten(2).transpose(1, 2)  # (b, 16, 16)
+        attn = torch.softmax(q @ k, dim=-1)
+        return x + module.gamma * module.o((attn @ v).transpose(1, 2).reshape(4, 16, 8, 8))
+
+    module.eval()  # the SN power iteration of the first call must not change the second's weights
+    out, expected = module(x), explicit(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, module.gamma), grad)
+    want = torch.autograd.grad(expected, (x, module.gamma), grad)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_parametrized_layers_of_one_kind_share_a_class_so_compiled_blocks_are_shared():
+    import copy
+
+    ctx = BuildContext(num_classes=10, image_channels=3, sn=True, meta=False)
+    a, b = ctx.conv(8, 8), ctx.conv(8, 16, 1)
+    assert type(a) is type(b) and type(ctx.linear(4, 4)) is not type(a)
+    assert isinstance(a, nn.Conv2d) and type(copy.deepcopy(a)) is type(a)
+    assert list(a.state_dict()) == ["bias", "parametrizations.weight.original", "parametrizations.weight.0._u",
+                                    "parametrizations.weight.0._v"]  # fmt: skip
+
+
 def test_biggan_deep_up_skip_drops_channels():
     module = build({"kind": "biggan_deep_up", "in": "x", "cond": "c", "out_channels": 8}, {"in": X[1:], "cond": (6,)})
     with torch.no_grad():

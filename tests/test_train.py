@@ -223,9 +223,15 @@ def test_two_ranks_equal_one_rank(tmp_path, root, clean_env, metrics):
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["images_seen"] for r in one] == [r["images_seen"] for r in two] == [16, 32, 48, 64]
     for a, b in zip(one, two, strict=True):
-        tolerance = 1e-6 if a["step"] == 1 else 1e-4
+        # Step 1 checks the reduction: D's logits (about 3 in size) carry float32 round-off of a few
+        # 1e-7 from the order in which BN statistics and gradients are summed over ranks (its second D
+        # step follows an update); BN statistics left unsynchronised show as 0.05 to 0.2. After
+        # it, round-off flips the odd ReLU or max-pool choice whose input sits within 1e-6 of a tie,
+        # which moves a gradient by up to 1e-3 (seen with seeds 0-2: 3e-4 to 2e-3 by step 4): the
+        # later steps only check that the runs stay together.
+        tolerance, floor = (1e-6, 1e-6) if a["step"] == 1 else (1e-2, 5e-3)
         for key in ("loss_d", "loss_g", "d_real", "d_fake"):
-            assert b[key] == pytest.approx(a[key], rel=tolerance, abs=tolerance / 10), (a["step"], key)
+            assert b[key] == pytest.approx(a[key], rel=tolerance, abs=floor), (a["step"], key)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -28,12 +29,45 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2:]
-        query = rearrange(self.theta(x), "b c h w -> b (h w) c")
-        key = rearrange(F.max_pool2d(self.phi(x), 2), "b c h w -> b c (h w)")
-        value = rearrange(F.max_pool2d(self.g(x), 2), "b c h w -> b (h w) c")
-        attn = torch.softmax(torch.bmm(query, key), dim=-1)  # (b, queries, keys)
-        out = rearrange(torch.bmm(attn, value), "b (h w) c -> b c h w", h=h, w=w)
+        # (b, 1 head, positions, channels): free views of channels-last feature maps
+        query = rearrange(self.theta(x), "b c h w -> b 1 (h w) c")
+        key = rearrange(F.max_pool2d(self.phi(x), 2), "b c h w -> b 1 (h w) c")
+        value = rearrange(F.max_pool2d(self.g(x), 2), "b c h w -> b 1 (h w) c")
+        out = rearrange(attend(query, key, value), "b 1 (h w) c -> b c h w", h=h, w=w)
         return x + self.gamma * self.o(out)
+
+
+_explicit = False  # see explicit_attention
+
+
+@contextlib.contextmanager
+def explicit_attention(on: bool = True):
+    """While open (and `on`), attention runs by its explicit formula, softmax(q kᵀ) v with the map in
+    memory, instead of the fused kernels: those have no second derivative, which a loss that
+    differentiates D's gradient needs (R1, WGAN-GP's penalty, LOGAN's second-order step)."""
+    global _explicit
+    before, _explicit = _explicit, _explicit or on
+    try:
+        yield
+    finally:
+        _explicit = before
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """softmax(query keyᵀ) value, unscaled as in SAGAN, through scaled_dot_product_attention's fused
+    kernels, which never hold the (queries x keys) map in memory: 4096 x 1024 per image at 64x64.
+    Those kernels (flash, on CPU and GPU) need queries and keys as wide as the values (C/8 against
+    C/2 here), so queries and keys are zero-padded, which changes no product. On the meta device
+    (shape inference, FLOP counts: they count the model, not the padding) and under
+    `explicit_attention`, the explicit formula."""
+    if _explicit or query.device.type == "meta":
+        return torch.softmax(query @ key.transpose(-2, -1), dim=-1) @ value
+    pad = value.shape[-1] - query.shape[-1]
+    if pad > 0:
+        query, key = F.pad(query, (0, pad)), F.pad(key, (0, pad))
+    # the fused kernels also need the channels contiguous (free for channels-last feature maps)
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    return F.scaled_dot_product_attention(query, key, value, scale=1.0)
 
 
 @register

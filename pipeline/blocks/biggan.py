@@ -99,7 +99,7 @@ class DeepGBlock(nn.Module):
     def __init__(self, c_in, c_out, cond, norm, upsample, ctx, channel_ratio=4):
         super().__init__()
         hidden = c_in // channel_ratio
-        self.c_out, self.upsample = c_out, upsample
+        self.upsample = upsample
         self.bn1 = _Norm(norm, c_in, cond, ctx)
         self.conv1 = ctx.conv(c_in, hidden, 1)
         self.bn2 = _Norm(norm, hidden, cond, ctx)
@@ -112,13 +112,15 @@ class DeepGBlock(nn.Module):
     def forward(self, x, cond=None):
         h = self.conv1(F.relu(self.bn1(x, cond)))
         h = F.relu(self.bn2(h, cond))
-        x = x[:, : self.c_out]
         if self.upsample:
-            h, x = upsample2(h), upsample2(x)
+            h = upsample2(h)
         h = self.conv2(h)
         h = self.conv3(F.relu(self.bn3(h, cond)))
         h = self.conv4(F.relu(self.bn4(h, cond)))
-        return h + x
+        # the skip keeps the first out-channels, read off h rather than an int attribute: blocks that
+        # differ only in widths then share one dynamic-shape graph under regional compilation
+        x = x[:, : h.shape[1]]
+        return h + (upsample2(x) if self.upsample else x)
 
 
 @register

@@ -73,6 +73,21 @@ class SpectralNorm(nn.Module):
         return weight / torch.dot(u, torch.mv(mat, v)).to(weight.dtype)
 
 
+_PARAMETRIZED_CLASSES: dict[tuple, type] = {}
+
+
+def _share_parametrized_class(layer: nn.Module) -> nn.Module:
+    """torch.nn.utils.parametrize gives every parametrized layer a class of its own (a subclass of
+    Conv2d, say, holding the `weight` property). torch.compile guards on a submodule's class, so
+    otherwise identical blocks would never share a compiled graph (regional compilation compiles
+    once per block structure). The class holds nothing specific to the layer (the property reads the
+    layer's own `parametrizations`), so layers of one base class and parametrized names share one."""
+    if parametrize.is_parametrized(layer):
+        key = (type(layer).__bases__[0], tuple(layer.parametrizations))
+        layer.__class__ = _PARAMETRIZED_CLASSES.setdefault(key, type(layer))
+    return layer
+
+
 @dataclass(frozen=True)
 class BuildContext:
     """What a block needs to know beyond its own parameters."""
@@ -114,7 +129,7 @@ class BuildContext:
             parametrize.register_parametrization(
                 layer, "weight", SpectralNorm(layer.weight, eps=self.sn_eps, dim=dim), unsafe=True
             )
-        return layer
+        return _share_parametrized_class(layer)
 
     def linear(
         self,

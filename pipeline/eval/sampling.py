@@ -186,7 +186,7 @@ def _build(loaded, weights: dict[str, torch.Tensor], origin: Path, device, netwo
     """The spec's network `network` holding `weights`. Built on the meta device and then given the
     loaded tensors: initialising (orthogonal init, spectral norm's warm-up) 70M parameters that are
     overwritten at once would cost seconds."""
-    from pipeline.graph import analyze_network, instantiate
+    from pipeline.graph import analyze_network, instantiate, to_memory_format
 
     module = instantiate(loaded, analyze_network(loaded, network), "meta")
     expected = module.state_dict()
@@ -213,7 +213,7 @@ def _build(loaded, weights: dict[str, torch.Tensor], origin: Path, device, netwo
         {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in weights.items()},
         assign=True,
     )
-    return module.to(device).eval().requires_grad_(False)
+    return to_memory_format(module.to(device), loaded.spec.compile).eval().requires_grad_(False)
 
 
 def _display(path: Path) -> str:

@@ -6,4 +6,5 @@ from pipeline.graph.build import (  # noqa: F401
     build_network,
     compile_network,
     instantiate,
+    to_memory_format,
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import types
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -135,6 +136,7 @@ class GraphModule(nn.ModuleDict):
         if self.growth is not None:
             self.stage, self.fading = self.growth.num_stages - 1, False
             self.register_buffer("alpha", torch.ones(()), persistent=False)
+        self.channels_last = False  # see to_memory_format
 
     def set_stage(self, stage: int, fading: bool = False, alpha: float = 1.0) -> None:
         """Run at `stage` (0: the smallest); during a fade-in, blend in the new stage by `alpha`."""
@@ -144,12 +146,18 @@ class GraphModule(nn.ModuleDict):
         self.stage, self.fading = stage, fading
         self.alpha.fill_(alpha)
 
+    def _layout(self, value):
+        """A feature map in channels-last format when the network runs so (a no-op for one that is)."""
+        if self.channels_last and isinstance(value, torch.Tensor) and value.dim() == 4:
+            return value.contiguous(memory_format=torch.channels_last)
+        return value
+
     def forward(self, *args):
-        values = dict(zip(self.input_names, args, strict=True))
+        values = {name: self._layout(arg) for name, arg in zip(self.input_names, args, strict=True)}
         if self.growth is not None:
             return self._grown(values)
         for name, fields in self.steps:
-            values[name] = self[name](*(gather(values, mode, refs) for mode, refs in fields))
+            values[name] = self._layout(self[name](*(gather(values, mode, refs) for mode, refs in fields)))
         outs = tuple(lookup(values, ref) for ref in self.output_refs)
         return outs[0] if len(outs) == 1 else outs
 
@@ -162,9 +170,9 @@ class GraphModule(nn.ModuleDict):
         for name, fields in self.steps:
             args = [gather(values, mode, refs) for mode, refs in fields]
             if name in g.per_stage:
-                values[name] = self[name][k](*args)
+                values[name] = self._layout(self[name][k](*args))
                 if fading:
-                    old[name] = self[name][k - 1](*(gather(old, mode, refs) for mode, refs in fields))
+                    old[name] = self._layout(self[name][k - 1](*(gather(old, mode, refs) for mode, refs in fields)))
             elif name == g.chain and g.side == "output":  # the first k instances
                 x, *shared = args
                 before = x
@@ -181,7 +189,7 @@ class GraphModule(nn.ModuleDict):
                     x = block(x, *shared)
                 values[name] = x
             else:
-                values[name] = old[name] = self[name](*args)
+                values[name] = old[name] = self._layout(self[name](*args))
         if g.side == "output" and fading:
             return _blend(upsample2(old[g.output]), values[g.output], self.alpha)
         return (
@@ -846,30 +854,65 @@ def instantiate(loaded, plan: NetworkPlan, device: str | torch.device = "cpu") -
 
 
 def build_network(loaded, which: str, device: str | torch.device = "cpu", *, compile: bool = True) -> GraphModule:
-    """Analyze, instantiate and, when the spec's `compile.enabled` says so (and `compile` is not
-    False, for a caller that copies the module first), torch.compile a network.
-
-    Compiling with `nn.Module.compile()` keeps the module's own state-dict keys (no `_orig_mod.`).
-    Shapes are static: G and D share `GraphModule.forward`'s code object, and without
-    `dynamic=False` the second network would look like a shape change and recompile dynamically."""
+    """Analyze, instantiate (in the memory format of `compile.channels_last`) and, when the spec's
+    `compile.enabled` says so (and `compile` is not False, for a caller that copies the module
+    first), torch.compile a network."""
     module = instantiate(loaded, analyze_network(loaded, which), device)
+    to_memory_format(module, loaded.spec.compile)
     return compile_network(module, loaded.spec.compile) if compile else module
+
+
+def to_memory_format(module: GraphModule, settings) -> GraphModule:
+    """Run the network's feature maps channels-last when `settings.channels_last`: its 4-D inputs
+    and node outputs are made channels-last (a no-op for those that already are: convolutions
+    given a channels-last input return one, and element-wise ops, norms, pooling and upsampling
+    keep the format, so in practice the image inputs and reshapes convert). The weights keep their
+    layout: DeepSpeed views them as bytes to broadcast them, which needs a contiguous last dimension,
+    and ZeRO 1/2 flatten them anyway; the convolution follows the input's format."""
+    module.channels_last = settings.channels_last
+    return module
 
 
 def compile_network(module: GraphModule, settings) -> GraphModule:
     """torch.compile in place when `settings.enabled` (state-dict keys unchanged).
 
+    `scope: regional` compiles each node that holds weights (each instance of a repeated node, each
+    stage's converter) on its own; blocks of one class with the same settings and shapes share one
+    compiled graph (the shapes are static, so each resolution of a repeated block compiles once per
+    way a step calls it). `scope: whole` compiles `GraphModule.forward`: G and D share its code
+    object, and without `dynamic=False` the second network would look like a shape change and
+    recompile dynamically.
+
     A growing network compiles once per stage and fade-in (its stage and fading are Python
     attributes the graph is specialised on; alpha is a tensor, so a phase never recompiles), and
     each of those a few times over for the ways a step calls it (with or without gradients, on
-    inputs that need them or not): dynamo's limit of recompilations per function, 8 by default,
-    is raised to cover them."""
-    if settings.enabled:
-        if module.growth is not None:
-            import torch._dynamo
+    inputs that need them or not). dynamo's limit of recompilations per function (8 by default)
+    is raised to cover what a network can ask of one function."""
+    if not settings.enabled:
+        return module
+    import torch._dynamo
 
-            phases = 2 * module.growth.num_stages - 1
-            config = torch._dynamo.config
-            config.recompile_limit = max(config.recompile_limit, RECOMPILES_PER_PHASE * phases)
-        module.compile(mode=settings.mode, fullgraph=settings.fullgraph, dynamic=False)
+    regions = [module] if settings.scope == "whole" else _regions(module)
+    phases = 2 * module.growth.num_stages - 1 if module.growth is not None else 1
+    # the most compiled graphs one forward's code object may hold: one per way a step calls it, per
+    # phase, per instance sharing the code (regional: the instances of one class)
+    sharing = max(Counter(type(r).forward for r in regions).values(), default=1)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILES_PER_PHASE * phases * sharing)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, config.recompile_limit)
+    mode = {"mode": settings.mode} if settings.backend == "inductor" else {}
+    for region in regions:
+        region.compile(backend=settings.backend, fullgraph=settings.fullgraph, dynamic=False, **mode)
     return module
+
+
+def _regions(module: GraphModule) -> list[nn.Module]:
+    """The modules regional compilation compiles: every node module holding weights, and each
+    instance of a repeated node or per-stage converter. Parameter-free nodes (wiring, activations)
+    run eagerly: a compiled call of one element-wise op costs more than the op."""
+    found = []
+    for node in module.values():
+        for m in node if isinstance(node, nn.ModuleList) else (node,):  # Chain is a ModuleList too
+            if next(m.parameters(), None) is not None:
+                found.append(m)
+    return found

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
+from pipeline.blocks.attention import explicit_attention
 from pipeline.blocks.layers import batch_statistics
 from pipeline.errors import Issue
 from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, register
@@ -343,6 +344,18 @@ class GanMethod(Method):
         return _GanRun(self, spec)
 
 
+def _differentiable_twice(objective, needed: bool):
+    """`objective` with attention that can be differentiated twice, when `needed`."""
+    if not needed:
+        return objective
+
+    def objective_twice(step):
+        with explicit_attention():
+            return objective(step)
+
+    return objective_twice
+
+
 def _logit(out):
     """The global logit of a discriminator's output (its first, for a U-Net D)."""
     return out[0] if isinstance(out, tuple) else out
@@ -372,9 +385,19 @@ class _GanRun(MethodRun):
         # with LOGAN, the D step's latent gradient runs through G: G is frozen there (no gradient of
         # D's loss may reach G's parameters)
         latent_grads = m.logan is not None and m.logan.alpha > 0
+        # a loss on D's input gradient (R1, WGAN-GP) or on G's through LOGAN's step is differentiated
+        # twice: that phase's attention runs by its explicit formula (see explicit_attention)
+        twice_d = bool(m.r1_gamma or m.gp_weight) or (latent_grads and m.logan.second_order)
+        twice_g = latent_grads and m.logan.second_order
         self.phases = [
-            Phase("D", ("D",), self.d_objective, repeat=m.d_steps, frozen=(m.generator,) if latent_grads else ()),
-            Phase("G", ("G",), self.g_objective, frozen=(m.discriminator,)),
+            Phase(
+                "D",
+                ("D",),
+                _differentiable_twice(self.d_objective, twice_d),
+                repeat=m.d_steps,
+                frozen=(m.generator,) if latent_grads else (),
+            ),
+            Phase("G", ("G",), _differentiable_twice(self.g_objective, twice_g), frozen=(m.discriminator,)),
         ]
 
     def _generators(self) -> dict:

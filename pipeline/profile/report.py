@@ -52,7 +52,7 @@ def summary(r: dict) -> str:
         f"- peak memory per rank ({r['peak_memory_kind']}): "
         + ", ".join(f"{m / 2**30:.2f} GiB" for m in r["peak_memory_bytes_per_rank"]),
         f"- warm-up steps: {', '.join(f'{s:.3g} s' for s in r['warmup_s'])}"
-        + (f"; compilation about {r['compile_s']:.1f} s" if r["compile_s"] is not None else "")
+        + (f"; compilation ({r['compile_scope']}) about {r['compile_s']:.1f} s" if r["compile_s"] is not None else "")
         + f"; recompilations while timed: {r['recompiles']}",
         "",
         "| phase | s per step | share |",

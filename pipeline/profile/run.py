@@ -179,6 +179,8 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
         "phases": describe(tr.method.phases),
         "precision": t.precision,
         "compiled": spec.compile.enabled,
+        "compile_scope": spec.compile.scope if spec.compile.enabled else None,
+        "channels_last": spec.compile.channels_last,
         "steps": steps,
         "warmup": warmup,
         "images_per_step": images_per_step,

@@ -409,11 +409,36 @@ class RunSpec(Section):
 
 
 class CompileSpec(Section):
-    enabled: bool = Field(False, description="torch.compile the generator and the discriminator.")
+    """How the networks run: torch.compile and the memory format. A resumed run may change these."""
+
+    enabled: bool = Field(False, description="torch.compile the networks.")
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode."
     )
     fullgraph: bool = Field(False, description="Fail instead of falling back to eager on graph breaks.")
+    backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor",
+        description=(
+            "torch.compile backend: inductor generates fused kernels (`mode` applies to it); aot_eager and eager "
+            "only trace, running the traced graphs with PyTorch's own kernels (to tell a tracing problem from an "
+            "inductor one, or to check recompilations quickly)."
+        ),
+    )
+    scope: Literal["regional", "whole"] = Field(
+        "regional",
+        description=(
+            "regional: compile each node's module (each instance of a repeated node) on its own, so that blocks "
+            "of one structure share one compiled graph (BigGAN-deep repeats its blocks); whole: trace each network "
+            "as one graph (slower to compile, free to fuse across nodes)."
+        ),
+    )
+    channels_last: bool = Field(
+        True,
+        description=(
+            "Keep 4-D weights, and so the feature maps, in channels-last (NHWC) memory format, which oneDNN (CPU) "
+            "and cuDNN (GPU) convolve faster than NCHW; with compile or without."
+        ),
+    )
 
 
 def _compile_shorthand(v):
