@@ -1,86 +1,154 @@
-"""Time full training iterations (every phase of the spec's method: for a GAN, method.d_steps D
-steps + 1 G step) of a spec, eager and compiled,
-side by side in one process: the training loop itself (`pipeline.train.loop.train`) on synthetic
-data, with per-step times taken from its metrics after warm-up (compilation excluded).
+"""Time training iterations (every phase of the spec's method: for a GAN, method.d_steps D steps
++ 1 G step) of a spec eagerly and compiled (regional and whole-graph), optionally beside the
+authors' BigGAN-PyTorch (`--reference DIR`, see benchmarks/reference.py).
 
-Usage: python benchmarks/train.py spec=NAME [key=value ...] [--steps N] [--warmup N] [--eager-only]
+Each mode runs in a fresh process with an empty inductor cache, so compilation is cold, as on a
+new machine; modes are interleaved over `--rounds` on a shared machine and the medians reported,
+with ratios taken within the run. A mode's process builds what `train` builds (`Trainer`: the
+DeepSpeed engines, EMA, the method's phases) on synthetic data and runs `--warmup` steps (the
+first compiles; compile seconds = warm-up time beyond that many steady iterations), then
+`--steps` timed ones, counting the graphs dynamo compiles while timed (0 in steady state).
+
+Usage: python benchmarks/train.py [spec=NAME] [key=value ...] [--steps N] [--warmup N]
+       [--modes eager,regional,whole] [--rounds R] [--reference DIR] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from pipeline.cli import split_spec_args  # noqa: E402
-from pipeline.methods import describe  # noqa: E402
-from pipeline.spec import load_spec  # noqa: E402
-from pipeline.train.loop import train  # noqa: E402
+MODES = {
+    "eager": ["compile.enabled=false"],
+    "regional": ["compile.enabled=true", "compile.scope=regional"],
+    "whole": ["compile.enabled=true", "compile.scope=whole"],
+}
 
 
-def run(spec_arg: str, overrides: list[str], compiled: bool, steps: int, warmup: int) -> dict:
+def child(spec_arg: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    """One mode, in this process: warm-up then timed steps of the real training step."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from pipeline.spec import load_spec
+    from pipeline.train.loop import Trainer
+
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_spec(
-            spec_arg,
-            overrides
-            + [
-                "data.synthetic=true",
-                f"run.dir={tmp}",
-                f"train.max_steps={warmup + steps}",
-                "train.log_every=1",
-                f"train.sample_every={10**9}",
-                f"train.checkpoint_every={10**9}",
-                f"compile.enabled={compiled}",
-            ],
-        )
-        start = time.perf_counter()
-        train(loaded)
-        total = time.perf_counter() - start
-        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    # real images read per iteration, from the log (images_seen grows by it each step)
-    per_iteration = rows[1]["images_seen"] - rows[0]["images_seen"]
-    rates = [r["images_per_s"] for r in rows[warmup:]]
-    warm = [per_iteration / r["images_per_s"] for r in rows[:warmup]]
+        loaded = load_spec(spec_arg, [*overrides, "data.synthetic=true", f"run.dir={tmp}", "eval.every=0"])
+        tr = Trainer(loaded, resume=False)
+        times = []
+        for i in range(warmup + steps):
+            if i == warmup:
+                graphs_before = counters["stats"]["unique_graphs"]
+            start = time.perf_counter()
+            tr.run_step()
+            times.append(time.perf_counter() - start)
+        recompiles = counters["stats"]["unique_graphs"] - graphs_before
+    iteration = statistics.median(times[warmup:])
     return {
-        "images_per_s": statistics.median(rates),
-        "s_per_iteration": per_iteration / statistics.median(rates),
-        "first_iteration_s": warm[0] if warm else None,
-        "total_s": total,
+        "s_per_iteration": iteration,
+        "first_iteration_s": times[0],
+        "compile_s": sum(times[:warmup]) - warmup * iteration,
+        "graphs": counters["stats"]["unique_graphs"],
+        "recompiles_timed": recompiles,
+        "images_per_iteration": tr.images_last_step,
+        "threads": torch.get_num_threads(),
     }
+
+
+def run_mode(mode: str, args: list[str], steps: int, warmup: int) -> dict:
+    """A mode in a fresh process with an empty inductor cache (cold compilation)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache, "DS_ACCELERATOR": "cpu"}
+        command = [sys.executable, __file__, "--child", *args, *MODES[mode], f"--steps={steps}", f"--warmup={warmup}"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_reference(checkout: str, batch: int, ch: int, steps: int, warmup: int) -> dict:
+    command = [sys.executable, str(ROOT / "benchmarks" / "reference.py"), "--checkout", checkout]
+    command += [f"--batch={batch}", f"--ch={ch}", f"--steps={steps}", f"--warmup={warmup}"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"the reference failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("args", nargs="*")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--eager-only", action="store_true")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--modes", default="eager,regional")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--reference", metavar="DIR", help="a checkout of ajbrock/BigGAN-PyTorch to time beside")
+    ap.add_argument("--reference-ch", type=int, default=32, help="its G_ch = D_ch (biggan_deep_128_ch32: 32)")
+    ap.add_argument("--json", metavar="OUT", help="also write every measurement to this file")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args()
+
+    from pipeline.cli import split_spec_args
+
     spec_arg, overrides = split_spec_args(ns.args, default="biggan_deep_128_ch32")
+    if ns.child:
+        print(json.dumps(child(spec_arg, overrides, ns.steps, ns.warmup)))
+        return
+
+    from pipeline.methods import describe
+    from pipeline.spec import load_spec
+
     spec = load_spec(spec_arg, overrides).spec
+    modes = ns.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     print(
         f"{spec.name}: batch {spec.train.batch_size}, method {spec.method.kind} "
-        f"({describe(spec.method.build(spec).phases)}) per iteration, "
-        f"{spec.train.precision}, {ns.steps} timed iterations after {ns.warmup} warm-up",
+        f"({describe(spec.method.build(spec).phases)}) per iteration, {spec.train.precision}, "
+        f"channels_last {spec.compile.channels_last}; {ns.steps} timed iterations after {ns.warmup} warm-up, "
+        f"{ns.rounds} round(s), each mode in a fresh process with an empty inductor cache",
         flush=True,
     )
-    results = {}
-    for name in ("eager",) if ns.eager_only else ("eager", "compiled"):
-        r = results[name] = run(spec_arg, overrides, name == "compiled", ns.steps, ns.warmup)
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    if ns.reference:
+        runs["reference"] = []
+    for r in range(ns.rounds):
+        for mode in runs:
+            if mode == "reference":
+                result = run_reference(ns.reference, spec.train.batch_size, ns.reference_ch, ns.steps, ns.warmup)
+            else:
+                result = run_mode(mode, [f"spec={spec_arg}", *overrides], ns.steps, ns.warmup)
+            runs[mode].append(result)
+            compile_s = f", compile {result['compile_s']:.1f} s" if mode in ("regional", "whole") else ""
+            print(f"  round {r + 1} {mode:9s} {result['s_per_iteration']:.3f} s/iteration{compile_s}", flush=True)
+
+    def median(mode: str, key: str) -> float:
+        return statistics.median(x[key] for x in runs[mode])
+
+    base = "reference" if ns.reference else modes[0]
+    print(f"\n  {'mode':9s} {'s/iteration':>11s} {'vs ' + base:>14s} {'compile s':>10s} {'graphs':>7s} {'timed':>6s}")
+    for mode in runs:
+        s = median(mode, "s_per_iteration")
+        compiled = mode in ("regional", "whole")
         print(
-            f"  {name:9s} {r['s_per_iteration']:7.3f} s/iteration  {r['images_per_s']:8.2f} images/s  "
-            f"(first iteration {r['first_iteration_s']:.1f} s)",
-            flush=True,
+            f"  {mode:9s} {s:11.3f} {s / median(base, 's_per_iteration'):13.3f}x "
+            f"{median(mode, 'compile_s') if compiled else float('nan'):10.1f} "
+            f"{runs[mode][-1].get('graphs', 0):7d} {runs[mode][-1].get('recompiles_timed', 0):6d}"
         )
-    if "compiled" in results:
-        speedup = results["eager"]["s_per_iteration"] / results["compiled"]["s_per_iteration"]
-        print(f"  compiled / eager speed: {speedup:.2f}x")
+    if ns.json:
+        Path(ns.json).write_text(json.dumps({"spec": spec.name, "overrides": overrides, "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":
