@@ -71,7 +71,7 @@ def test_a_finished_run_says_so_and_reports_its_last_scores(cli, demo_shards_wit
     ]
     first = cli(*args)
     assert first.code == 0, first.err
-    assert "trained to step 1 of 1 (16 images)" in first.err
+    assert "trained to step 1 of 1 (8 images)" in first.err  # one D step of 8 real images
     assert "last evaluation, step 1: FID " in first.err and "20 samples" in first.err
     monkeypatch.setattr(loop, "Trainer", lambda *a, **k: pytest.fail("built a trainer for a complete run"))
     again = cli(*args)

@@ -14,6 +14,7 @@ from test_train import PATIENCE_S
 # different numbers of ranks then agree to that test's tolerance
 COMMON = [
     "spec=demo",
+    "method.d_steps=2",  # each step reads two batches
     "train.batch_size=8",
     "train.log_every=1",
     "train.sample_every=100",

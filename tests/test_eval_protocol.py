@@ -25,12 +25,12 @@ FAST_INIT = ["generator.init=normal", "discriminator.init=normal"]  # orthogonal
 def demo_with_eval(text: str) -> str:
     """specs/demo.yaml with its `eval:` line replaced by TEXT."""
     demo = (SPECS_DIR / "demo.yaml").read_text()
-    assert re.search(r"^eval: \{every: 100\b", demo, flags=re.M)  # the demo evaluates: what TEXT turns off
+    assert re.search(r"^eval: \{every: [1-9]", demo, flags=re.M)  # the demo evaluates: what TEXT turns off
     return re.sub(r"^eval:.*$", text, demo, count=1, flags=re.M)
 
 
 def test_the_demo_evaluates_during_training():
-    assert load_spec("demo", check_graphs=False).spec.eval.every == 100
+    assert load_spec("demo", check_graphs=False).spec.eval.every > 0
 
 
 @pytest.mark.parametrize("override", ["eval.every=0", "eval.every=null", "eval=null"])

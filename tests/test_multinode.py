@@ -24,6 +24,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # nodes; Adam's eps as in test_two_ranks_equal_one_rank (tests/test_train.py)
 COMMON = [
     "spec=demo",
+    "method.d_steps=2",  # each step reads two batches
     "train.batch_size=8",
     "train.log_every=1",
     "train.sample_every=100",

@@ -80,7 +80,8 @@ def test_loader_alone_and_real_data(cli, demo_shards, tmp_path):
     result = cli("profile", "demo", *common, "--model", "none")
     assert result.code == 0, result.err
     alone = json.loads((tmp_path / "profile" / "report.json").read_text())
-    assert alone["model"] == "none" and alone["loader_images_per_s"] > 0 and alone["batches_per_rank"] == 4
+    batches = 2 * load_spec("demo").spec.method.d_steps  # 2 steps, a batch per D step
+    assert alone["model"] == "none" and alone["loader_images_per_s"] > 0 and alone["batches_per_rank"] == batches
     result = cli("profile", "demo", *common, "--trace-steps", "0", "method.d_steps=1")
     assert result.code == 0, result.err
     full = json.loads((tmp_path / "profile" / "report.json").read_text())

@@ -20,6 +20,7 @@ from pipeline.train import loop
 from pipeline.train.losses import get_loss
 
 FAST = [
+    "method.d_steps=2",  # each step reads two batches (the demo's own takes one)
     "train.batch_size=16",
     "train.log_every=1",
     "train.sample_every=2",
@@ -103,7 +104,7 @@ def test_checkpoint_of_another_spec_is_refused(demo_shards, tmp_path):
     loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=2")))
     with pytest.raises(SpecError) as info:
         loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=4", "train.d_opt.lr=0.001")))
-    assert "train.d_opt.lr: 0.0002 in the checkpoint, 0.001 now" in str(info.value)
+    assert "train.d_opt.lr: 0.0004 in the checkpoint, 0.001 now" in str(info.value)
 
 
 def test_nan_stops_with_the_last_good_checkpoint_intact(demo_shards, tmp_path, monkeypatch):
@@ -199,6 +200,7 @@ def test_two_ranks_equal_one_rank(tmp_path, root, clean_env, metrics):
     # without hiding a wrong reduction, which shows at once at step 1 (checked tighter below).
     common = [
         "spec=demo",
+        "method.d_steps=2",  # each step reads two batches
         "data.synthetic=true",
         "train.batch_size=8",
         "train.max_steps=4",
