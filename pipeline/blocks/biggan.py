@@ -117,8 +117,7 @@ class DeepGBlock(nn.Module):
         h = self.conv2(h)
         h = self.conv3(F.relu(self.bn3(h, cond)))
         h = self.conv4(F.relu(self.bn4(h, cond)))
-        # the skip keeps the first out-channels, read off h rather than an int attribute: blocks that
-        # differ only in widths then share one dynamic-shape graph under regional compilation
+        # the skip keeps as many channels as the block puts out (read off h: no width to store)
         x = x[:, : h.shape[1]]
         return h + (upsample2(x) if self.upsample else x)
 

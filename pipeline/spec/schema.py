@@ -435,8 +435,8 @@ class CompileSpec(Section):
     channels_last: bool = Field(
         True,
         description=(
-            "Keep 4-D weights, and so the feature maps, in channels-last (NHWC) memory format, which oneDNN (CPU) "
-            "and cuDNN (GPU) convolve faster than NCHW; with compile or without."
+            "Run the feature maps in channels-last (NHWC) memory format, which oneDNN (CPU) and cuDNN (GPU) "
+            "convolve faster than NCHW; with compile or without. The weights keep their layout."
         ),
     )
 
