@@ -95,6 +95,23 @@ def test_crops(shard_dir, crop):
     assert next(loader)[0].shape == (4, 3, 20, 20)
 
 
+def test_load_size_squashes_the_whole_image_before_the_crop(tmp_path):
+    # CycleGAN's resize_and_crop: the image resized to load_size x load_size (aspect ratio not kept),
+    # then cropped; without it the shorter side is resized and the crop cuts the longer one
+    src = tmp_path / "images" / "class_0"
+    src.mkdir(parents=True)
+    pixels = np.full((20, 40, 3), 255, dtype=np.uint8)
+    pixels[:, :10] = 0  # the left quarter black
+    Image.fromarray(pixels).save(src / "0.png")
+    build_shards(src.parent, tmp_path / "shards", shard_size=8, seed=0)
+    shards = find_shards(tmp_path / "shards")
+    squashed, _ = next(DaliLoader(shards, batch_size=1, resolution=20, num_classes=1, load_size=20))
+    cropped, _ = next(DaliLoader(shards, batch_size=1, resolution=20, num_classes=1))
+    assert squashed.shape == cropped.shape == (1, 3, 20, 20)
+    assert (squashed[0, :, :, :4] < -0.9).all() and (squashed[0, :, :, 6:] > 0.9).all()
+    assert (cropped > 0.9).all()  # the center crop keeps columns 10-29: all white
+
+
 def test_deterministic_by_seed(shard_dir):
     shards = find_shards(shard_dir)
 

@@ -156,7 +156,7 @@ def test_minibatch_stddev_small_and_uneven_batches():
 
 # ----- U-Net pixel head -----
 def test_pixel_head_projection_formula():
-    head = build({"kind": "pixel_head", "in": "x", "y": "y"}, {"in": (2, 1, 2), "y": ()})
+    head = build({"kind": "pixel_head", "in": "x", "y": "y", "relu": True}, {"in": (2, 1, 2), "y": ()})
     with torch.no_grad():
         head.conv.weight.copy_(torch.tensor([1.0, 2.0]).view(1, 2, 1, 1))
         head.conv.bias.fill_(0.5)

@@ -218,6 +218,28 @@ def test_instance_noise_falls_to_zero_over_its_images():
         assert seen[0] == pytest.approx(0.2 * (1 - images / 1000), abs=0.02)  # the real batch of zeros
 
 
+@pytest.mark.parametrize("in_g_step", [True, False])
+def test_instance_noise_reaches_d_in_the_g_step_too(in_g_step):
+    # G's gradient is taken through D(G(z) + noise) (Arjovsky & Bottou 2017; ganhacks tip 13: noise
+    # on D's inputs), unless in_g_step is false
+    noise = f"method.instance_noise={{std: 0.2, anneal_images: 1000, in_g_step: {str(in_g_step).lower()}}}"
+    spec, nets = _gan("dcgan_32", "train.batch_size=8", noise)
+    run = spec.method.build(spec)
+    z = torch.randn(8, 100)
+    step = Step(nets, torch.zeros(8, 3, 32, 32), torch.zeros(8, dtype=torch.long), z)
+    G, D = nets["generator"], nets["discriminator"]
+    seen, original = [], D.forward
+    D.forward = lambda x, y=None: seen.append(x.detach()) or original(x, y)
+    images = []
+    G.register_forward_hook(lambda module, args, out: images.append(out.detach()))
+    run.phases[1].objective(step)  # the G step
+    difference = seen[0] - images[0]
+    if in_g_step:
+        assert difference.std().item() == pytest.approx(0.2, abs=0.02)
+    else:
+        assert torch.equal(difference, torch.zeros_like(difference))
+
+
 def test_the_switches_train_together_and_resume_exactly(demo_shards, tmp_path, metrics):
     from pipeline.train import loop
 

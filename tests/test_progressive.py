@@ -252,3 +252,32 @@ def test_a_scheduled_batch_that_does_not_split_is_refused_before_training():
         ("method.resolutions.16.batch_size", "the batch of 15 does not split into 1 accumulation step(s) x 2 rank(s)")
     ]
     assert not [i for i in preflight(spec, world_size=1) if i.path.startswith("method.")]
+
+
+def adam_steps(trainer, engine: str) -> set[int]:
+    optimizer = trainer.engines[engine]._engine.optimizer
+    return {int(state["step"]) for state in getattr(optimizer, "optimizer", optimizer).state.values()}
+
+
+def test_adam_starts_afresh_at_every_fade_in_and_stabilisation(demo_shards, tmp_path):
+    # the authors' train.py: G_opt/D_opt.reset_optimizer_state() whenever floor(lod) or ceil(lod)
+    # changes, i.e. at the start of each fade-in and each stabilisation
+    loaded = load_spec("progan_demo", tiny(demo_shards, tmp_path))
+    trainer = loop.Trainer(loaded, resume=False)
+    seen = []
+    for _ in range(5):  # 4x4 stable, stable, 8x8 fade, fade, 8x8 stable
+        trainer.run_step()
+        seen.append((adam_steps(trainer, "G"), adam_steps(trainer, "D")))
+    assert seen == [({n}, {n}) for n in (1, 2, 1, 2, 1)]
+    kept = loop.Trainer(load_spec("progan_demo", tiny(demo_shards, tmp_path / "kept", "method.reset_optimizer=false")))
+    for _ in range(3):
+        kept.run_step()
+    assert adam_steps(kept, "G") == {3}
+
+
+def test_a_resumed_run_resets_adam_at_the_phase_it_enters(demo_shards, tmp_path):
+    loop.train(load_spec("progan_demo", tiny(demo_shards, tmp_path, "train.max_steps=6")), stop_after=4)
+    resumed = loop.Trainer(load_spec("progan_demo", tiny(demo_shards, tmp_path, "train.max_steps=6")))
+    assert resumed.step == 2  # the last checkpoint (every 2 steps) before the stop
+    resumed.run_step()  # step 3: the 8x8 fade-in begins
+    assert adam_steps(resumed, "G") == {1} and adam_steps(resumed, "D") == {1}

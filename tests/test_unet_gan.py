@@ -115,9 +115,9 @@ def test_cutmix_d_loss_by_hand():
 
 
 # ----- the mask, mix and the warm-up -----
-def test_mask_area_follows_the_ratio_and_the_box_is_one_rectangle():
+def test_inside_mask_area_follows_the_ratio_and_the_box_is_one_rectangle():
     n, height, width = 256, 13, 20
-    mask, ratio = cutmix_mask(n, height, width, generator=torch.Generator().manual_seed(0))
+    mask, ratio = cutmix_mask(n, height, width, placement="inside", generator=torch.Generator().manual_seed(0))
     assert mask.shape == (n, 1, height, width) and ratio.shape == (n,) and mask.dtype == torch.float32
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     real_area = mask.sum(dim=(1, 2, 3))

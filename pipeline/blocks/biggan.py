@@ -22,11 +22,13 @@ class _Norm(nn.Module):
         self.mode = mode
         if mode == "cbn":
             self.bn = ctx.cond_batch_norm(channels, cond_features)
+        elif mode == "class_bn":
+            self.bn = ctx.class_batch_norm(channels)
         elif mode == "bn":
             self.bn = ctx.batch_norm(channels)
 
     def forward(self, x, cond):
-        if self.mode == "cbn":
+        if self.mode in ("cbn", "class_bn"):
             return self.bn(x, cond)
         return self.bn(x) if self.mode == "bn" else x
 
@@ -35,16 +37,23 @@ class _UpBlockNode(Weighted):
     """Shared fields of the generator blocks."""
 
     in_: Ref = Field(alias="in")
-    cond: Joined | None = Field(None, description="Conditioning vector(s) for conditional BN, concatenated.")
+    cond: Joined | None = Field(
+        None, description="Conditioning vector(s) for conditional BN, concatenated; the labels y for class_bn."
+    )
     out_channels: PositiveInt
     in_channels: InChannels = None
     upsample: bool = Field(True, description="Double the resolution (nearest neighbour).")
-    norm: Literal["cbn", "bn", "none"] | None = Field(None, description="Default: cbn with `cond`, else bn.")
+    norm: Literal["cbn", "class_bn", "bn", "none"] | None = Field(
+        None,
+        description="cbn: BatchNorm with gain 1 + Linear(cond) and bias Linear(cond) (BigGAN); class_bn: a gain "
+        "and a bias per class, looked up by the labels in `cond` (SAGAN's code); bn; none. Default: cbn with "
+        "`cond`, else bn.",
+    )
 
     @model_validator(mode="after")
     def _norm_matches_cond(self):
-        if self.norm == "cbn" and self.cond is None:
-            raise ValueError("norm cbn needs `cond`, the conditioning input")
+        if self.norm in ("cbn", "class_bn") and self.cond is None:
+            raise ValueError(f"norm {self.norm} needs `cond`, the conditioning input")
         if self.cond is not None and self.norm in ("bn", "none"):
             raise ValueError(f"`cond` is given but norm is {self.norm}: use norm cbn or drop cond")
         return self
@@ -55,6 +64,14 @@ class _UpBlockNode(Weighted):
     def shapes(self, inputs):
         c, h, w = feature_map(inputs["in"])
         check_in_channels(self, c)
+        if self.norm_mode() == "class_bn":
+            if inputs["cond"] != ():
+                raise BlockError(
+                    f"class_bn looks its gain and bias up by class: `cond` must be the labels y, got shape "
+                    f"{inputs['cond']}",
+                    "cond",
+                )
+            return c, None
         cond = features(inputs["cond"], "condition", "cond") if self.cond else None
         return c, cond
 

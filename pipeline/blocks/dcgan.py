@@ -11,6 +11,11 @@ from torch import nn
 from pipeline.blocks.basic import check_in_channels, check_kernel_fits, feature_map
 from pipeline.blocks.registry import BlockError, InChannels, Ref, Weighted, register
 
+BIAS = (
+    "A bias on the conv. false: the DCGAN code's (pytorch/examples dcgan/main.py, bias=False on every conv; "
+    "BatchNorm's shift takes its place)."
+)
+
 
 def dcgan_batch_norm(channels: int, ctx) -> nn.Module:
     """BatchNorm; under `init: normal` its gain starts at N(1, 0.02), as in the DCGAN code."""
@@ -22,10 +27,9 @@ def dcgan_batch_norm(channels: int, ctx) -> nn.Module:
 
 
 class DCGANUp(nn.Module):
-    def __init__(self, c_in, c_out, kernel_size, stride, padding, norm, ctx):
+    def __init__(self, c_in, c_out, kernel_size, stride, padding, norm, bias, ctx):
         super().__init__()
-        # The bias is redundant before BatchNorm's own.
-        self.conv = ctx.conv_transpose(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=not norm)
+        self.conv = ctx.conv_transpose(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=bias)
         self.bn = dcgan_batch_norm(c_out, ctx) if norm else nn.Identity()
 
     def forward(self, x):
@@ -45,6 +49,7 @@ class DCGANUpNode(Weighted):
     stride: PositiveInt = 2
     padding: int = Field(1, ge=0)
     norm: bool = Field(True, description="BatchNorm after the transposed conv.")
+    bias: bool = Field(False, description=BIAS)
 
     def build(self, inputs, ctx):
         c, h, w = feature_map(inputs["in"])
@@ -56,14 +61,14 @@ class DCGANUpNode(Weighted):
                 f"no output on the {h}x{w} input",
                 "padding",
             )
-        return DCGANUp(c, self.out_channels, self.kernel_size, self.stride, self.padding, self.norm, ctx)
+        return DCGANUp(c, self.out_channels, self.kernel_size, self.stride, self.padding, self.norm, self.bias, ctx)
 
 
 class DCGANDown(nn.Module):
-    def __init__(self, c_in, c_out, kernel_size, stride, padding, norm, negative_slope, ctx):
+    def __init__(self, c_in, c_out, kernel_size, stride, padding, norm, bias, negative_slope, ctx):
         super().__init__()
         self.negative_slope = negative_slope
-        self.conv = ctx.conv(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=not norm)
+        self.conv = ctx.conv(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=bias)
         self.bn = dcgan_batch_norm(c_out, ctx) if norm else nn.Identity()
 
     def forward(self, x):
@@ -82,6 +87,7 @@ class DCGANDownNode(Weighted):
     stride: PositiveInt = 2
     padding: int = Field(1, ge=0)
     norm: bool = Field(True, description="BatchNorm after the conv; false for the layer on the image.")
+    bias: bool = Field(False, description=BIAS)
     negative_slope: float = Field(0.2, ge=0)
 
     def build(self, inputs, ctx):
@@ -89,5 +95,13 @@ class DCGANDownNode(Weighted):
         check_in_channels(self, c)
         check_kernel_fits(inputs["in"], self.kernel_size, self.padding)
         return DCGANDown(
-            c, self.out_channels, self.kernel_size, self.stride, self.padding, self.norm, self.negative_slope, ctx
+            c,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.norm,
+            self.bias,
+            self.negative_slope,
+            ctx,
         )

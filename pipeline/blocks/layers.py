@@ -120,7 +120,7 @@ class BuildContext:
                 nn.init.xavier_uniform_(w)
             elif self.init == "equalized_lr":
                 nn.init.normal_(w, 0.0, 1.0)
-            if self.init in ("normal", "equalized_lr") and getattr(layer, "bias", None) is not None:
+            if self.init in ("normal", "xavier", "equalized_lr") and getattr(layer, "bias", None) is not None:
                 nn.init.zeros_(layer.bias)
         if self.init == "equalized_lr":
             parametrize.register_parametrization(layer, "weight", EqualizedLR(fan_in, gain), unsafe=True)
@@ -190,6 +190,9 @@ class BuildContext:
 
     def cond_batch_norm(self, channels: int, cond_features: int) -> ConditionalBatchNorm:
         return ConditionalBatchNorm(channels, cond_features, self)
+
+    def class_batch_norm(self, channels: int) -> ClassBatchNorm:
+        return ClassBatchNorm(channels, self)
 
 
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -270,6 +273,25 @@ class ConditionalBatchNorm(nn.Module):
         shape = (x.shape[0], -1) + (1,) * (x.dim() - 2)
         gain = 1 + self.gain(cond).view(shape)
         return self.bn(x) * gain + self.bias(cond).view(shape)
+
+
+class ClassBatchNorm(nn.Module):
+    """BatchNorm without affine parameters, then a gain and a bias looked up per class: SAGAN's
+    conditional BN (brain-research/self-attention-gan `ops.py:ConditionalBatchNorm`: gamma and
+    beta tables of num_classes x channels, initialised to 1 and 0, no spectral norm). The gain is
+    stored as 1 + a table initialised to 0: the same function, and the same Adam steps."""
+
+    def __init__(self, channels: int, ctx: BuildContext):
+        super().__init__()
+        self.bn = ctx.batch_norm(channels, affine=False)
+        # on meta, uninitialised tables (nn.Embedding's own init there imports torch._dynamo)
+        make = torch.empty if ctx.meta else torch.zeros
+        self.gain = nn.Embedding(ctx.num_classes, channels, _weight=make(ctx.num_classes, channels))
+        self.bias = nn.Embedding(ctx.num_classes, channels, _weight=make(ctx.num_classes, channels))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], -1) + (1,) * (x.dim() - 2)
+        return self.bn(x) * (1 + self.gain(y).view(shape)) + self.bias(y).view(shape)
 
 
 def batch_statistics(module: nn.Module) -> list[str]:

@@ -44,11 +44,12 @@ class MinibatchStddev(nn.Module):
                 f"use a batch divisible by group_size {self.group_size}"
             )
         f = self.num_features
-        y = x.reshape(group, -1, f, c // f, h, w)  # (group, num_groups, f, c/f, h, w)
+        # in float32 whatever the input's precision, as the authors' minibatch_stddev_layer
+        y = x.float().reshape(group, -1, f, c // f, h, w)  # (group, num_groups, f, c/f, h, w)
         y = y - y.mean(dim=0)
         y = torch.sqrt(y.square().mean(dim=0) + self.eps)  # population std per feature
         y = y.mean(dim=(2, 3, 4))  # (num_groups, f)
-        y = y.reshape(-1, f, 1, 1).repeat(group, 1, h, w)
+        y = y.reshape(-1, f, 1, 1).repeat(group, 1, h, w).to(x.dtype)
         return torch.cat([x, y], dim=1)
 
     def extra_repr(self) -> str:
@@ -184,17 +185,22 @@ class ProGANInputNode(Weighted):
 
 # ----- discriminator -----
 class ProGANDown(nn.Module):
-    """3x3 conv in -> hidden, LeakyReLU, 3x3 conv hidden -> out, LeakyReLU, [2x2 average pool]."""
+    """3x3 conv in -> hidden, LeakyReLU, 3x3 conv hidden -> out, then the 2x2 average pool before
+    the second LeakyReLU (`act_after_pool`) or after it."""
 
-    def __init__(self, c_in: int, hidden: int, c_out: int, downsample: bool, ctx):
+    def __init__(self, c_in: int, hidden: int, c_out: int, downsample: bool, act_after_pool: bool, ctx):
         super().__init__()
-        self.downsample = downsample
+        self.downsample, self.act_after_pool = downsample, act_after_pool
         self.conv1 = ConvAct(c_in, hidden, False, ctx)
         self.conv2 = ConvAct(hidden, c_out, False, ctx)
 
     def forward(self, x):
-        h = self.conv2(self.conv1(x))
-        return avgpool2(h) if self.downsample else h
+        h = self.conv1(x)
+        if not self.downsample:
+            return self.conv2(h)
+        if self.act_after_pool:  # the pool of a per-channel bias is that bias: lrelu(pool(conv(h)) + b)
+            return F.leaky_relu(avgpool2(self.conv2.conv(h)), SLOPE)
+        return avgpool2(self.conv2(h))
 
 
 @register
@@ -208,14 +214,20 @@ class ProGANDownNode(Weighted):
     hidden_channels: PositiveInt | None = Field(
         None, description=("Output channels of the first conv; default: the input's channels.")
     )
-    downsample: bool = Field(True, description="Halve the resolution (2x2 average pooling) last.")
+    downsample: bool = Field(True, description="Halve the resolution (2x2 average pooling).")
+    act_after_pool: bool = Field(
+        True,
+        description="Pool the second conv's output before its LeakyReLU: the authors' default D (networks.py "
+        "D_paper, fused_scale=True: conv2d_downscale2d, then bias and activation); false pools after it (their "
+        "fused_scale=False).",
+    )
 
     def build(self, inputs, ctx):
         c, _, _ = feature_map(inputs["in"])
         check_in_channels(self, c)
         if self.downsample:
             check_even(inputs["in"], "downsampling")
-        return ProGANDown(c, self.hidden_channels or c, self.out_channels, self.downsample, ctx)
+        return ProGANDown(c, self.hidden_channels or c, self.out_channels, self.downsample, self.act_after_pool, ctx)
 
 
 class ProGANOutput(nn.Module):

@@ -89,6 +89,7 @@ def _graph(
     area: tuple[float, float],
     flip: bool,
     gpu: bool,
+    load_size: int | None = None,
     shuffle: bool,
     shuffle_buffer: int,
     reader_seed: int,
@@ -120,7 +121,10 @@ def _graph(
     if crop == "random_resized":
         images = fn.random_resized_crop(images, size=(resolution, resolution), random_area=list(area))
     else:
-        images = fn.resize(images, resize_shorter=resolution)
+        if load_size:  # CycleGAN's resize_and_crop: a square load_size image, then the crop
+            images = fn.resize(images, size=(load_size, load_size))
+        else:
+            images = fn.resize(images, resize_shorter=resolution)
         crop_args = {"crop": (resolution, resolution)}
         if crop == "random":
             crop_args |= {
@@ -148,6 +152,7 @@ def build_pipeline(
     crop: str = "center",
     area: tuple[float, float] = (0.08, 1.0),
     flip: bool = False,
+    load_size: int | None = None,
     device_id: int | None = None,
     shuffle: bool = True,
     shuffle_buffer: int = 1024,
@@ -170,6 +175,7 @@ def build_pipeline(
         crop=crop,
         area=area,
         flip=flip,
+        load_size=load_size,
         gpu=device_id is not None,
         shuffle=shuffle,
         shuffle_buffer=shuffle_buffer,
@@ -340,6 +346,7 @@ class DaliLoader:
     crop: str = "center"
     area: tuple[float, float] = (0.08, 1.0)
     flip: bool = False
+    load_size: int | None = None
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.float32
     rank: int = 0
@@ -363,6 +370,7 @@ class DaliLoader:
             crop=self.crop,
             area=self.area,
             flip=self.flip,
+            load_size=self.load_size,
             device_id=(self.device.index or 0) if gpu else None,
             shuffle=self.shuffle,
             shuffle_buffer=self.shuffle_buffer,
@@ -528,6 +536,8 @@ def loader_from_spec(
         crop=d.augment.crop,
         area=tuple(d.augment.area),
         flip=d.augment.flip,
+        # a load size is for the data's own resolution (a growing stage reads smaller images)
+        load_size=d.augment.load_size if side == d.resolution else None,
         device=device,
         dtype=dtype,
         rank=rank,

@@ -139,6 +139,13 @@ class Engine:
         for group, base in zip(self._engine.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * scale
 
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's state (Adam's moments and step counts; SGD's momentum), keeping
+        the weights and learning rates: the next step starts it afresh. ZeRO 1/2 wrap the torch
+        optimizer that holds the state (of their fp32 partitions)."""
+        optimizer = self._engine.optimizer
+        getattr(optimizer, "optimizer", optimizer).state.clear()
+
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)
 

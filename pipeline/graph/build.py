@@ -692,6 +692,8 @@ def combined(shapes: list, mode: str, key: str):
         return shapes[0]
     if mode == "many":
         return shapes
+    if shapes == [()]:
+        return ()  # the labels alone, passed on as they are (class_bn looks its tables up by class)
     if any(len(s) != 1 for s in shapes):
         raise BlockError(f"conditioning inputs must be feature vectors, got {', '.join(map(_shape_str, shapes))}", key)
     return (sum(s[0] for s in shapes),)

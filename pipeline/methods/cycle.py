@@ -6,12 +6,14 @@ Four networks: G_AB translates A to B, G_BA translates B to A, D_A tells real A 
 G_BA's, D_B real B images from G_AB's. With real a and b, synthesized b' = G_AB(a), a' = G_BA(b)
 and cycled a'' = G_BA(b'), b'' = G_AB(a'), the generators minimise
 
-    adv(D_B(b')) + adv(D_A(a'))                      adversarial (least squares by default)
+    adv(D_B(b')) + adv(D_A(a'))                      adversarial: CycleGAN's MSE(D(fake), 1) by default
     + lambda_cycle (|a'' - a|_1 + |b'' - b|_1)       cycle consistency (CycleGAN)
     + lambda_cs (|a' - a''|_1 + |b' - b''|_1)        cyclic-synthesized loss (CSGAN's contribution)
     + lambda_identity lambda_cycle (|G_BA(a) - a|_1 + |G_AB(b) - b|_1)   identity (optional)
 
-and each discriminator its loss on real images against the synthesized ones of the same step,
+and each discriminator (MSE(D(real), 1) + MSE(D(fake), 0)) / 2 (CycleGAN's GANLoss and
+backward_D_basic; the other losses follow the same convention, see CYCLEGAN_SCALE) on real
+images against the synthesized ones of the same step,
 drawn through a history of past fakes (CycleGAN's image pool of 50) when `history` is set. As in
 the authors' code, the generators step first, then the discriminators on that step's fakes, and
 the cycled image in the cyclic-synthesized term is a constant (no gradient flows through it).
@@ -30,13 +32,30 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
 
 from pipeline.errors import Issue
-from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Phase, register
+from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, Schedule, register
+from pipeline.precision import full_precision
 from pipeline.profile.regions import region
 from pipeline.train.losses import LOSSES, get_loss
 from pipeline.train.replay import ImageHistory
+
+
+class LrDecay(Options):
+    """CycleGAN's 'linear' policy (models/networks.py:get_scheduler): every learning rate stays at its
+    spec value for `constant_images` real images, then falls linearly to 0 over `decay_images`. The
+    authors step it once per epoch (1 - k / (n + 1) in the k-th of n decay epochs); here it follows
+    the same line step by step, as progress is counted in images."""
+
+    constant_images: NonNegativeInt = Field(
+        description="Real images at the initial rate, counted as the run counts them (an a and a b image per "
+        "pair): 100 epochs in CycleGAN, 2 x 100 x the pairs of the dataset."
+    )
+    decay_images: PositiveInt = Field(description="Real images over which the rate falls to 0 (100 epochs).")
+
+    def factor(self, images_seen: int) -> float:
+        return max(0.0, 1.0 - max(0, images_seen - self.constant_images) / self.decay_images)
 
 
 @register
@@ -69,6 +88,11 @@ class CycleMethod(Method):
     )
     history: NonNegativeInt = Field(
         50, description="Past generated images per domain the discriminators also see (CycleGAN's pool of 50; 0: off)."
+    )
+    lr_decay: LrDecay | None = Field(
+        None,
+        description="CycleGAN's learning-rate schedule (constant, then linear to 0); null: constant. The authors "
+        "train 100 epochs at the initial rate and decay over 100 more: give both in images of the dataset.",
     )
     g_ab: str = Field("G_AB", description="The network translating domain A to B.")
     g_ba: str = Field("G_BA", description="The network translating domain B to A.")
@@ -156,16 +180,38 @@ class CycleMethod(Method):
         return _CycleRun(self, spec)
 
 
+def l1(x, target):
+    """The L1 loss in at least float32 (images under autocast may be bf16)."""
+    return F.l1_loss(full_precision(x), full_precision(target))
+
+
+# CycleGAN's GANLoss convention (junyanz/pytorch-CycleGAN-and-pix2pix, `models/networks.py:GANLoss`,
+# `models/cycle_gan_model.py:backward_D_basic`, `backward_G`): each D minimises
+# (crit(D(real), real) + crit(D(fake), fake)) / 2 and the generators crit(D(fake), real), with crit
+# the plain MSE ('lsgan'), BCE with logits ('vanilla') or -/+ mean ('wgangp'). Relative to this
+# project's losses (D: the sum of both terms, G: the criterion; least squares with LSGAN's own
+# 1/2 on every term), that is (D factor, G factor); hinge, not a CycleGAN option, follows the same rule:
+CYCLEGAN_SCALE = {"least_squares": (1.0, 2.0), "non_saturating": (0.5, 1.0), "wgan_gp": (0.5, 1.0), "hinge": (0.5, 1.0)}
+
+
 class _CycleRun(MethodRun):
     def __init__(self, m: CycleMethod, spec):
         self.m = m
-        self.loss = get_loss(m.loss)
+        # CycleGAN's 'wgangp' criterion has no drift term
+        self.loss = get_loss(m.loss, **({"drift": 0.0} if m.loss == "wgan_gp" else {}))
+        self.d_scale, self.g_scale = CYCLEGAN_SCALE[m.loss]
         self.history = {d: ImageHistory(m.history, spec.seed + i) for i, d in enumerate((m.d_a, m.d_b))}
         self.pending: list[tuple] = []  # (real a, real b, fake a, fake b) of each G micro-batch, for D
         self.phases = [
             Phase("G", ("G",), self.g_objective, frozen=(m.d_a, m.d_b)),
             Phase("D", (m.d_a, m.d_b), self.d_objective),
         ]
+
+    def schedule(self, images_seen: int) -> Schedule | None:
+        decay = self.m.lr_decay
+        if decay is None:
+            return None
+        return Schedule(lr_scale=decay.factor(images_seen))
 
     def g_objective(self, step):
         m, n = self.m, step.nets
@@ -176,20 +222,19 @@ class _CycleRun(MethodRun):
             fake_b, fake_a = G_AB(real_a), G_BA(real_b)
             cycled_a, cycled_b = G_BA(fake_b), G_AB(fake_a)
         with region("D_fwd"), step.mixed():
-            adversarial = self.loss.g(D_B(fake_b).float()) + self.loss.g(D_A(fake_a).float())
+            adversarial = self.g_scale * (self.loss.g(D_B(fake_b)) + self.loss.g(D_A(fake_a)))
         with region("G_fwd"):
-            cycle = F.l1_loss(cycled_a.float(), real_a.float()) + F.l1_loss(cycled_b.float(), real_b.float())
-            synthesized = F.l1_loss(fake_a.float(), cycled_a.detach().float()) + F.l1_loss(
-                fake_b.float(), cycled_b.detach().float()
-            )
+            cycle = l1(cycled_a, real_a) + l1(cycled_b, real_b)
+            synthesized = l1(fake_a, cycled_a.detach()) + l1(fake_b, cycled_b.detach())
             loss = adversarial + m.lambda_cycle * cycle + m.lambda_cs * synthesized
-            logs = {"loss_g": loss.detach(), "loss_cycle": cycle.detach(), "loss_cs": synthesized.detach()}
+            logs = {"loss_cycle": cycle.detach(), "loss_cs": synthesized.detach()}
             if m.lambda_identity:
                 with step.mixed():
                     same_a, same_b = G_BA(real_a), G_AB(real_b)
-                identity = F.l1_loss(same_a.float(), real_a.float()) + F.l1_loss(same_b.float(), real_b.float())
+                identity = l1(same_a, real_a) + l1(same_b, real_b)
                 loss = loss + m.lambda_identity * m.lambda_cycle * identity
                 logs["loss_identity"] = identity.detach()
+        logs["loss_g"] = loss.detach()
         self.pending.append((real_a, real_b, fake_a.detach(), fake_b.detach()))
         return {"G": loss}, logs
 
@@ -198,11 +243,11 @@ class _CycleRun(MethodRun):
         real_a, real_b, fake_a, fake_b = self.pending.pop(0)
         fake_a, fake_b = self.history[m.d_a](fake_a), self.history[m.d_b](fake_b)
         with region("D_fwd"), step.mixed():
-            logits_a = n[m.d_a](torch.cat([real_a, fake_a.to(real_a.dtype)])).float()
-            logits_b = n[m.d_b](torch.cat([real_b, fake_b.to(real_b.dtype)])).float()
+            logits_a = n[m.d_a](torch.cat([real_a, fake_a.to(real_a.dtype)]))
+            logits_b = n[m.d_b](torch.cat([real_b, fake_b.to(real_b.dtype)]))
             half = real_a.shape[0]
-            loss_a = self.loss.d(logits_a[:half], logits_a[half:])
-            loss_b = self.loss.d(logits_b[:half], logits_b[half:])
+            loss_a = self.d_scale * self.loss.d(logits_a[:half], logits_a[half:])
+            loss_b = self.d_scale * self.loss.d(logits_b[:half], logits_b[half:])
         logs = {"loss_d_a": loss_a.detach(), "loss_d_b": loss_b.detach()}
         return {m.d_a: loss_a, m.d_b: loss_b}, logs
 

@@ -3,6 +3,7 @@ then one generator step, as in BigGAN, SAGAN, DCGAN and their relatives."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch
@@ -13,6 +14,7 @@ from pipeline.blocks.attention import explicit_attention
 from pipeline.blocks.layers import batch_statistics
 from pipeline.errors import Issue
 from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, register
+from pipeline.precision import full_precision
 from pipeline.profile.regions import region
 from pipeline.train import latent_opt, unet_gan
 from pipeline.train.losses import LOSSES, get_loss
@@ -23,26 +25,37 @@ LossName = Literal["hinge", "non_saturating", "wgan_gp", "least_squares"]
 
 
 class CutMix(Options):
-    """U-Net GAN's CutMix consistency (Schonfeld et al. 2020, sec. 3.2; boschresearch/unetgan):
-    with a probability warming up linearly to `max_probability`, a D step also shows D the batch
-    mixed by a box mask M (real where M = 1): the decoder learns M per pixel, the encoder calls the
-    mix fake, and the decoder's logits on the mix must equal the mix of its logits on the real and
-    the fake batch (weight `consistency`). Needs a discriminator whose second output is one logit
-    per pixel."""
+    """U-Net GAN's CutMix consistency (Schonfeld et al. 2020, sec. 3.2; boschresearch/unetgan at
+    37adcf0, `train_fns.py:GAN_training_function`): on a CutMix round D judges the real batch, the
+    fakes (made with the real images' labels) and their mix by a box mask M (real where M = 1) in
+    one forward; the decoder learns M per pixel, the encoder calls the mix fake, and the decoder's
+    logits on the mix must equal the mix of its logits on the real and the fake batch (weight
+    `consistency`). Needs a discriminator whose second output is one logit per pixel."""
 
     max_probability: float = Field(
         unet_gan.MAX_CUTMIX_PROBABILITY,
         gt=0,
         le=1,
-        description="Probability of a CutMix D step after the warm-up (0.5).",
+        description="Probability of a CutMix round after the warm-up (0.5), one coin per step (full_batch only).",
     )
     warmup_images: int = Field(
         ge=0,
-        description="Real images over which the probability rises linearly from 0 (the authors' scripts: 20 epochs "
-        "on FFHQ, 200 on COCO-Animals).",
+        description="Real images over which the probability rises linearly from 0 (full_batch only; the authors' "
+        "scripts: 100 epochs on FFHQ, 200 on COCO-Animals).",
     )
     consistency: NonNegativeFloat = Field(
         unet_gan.CONSISTENCY_WEIGHT, description="Weight of the consistency regulariser (1.0 in the authors' code)."
+    )
+    full_batch: bool = Field(
+        True,
+        description="true: a CutMix round replaces the plain real/fake losses by the CutMix and consistency terms "
+        "(the FFHQ and COCO-Animals scripts, --full_batch_mixup); false: every D step adds them to the plain "
+        "losses, no coin or warm-up (the CelebA script).",
+    )
+    box: unet_gan.BoxPlacement = Field(
+        "clipped",
+        description="How the box is drawn: `clipped`, centred on a random pixel and clipped to the image (the "
+        "authors' mixup.py); `inside`, wholly inside the image so its area follows the drawn ratio.",
     )
 
 
@@ -86,11 +99,15 @@ class Replay(Options):
 
 class InstanceNoise(Options):
     """Instance noise (ganhacks tip 13; Sonderby et al. 2017, Arjovsky & Bottou 2017): Gaussian noise
-    added to D's real and fake inputs in the D step, its standard deviation falling linearly from
+    added to every input of D, the real and fake images of the D step and G's images in the G step
+    (G's gradient is taken through D(G(z) + noise)), its standard deviation falling linearly from
     `std` to 0 over `anneal_images` real images."""
 
     std: float = Field(0.1, gt=0, description="Standard deviation at the start (images are in [-1, 1]).")
     anneal_images: PositiveInt = Field(description="Real images over which the noise falls to 0.")
+    in_g_step: bool = Field(
+        True, description="Also add the noise to G's images in the G step (false: the D step only)."
+    )
 
 
 _NGD = latent_opt.BIGGAN_DEEP_NGD
@@ -101,7 +118,14 @@ class Logan(Options):
     update, z takes one step up D's score of G(z), and both losses are computed from G(z') plus
     `penalty` x ||Δz||². Defaults: the paper's BigGAN-deep LOGAN (NGD). z' is clipped to [-1, 1]
     when latent.distribution is uniform (the paper's prior, chosen to match the clipping), and
-    not clipped for a normal latent."""
+    not clipped for a normal latent.
+
+    Where the paper leaves a choice open (docs/fidelity.md): Algorithm 1 computes one z' for a
+    simultaneous D and G update; here, as in deepmind-research's cs_gan, D and G alternate and every
+    D step and G step draws a fresh z and takes its own latent step. The step ascends D's logit
+    (Algorithm 1's f), which for hinge and WGAN losses is also the G loss's direction. The moved
+    elements are drawn at random per sample and step, and the natural gradient's norm is taken over
+    them; the penalty is on Δz before the clip (the paper's ||Δz||², cs_gan penalises the move)."""
 
     alpha: NonNegativeFloat = Field(_NGD.alpha, description="Step size α (0.9; 0 makes the step a no-op).")
     beta: float = Field(
@@ -366,7 +390,8 @@ def _rows(out, part: slice):
 
 
 def _float(out):
-    return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+    """D's outputs promoted from half precision to float32 (float64 stays float64)."""
+    return tuple(full_precision(o) for o in out) if isinstance(out, tuple) else full_precision(out)
 
 
 class _GanRun(MethodRun):
@@ -376,6 +401,7 @@ class _GanRun(MethodRun):
         # CutMix's coin and boxes: one generator, the same seed on every rank (the same branch
         # everywhere), its state checkpointed so a resumed run draws what it would have drawn
         self.cutmix_rng = torch.Generator().manual_seed(spec.seed + 31) if m.cutmix is not None else None
+        self.cutmix_step, self.cutmix_mask = None, None  # the step the mask was drawn for, and the mask
         # LOGAN's element masks, drawn like CutMix's from a generator of the method's own
         self.logan_rng = torch.Generator().manual_seed(spec.seed + 37) if m.logan is not None else None
         self.separate = None  # whether D sees real and fake apart: decided from D's modules on first use
@@ -412,6 +438,7 @@ class _GanRun(MethodRun):
 
     def load_state_dict(self, state: dict) -> None:
         generators = self._generators()
+        self.cutmix_step = None  # the next step draws its own round, as it would have without the stop
         kept = set(generators) | ({"replay"} if self.replay is not None else set())
         if set(state) != kept:
             raise ValueError(f"the checkpoint's method state holds {sorted(state)}, this run keeps {sorted(kept)}")
@@ -434,9 +461,11 @@ class _GanRun(MethodRun):
         noise = self.m.instance_noise
         return noise.std * max(0.0, 1.0 - step.images_seen / noise.anneal_images)
 
-    def _latents(self, step, G, D):
-        """z (LOGAN's z' when it is on), the labels, and the latent penalty to add to the loss."""
+    def _latents(self, step, G, D, labels=None):
+        """z (LOGAN's z' when it is on), the labels (`labels` in place of the drawn ones when
+        given), and the latent penalty to add to the loss."""
         z, y = step.latents(step.micro)
+        y = y if labels is None else labels
         lo = self.m.logan
         if lo is None or lo.alpha == 0:
             return z, y, None
@@ -460,7 +489,9 @@ class _GanRun(MethodRun):
     def d_objective(self, step):
         m, G, D = self.m, step.nets[self.m.generator], step.nets[self.m.discriminator]
         real, y_real = self.real_batch(step)
-        z, y_fake, penalty = self._latents(step, G, D)
+        mask = self._cutmix_round(step, real)
+        # a CutMix round makes its fakes with the real images' labels (the authors' G_D.forward: gy = dy)
+        z, y_fake, penalty = self._latents(step, G, D, labels=None if mask is None else y_real)
         # no graph through G, unless D's loss must reach D's parameters through LOGAN's Δz
         through_delta = penalty is not None and m.logan.second_order
         with region("G_fwd"), torch.set_grad_enabled(through_delta), step.mixed():
@@ -472,15 +503,18 @@ class _GanRun(MethodRun):
             fake = fake + std * torch.randn_like(fake)
         if m.r1_gamma:
             real = real.detach().requires_grad_(True)
+        fake = fake.to(real.dtype)
+        batches, labels = [real, fake], [y_real, y_fake]
+        if mask is not None:
+            batches.append(unet_gan.mix(real.detach(), fake.detach(), mask))
+            labels.append(y_real)
         with region("D_fwd"), step.mixed():
-            if self._separate(D):
-                real_out, fake_out = _float(D(real, y_real)), _float(D(fake.to(real.dtype), y_fake))
-            else:  # real and fake in one batch: one forward of D
-                out = _float(D(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake])))
-                real_out, fake_out = _rows(out, slice(None, step.micro)), _rows(out, slice(step.micro, None))
+            real_out, fake_out, *mixed_out = self._judge(D, batches, labels)
             real_logits, fake_logits = _logit(real_out), _logit(fake_out)
             aux = m.aux_classifier
-            if isinstance(real_out, tuple) and aux is None:  # U-Net D: the encoder's and the decoder's losses
+            if mask is not None and m.cutmix.full_batch:  # the authors skip the plain losses on a mixed round
+                d_loss = real_logits.new_zeros((), dtype=torch.float32)
+            elif isinstance(real_out, tuple) and aux is None:  # U-Net D: the encoder's and the decoder's losses
                 d_loss = unet_gan.unet_d_loss(self.loss, real_out, fake_out)
             elif self.labels_rng is not None:
                 d_loss = self.loss.d_targets(real_logits, fake_logits, *self._targets(step.micro, real.device))
@@ -493,24 +527,21 @@ class _GanRun(MethodRun):
                 d_loss = d_loss + m.r1_gamma / 2 * r1_penalty(real_logits, real)
             if m.gp_weight:
                 d_loss = d_loss + m.gp_weight * gradient_penalty(lambda x, y: _logit(D(x, y)), real, fake, y_real)
+            if mask is not None:
+                cutmix = unet_gan.cutmix_d_loss(self.loss, mixed_out[0], mask)
+                consistency = unet_gan.consistency_loss(mixed_out[0], real_out, fake_out, mask)
+                d_loss = d_loss + cutmix + m.cutmix.consistency * consistency
         logs = {"d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
         if aux is not None:
             logs |= {
                 "aux_loss_d": classes.detach(),
                 "aux_accuracy_real": (real_out[1].detach().argmax(1) == y_real).float().mean(),
             }
+        if mask is not None:
+            logs |= {"loss_cutmix": cutmix.detach(), "consistency": consistency.detach()}
         if penalty is not None:
             d_loss = d_loss + penalty
             logs["latent_penalty"] = penalty.detach()
-        if m.cutmix is not None and self._cutmix_now(step):
-            with region("D_fwd"), step.mixed():
-                mask, _ = unet_gan.cutmix_mask(step.micro, *real.shape[-2:], generator=self.cutmix_rng)
-                mask = mask.to(real.device, real.dtype)
-                mixed_out = _float(D(unet_gan.mix(real.detach(), fake.detach().to(real.dtype), mask), y_real))
-                cutmix = unet_gan.cutmix_d_loss(self.loss, mixed_out, mask)
-                consistency = unet_gan.consistency_loss(mixed_out, real_out, fake_out, mask)
-                d_loss = d_loss + cutmix + m.cutmix.consistency * consistency
-            logs |= {"loss_cutmix": cutmix.detach(), "consistency": consistency.detach()}
         return {"D": d_loss}, {"loss_d": d_loss.detach(), **logs}
 
     def real_batch(self, step):
@@ -522,20 +553,47 @@ class _GanRun(MethodRun):
             self.separate = self.m.d_batches == "separate" or (self.m.d_batches == "auto" and bool(batch_statistics(D)))
         return self.separate
 
-    def _cutmix_now(self, step) -> bool:
-        if step.counting_flops:
-            return True  # FLOPs are counted for a step that mixes (an upper bound of the average)
+    def _judge(self, D, batches, labels) -> list:
+        """D's outputs on each batch: one forward over them all (as the authors' G_D.forward), or
+        one forward each when D must see them apart (`d_batches`)."""
+        if self._separate(D):
+            return [_float(D(x, y)) for x, y in zip(batches, labels, strict=True)]
+        out = _float(D(torch.cat(batches), None if labels[0] is None else torch.cat(labels)))
+        starts = [0, *itertools.accumulate(x.shape[0] for x in batches)]
+        return [_rows(out, slice(a, b)) for a, b in itertools.pairwise(starts)]
+
+    def _cutmix_round(self, step, real):
+        """The mask M of this step's CutMix round, or None on a plain round. One coin and one set of
+        masks per step, shared by its D steps and micro-batches, as the authors draw
+        use_mixup_in_this_round and target_map once per iteration."""
         c = self.m.cutmix
-        probability = unet_gan.cutmix_probability(
-            step.images_seen, warmup_images=c.warmup_images, maximum=c.max_probability
-        )
-        return unet_gan.cutmix_this_step(probability, generator=self.cutmix_rng)
+        if c is None:
+            return None
+        if self.cutmix_step != step.step:
+            self.cutmix_step = step.step
+            if step.counting_flops or not c.full_batch:
+                mixing = True  # FLOPs are counted for a step that mixes (an upper bound of the average)
+            else:
+                probability = unet_gan.cutmix_probability(
+                    step.images_seen, warmup_images=c.warmup_images, maximum=c.max_probability
+                )
+                mixing = unet_gan.cutmix_this_step(probability, generator=self.cutmix_rng)
+            height, width = real.shape[-2:]
+            self.cutmix_mask = (
+                unet_gan.cutmix_mask(step.micro, height, width, placement=c.box, generator=self.cutmix_rng)[0]
+                if mixing
+                else None
+            )
+        return None if self.cutmix_mask is None else self.cutmix_mask.to(real.device, real.dtype)
 
     def g_objective(self, step):
         m, G, D = self.m, step.nets[self.m.generator], step.nets[self.m.discriminator]
         z, y, penalty = self._latents(step, G, D)
         with region("G_fwd"), step.mixed():
             fake = G(z, y)
+        noise = m.instance_noise
+        if noise is not None and noise.in_g_step and (std := self._noise_std(step)) > 0:
+            fake = fake + std * torch.randn_like(fake)
         with region("D_fwd"), step.mixed():
             out = _float(D(fake, y))
             aux, logs = m.aux_classifier, {}

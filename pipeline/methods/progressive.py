@@ -59,6 +59,12 @@ class ProgressiveMethod(GanMethod):
     resolutions: dict[PositiveInt, StageOverride] = Field(
         default_factory=dict, description="Per-resolution overrides: {256: {batch_size: 14}, ...}."
     )
+    reset_optimizer: bool = Field(
+        True,
+        description="Clear the optimizers' states (Adam's moments and step counts) at the start of every fade-in "
+        "and stabilisation, as the authors' train.py does (reset_optimizer_state whenever the level of detail "
+        "changes); false keeps them through the growth.",
+    )
 
     def stages(self, spec) -> list[int]:
         """The resolution of each stage of the spec's growing generator, smallest first."""
@@ -159,7 +165,8 @@ class _ProgressiveRun(_GanRun):
         lr = {}
         if override is not None:
             lr = {role: v for role, v in (("generator", override.g_lr), ("discriminator", override.d_lr)) if v}
-        self.now = Schedule(stage, fading, alpha, res, override.batch_size if override else None, lr)
+        batch = override.batch_size if override else None
+        self.now = Schedule(stage, fading, alpha, res, batch, lr, reset_optimizers=m.reset_optimizer)
         return self.now
 
     def phase_start(self, stage: int, fading: bool) -> int:

@@ -60,6 +60,7 @@ class StepInputs(Protocol):
         """The run's autocast (bf16) context; a no-op in fp32."""
 
     images_seen: int  # real images read so far, all ranks (schedules follow it)
+    step: int  # steps completed before this one (constant within a step)
     counting_flops: bool  # True when the phases run on the meta device to count FLOPs
 
 
@@ -98,17 +99,27 @@ def describe(phases: list[Phase]) -> str:
 class Schedule:
     """What a method with a schedule (ProGAN's growth) sets for the coming step, a function of the
     real images seen: the stage of every growing network and its fade-in weight alpha, the side
-    of the real images, the global batch and the learning rate by role (None: the spec's)."""
+    of the real images, the global batch, the learning rate by role (None: the spec's), and
+    whether the optimizers start afresh at each new stage and phase."""
 
-    stage: int
-    fading: bool
-    alpha: float
-    resolution: int
+    stage: int = 0
+    fading: bool = False
+    alpha: float = 1.0
+    resolution: int | None = None  # None: data.resolution, and no growth to record
     batch_size: int | None = None
     lr: dict[str, float] = field(default_factory=dict)  # role -> learning rate
+    lr_scale: float = 1.0  # a factor on every learning rate (CycleGAN's linear decay)
+    reset_optimizers: bool = False  # clear the optimizers' states when the stage or phase changes
+
+    @property
+    def phase(self) -> tuple[int, bool]:
+        """(stage, fading): what a change of which resets the optimizers when asked."""
+        return self.stage, self.fading
 
     def record(self) -> dict:
-        """The schedule as logged and checkpointed."""
+        """The growth as logged and checkpointed (nothing for a schedule of learning rates alone)."""
+        if self.resolution is None:
+            return {}
         return {
             "stage": self.stage,
             "phase": "fade" if self.fading else "stable",

@@ -60,6 +60,7 @@ class _MetaInputs:
     the end of every warm-up, and stochastic passes (CutMix) are counted as if they always ran."""
 
     images_seen = 1 << 62
+    step = 0
     counting_flops = True
 
     def __init__(self, spec, nets, micro: int, streams: dict[str, bool]):

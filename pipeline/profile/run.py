@@ -173,7 +173,7 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
         "world_size": world.size,
         "batch_size": tr.micro * tr.accum * world.size,
         "batch_per_rank": tr.micro,
-        **({"schedule": tr.schedule.record()} if tr.schedule is not None else {}),
+        **({"schedule": tr.schedule.record()} if tr.schedule is not None and tr.schedule.record() else {}),
         "accumulation": tr.accum,
         "method": spec.method.kind,
         "phases": describe(tr.method.phases),

@@ -175,6 +175,19 @@ class AugmentSpec(Section):
     )
     area: tuple[float, float] = Field((0.08, 1.0), description="Range of the image area a random_resized crop keeps.")
     flip: bool = Field(True, description="Random horizontal flips.")
+    load_size: PositiveInt | None = Field(
+        None,
+        le=8192,
+        description="Resize every image to load_size x load_size (the aspect ratio not kept) before the center or "
+        "random crop to data.resolution, as CycleGAN's resize_and_crop (load 286, crop 256); null: resize the "
+        "shorter side to data.resolution.",
+    )
+
+    @model_validator(mode="after")
+    def _load_size_with_a_crop(self):
+        if self.load_size is not None and self.crop == "random_resized":
+            raise ValueError("load_size applies to the center and random crops, not random_resized")
+        return self
 
 
 class StreamSpec(Section):
@@ -236,6 +249,11 @@ class DataSpec(Section):
     def _one_way_to_name_the_data(self):
         if self.streams and (self.shards or self.synthetic):
             raise ValueError("give data.shards / data.synthetic or data.streams, not both")
+        if self.augment.load_size is not None and self.augment.load_size < self.resolution:
+            raise ValueError(
+                f"augment.load_size {self.augment.load_size} is smaller than resolution {self.resolution}: the "
+                "crop would not fit; give a load size of at least the resolution"
+            )
         return self
 
     def all_streams(self) -> dict[str, StreamSpec]:

@@ -25,6 +25,11 @@ networks "for smoother gradient flow for ∂f(z)/∂z". Those four numbers are `
 
     z_opt, delta_z = latent_step(z, lambda z: D(G(z, y), y), **BIGGAN_DEEP_NGD.step_kwargs(), generator=rng)
     g_loss = loss.g(D(G(z_opt, y), y)) + latent_step_penalty(delta_z, weight=BIGGAN_DEEP_NGD.penalty_weight)
+
+Other implementations differ from the paper here: PyTorch-StudioGAN's `src/utils/losses.py:
+latent_optimise` moves whole samples rather than a share of each z's elements, and at commit
+5c62666 (2021-07-28) returned its boolean flag `trans_cost` in place of the transport cost, so the
+penalty it added was a constant (lo_lambda x 1) with no gradient.
 """
 
 from __future__ import annotations

@@ -119,6 +119,11 @@ class StepInputs:
         """Real images read so far, all ranks together (schedules follow it)."""
         return self.tr.images_seen
 
+    @property
+    def step(self) -> int:
+        """Steps completed before this one: the same in every phase, repeat and micro-batch of a step."""
+        return self.tr.step
+
     counting_flops = False  # the meta-device stand-in used to count FLOPs says True
 
 
@@ -202,6 +207,7 @@ class Trainer:
         the data streams reopened at their positions."""
         spec, world = self.spec, self.world
         self.step, self.images_seen, self.rollbacks, local = 0, 0, [], {}
+        self.phase = None  # the (stage, fading) of the last step taken, if the method has a schedule
         self.parts = world.size  # the data's parts (data/parts.py): one per rank of the run's first start
         if path is not None:
             written = checkpoint.read_state(path)
@@ -212,6 +218,8 @@ class Trainer:
             )
             self.step, self.images_seen = state["step"], state["images_seen"]
             self.rollbacks = list(state.get("rollbacks", []))
+            if "schedule" in state:  # a step in a new phase after the resume still resets the optimizers
+                self.phase = (state["schedule"]["stage"], state["schedule"]["phase"] == "fade")
             torch.set_rng_state(local["rng"]["cpu"])
             self.latent_rng.set_state(local["rng"]["latents"])
             if "cuda" in local["rng"] and torch.cuda.is_available():
@@ -236,16 +244,20 @@ class Trainer:
         first opening)."""
         spec, world = self.spec, self.world
         s = self.schedule = self.method.schedule(self.images_seen)
-        resolution = s.resolution if s is not None else spec.data.resolution
+        resolution = s.resolution if s is not None and s.resolution is not None else spec.data.resolution
         micro = self.spec_micro
         if s is not None:
+            if s.reset_optimizers and self.phase is not None and s.phase != self.phase:
+                for engine in self.engines.values():
+                    engine.reset_optimizer()
+            self.phase = s.phase
             for net in [*self.nets.values(), *(ema.module for ema in self.emas.values())]:
                 if getattr(net, "growth", None) is not None:
                     net.set_stage(s.stage, s.fading, s.alpha)
             if s.batch_size is not None:  # preflight checked that it splits
                 micro = s.batch_size // (self.accum * world.size)
         if positions is None and (resolution, micro) == self.data_shape:
-            if s is not None and s.lr != self._scheduled_lr:
+            if s is not None and (s.lr, s.lr_scale) != self._scheduled_lr:
                 self.scale_lrs()
             return
         self.scale_lrs()
@@ -310,10 +322,12 @@ class Trainer:
         return value
 
     def scale_lrs(self) -> None:
-        """Learning rates: the spec's (or the schedule's at this stage), times the scale of every
-        rollback so far."""
-        scale = math.prod(r["lr_scale"] for r in self.rollbacks)
-        scheduled = self._scheduled_lr = dict(self.schedule.lr) if self.schedule is not None else {}
+        """Learning rates: the spec's (or the schedule's at this stage), times the schedule's factor
+        and the scale of every rollback so far."""
+        s = self.schedule
+        scheduled, factor = (dict(s.lr), s.lr_scale) if s is not None else ({}, 1.0)
+        self._scheduled_lr = (scheduled, factor)
+        scale = factor * math.prod(r["lr_scale"] for r in self.rollbacks)
         spec, self.lrs = self.spec, {}
         needs = spec.method.networks(spec)
         for name, members in spec.method.engines(spec).items():
@@ -486,7 +500,7 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
         state = {"step": at, "images_seen": tr.images_seen, "world_size": world.size, "data_parts": tr.parts}
         state["spec"] = tr.spec_dict
         state["rollbacks"] = tr.rollbacks
-        if tr.schedule is not None:  # the last step's stage, phase and alpha (the next follow from images_seen)
+        if tr.schedule is not None and tr.schedule.record():  # the last step's stage, phase and alpha
             state["schedule"] = tr.schedule.record()
         rank_state = tr.rank_state() | {"rng": {"latents": tr.latent_rng.get_state()}}
         return checkpoint.save(

@@ -21,11 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.errors import did_you_mean
-
-
-def _promote(logits: Tensor) -> Tensor:
-    """Reductions over a large batch of bf16 logits lose digits; compute losses in float32."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+from pipeline.precision import full_precision as _promote
 
 
 @dataclass(frozen=True)

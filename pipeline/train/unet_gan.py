@@ -24,28 +24,34 @@ this module follows it:
   CutMix artifacts; code: `mix_bce` against `fake_target`; how_to sec. 3.2.1 calls soft targets
   the risky option). So there is no ratio-valued encoder target here. Both CutMix terms have
   weight 1 in the code (`mix_loss = D_loss_mixed_2d + mixed_middle_loss`).
-- The box (`mixup.py`, after CutMix-PyTorch's `rand_bbox`): lam ~ Beta(1, 1) = U(0, 1), a box of
-  side sqrt(1 - lam) times the image side made fake, then the whole mask inverted with
-  probability 0.5, so lam is the real-pixel fraction and the box is the real or the fake part
-  with equal odds. `cutmix_mask` samples the same distribution, but keeps the box inside the
-  image instead of clipping a box centred anywhere, so its area follows the ratio (see there).
+- The box (`mixup.py:CutMix`, after CutMix-PyTorch's `rand_bbox`): lam ~ Beta(1, 1) = U(0, 1),
+  a box of side int(sqrt(1 - lam) x image side) centred on a random pixel and clipped to the
+  image is made fake, then the whole mask is inverted with probability 0.5.
+  `cutmix_mask(placement="clipped")` draws exactly that distribution (the default);
+  `placement="inside"` keeps the box inside the image so that its area follows the ratio.
 - Consistency (sec. 3.2): || D_dec(mix(x, G(z), M)) - mix(D_dec(x), D_dec(G(z)), M) ||², on the
   decoder's *logits* (how_to sec. 4.1: no sigmoid), as a mean squared error over pixels
   (`F.mse_loss(D_mixed, mix)`), weight 1.0 in the code (`CONSISTENCY_WEIGHT`). The code does not
   detach the target side: D_dec(x) and D_dec(G(z)) come from the same forward pass and receive
   gradients too. It trains D only: G(z) is made without grad in D's step (`G_D.forward`, with
   `torch.set_grad_enabled(train_G)`) and G's step never sees CutMix images.
-- How often (`train.py`, `--full_batch_mixup --slow_mixup`): a coin per D step decides whether
-  the *whole batch* is mixed, with probability 0.5 · min(1, epoch / warmup_epochs) (paper: raised
-  linearly from 0 to 0.5 over the first n epochs). On a mixed step the plain real/fake losses are
-  skipped; D's loss is the CutMix terms plus the consistency term. The scripts use
-  warmup_epochs = 20 (FFHQ, `training_scripts/train_ffhq.sh`) and 200 (COCO-Animals,
-  `train_cocoanimals.sh`; also the `utils.py` default); the CelebA script instead adds CutMix and
-  consistency to every batch with no warm-up (`train_celeba.sh`, no `--full_batch_mixup`).
-  In the mixed step the fakes are generated with the real images' labels (`gy = dy`).
+- How often (`train.py`, `--full_batch_mixup --slow_mixup`): one coin per training iteration
+  (`train_fns.py`: `use_mixup_in_this_round`, drawn once before the D steps) decides whether the
+  *whole batch* is mixed, with probability 0.5 · min(1, epoch / warmup_epochs) (paper: raised
+  linearly from 0 to 0.5 over the first n epochs); the masks are drawn once per iteration too
+  (`train.py`: `target_map`) and serve every D step and accumulation of it. On a mixed round the
+  plain real/fake losses are skipped (`skip_normal_real_fake_loss`): D's loss is the CutMix terms
+  plus the consistency term only. The scripts at HEAD (37adcf0) use warmup_epochs = 100 (FFHQ,
+  `training_scripts/train_ffhq.sh`) and 200 (COCO-Animals, `train_cocoanimals.sh`); the CelebA
+  script instead adds CutMix and consistency to every batch with no warm-up (`train_celeba.sh`,
+  no `--full_batch_mixup`).
+- One forward per D step (`BigGAN.py:G_D.forward`): on a mixed round D judges
+  cat(G(z), x, mix(x, G(z), M)) in one call (one spectral-norm power iteration), and the fakes
+  are generated with the real images' labels (`gy = dy`), so the mix and its parts share a class.
 
-    mask, ratio = cutmix_mask(batch, h, w, device=real_img.device, generator=gen)
-    mixed_out = D(mix(real_img, gen_img.detach(), mask), y)
+    mask, _ = cutmix_mask(batch, h, w, generator=gen)
+    out = D(cat(real_img, gen_img, mix(real_img, gen_img, mask)), cat(y, y, y))   # gen_img = G(z, y)
+    real_out, fake_out, mixed_out = split(out)
     d_loss = cutmix_d_loss(loss, mixed_out, mask) + CONSISTENCY_WEIGHT * consistency_loss(
         mixed_out, real_out, fake_out, mask)
 """
@@ -53,11 +59,13 @@ this module follows it:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.precision import full_precision as _promote
 from pipeline.train.losses import GanLoss, Hinge, LeastSquares, NonSaturating
 
 # The authors' defaults (see the module docstring for where each comes from).
@@ -66,11 +74,6 @@ CONSISTENCY_WEIGHT = 1.0
 
 UnetOutput = Sequence[Tensor]  # (enc_logits (B, 1), dec_logits (B, 1, H, W))
 _Term = Callable[[Tensor], Tensor]
-
-
-def _promote(logits: Tensor) -> Tensor:
-    """Reductions over many bf16/fp16 logits lose digits; compute in float32."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def split_unet_output(out: UnetOutput, name: str = "output") -> tuple[Tensor, Tensor]:
@@ -176,27 +179,34 @@ def pixel_target_loss(loss: GanLoss, logits: Tensor, targets: Tensor) -> Tensor:
 
 
 # ----- CutMix -----
+BoxPlacement = Literal["clipped", "inside"]
+
+
 def cutmix_mask(
     n: int,
     height: int,
     width: int,
     *,
+    placement: BoxPlacement = "clipped",
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """n CutMix masks (paper sec. 3.2): `mask` (n, 1, H, W), float32 in {0, 1} with 1 where the
-    pixel comes from the real image, and `ratio` (n,), the real fraction r ~ U(0, 1) each was drawn for.
+    pixel comes from the real image, and `ratio` (n,), the real fraction each was drawn for
+    (`mask.mean((1, 2, 3))` is the realised one).
 
-    Each mask is one axis-aligned box and its complement; the box is the real part or the fake
-    part with probability 1/2 each, and holds a fraction a = r (box real) or a = 1 - r (box fake)
-    of the image, so the real fraction is r either way (the authors' `mixup.py`: lam ~ Beta(1, 1),
-    box fake of area 1 - lam, whole mask inverted with probability 0.5).
+    Each mask is one axis-aligned box and its complement. `placement` says how the box is drawn:
 
-    Rounding: the box is round(sqrt(a) H) x round(sqrt(a) W) pixels, placed uniformly so that it
-    lies wholly inside the image (no clipping, unlike CutMix-PyTorch's `rand_bbox`, whose clipped
-    boxes fall short of the ratio near the borders). Each side is off by at most half a pixel, so
-    the real area differs from r H W by at most (H + W) / 2 + 1/4 pixels: under one row or column.
-    `mask.mean((1, 2, 3))` is the exact realised fraction.
+    - "clipped", the authors' `mixup.py:CutMix` (after CutMix-PyTorch's `rand_bbox`): lam ~
+      Beta(1, 1) = U(0, 1); a box of sides int(sqrt(1 - lam) H) x int(sqrt(1 - lam) W) centred
+      on a uniformly drawn pixel spans [c - side // 2, c + side // 2) along each axis, clipped to
+      the image, and is made fake; then the whole mask is inverted with probability 1/2 (`rand >
+      0.5`). The drawn real fraction is lam (1 - lam when inverted); clipped boxes near a border
+      fall short of it, and an odd side loses a pixel to `side // 2`.
+    - "inside": the same real fraction r ~ U(0, 1) and the same coin for which part the box is,
+      but the box is round(sqrt(a) H) x round(sqrt(a) W), a = r or 1 - r, placed uniformly so
+      that it lies wholly inside the image: the real area differs from r H W by at most
+      (H + W) / 2 + 1/4 pixels.
 
     Four uniforms per sample are drawn from `generator` (on its device) when given, else from
     torch's global RNG on `device`, then moved to `device`; no host sync, so it runs on `meta`."""
@@ -206,19 +216,32 @@ def cutmix_mask(
     draws = torch.rand(n, 4, generator=generator, device=draw_device, dtype=torch.float32)
     device = draws.device if device is None else torch.device(device)
     draws = draws.to(device)
-    ratio, box_is_real, u_top, u_left = draws.unbind(dim=1)
-    box_is_real = box_is_real < 0.5
-    box_area = torch.where(box_is_real, ratio, 1.0 - ratio)
-    side = box_area.sqrt()
-    box_h = torch.round(side * height).clamp(0, height)
-    box_w = torch.round(side * width).clamp(0, width)
-    # Top-left corner uniform over the box's height - box_h + 1 (width - box_w + 1) positions.
-    top = torch.minimum(torch.floor(u_top * (height - box_h + 1)), height - box_h)
-    left = torch.minimum(torch.floor(u_left * (width - box_w + 1)), width - box_w)
     rows = torch.arange(height, device=device, dtype=torch.float32)
     cols = torch.arange(width, device=device, dtype=torch.float32)
-    in_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # (n, H)
-    in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # (n, W)
+    if placement == "clipped":
+        lam, u_row, u_col, coin = draws.unbind(dim=1)
+        side = (1.0 - lam).sqrt()
+        half_h, half_w = torch.floor(torch.floor(side * height) / 2), torch.floor(torch.floor(side * width) / 2)
+        centre_row, centre_col = torch.floor(u_row * height), torch.floor(u_col * width)
+        top, bottom = (centre_row - half_h).clamp(0, height), (centre_row + half_h).clamp(0, height)
+        left, right = (centre_col - half_w).clamp(0, width), (centre_col + half_w).clamp(0, width)
+        invert = coin > 0.5
+        box_is_real, ratio = invert, torch.where(invert, 1.0 - lam, lam)
+    elif placement == "inside":
+        ratio, coin, u_top, u_left = draws.unbind(dim=1)
+        box_is_real = coin < 0.5
+        box_area = torch.where(box_is_real, ratio, 1.0 - ratio)
+        side = box_area.sqrt()
+        box_h = torch.round(side * height).clamp(0, height)
+        box_w = torch.round(side * width).clamp(0, width)
+        # Top-left corner uniform over the height - box_h + 1 (width - box_w + 1) positions.
+        top = torch.minimum(torch.floor(u_top * (height - box_h + 1)), height - box_h)
+        left = torch.minimum(torch.floor(u_left * (width - box_w + 1)), width - box_w)
+        bottom, right = top + box_h, left + box_w
+    else:
+        raise ValueError(f"placement must be 'clipped' or 'inside', got {placement!r}")
+    in_rows = (rows >= top[:, None]) & (rows < bottom[:, None])  # (n, H)
+    in_cols = (cols >= left[:, None]) & (cols < right[:, None])  # (n, W)
     in_box = in_rows[:, :, None] & in_cols[:, None, :]  # (n, H, W)
     real = torch.where(box_is_real[:, None, None], in_box, ~in_box)
     return real.to(torch.float32)[:, None], ratio
