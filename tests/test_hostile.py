@@ -191,6 +191,45 @@ def test_non_finite_or_out_of_range_hyperparameters_are_validation_errors(overri
     assert any(issue.path == path for issue in info.value.issues), str(info.value)
 
 
+@pytest.mark.parametrize(
+    "spec, override, path",
+    [
+        # the options the fidelity work added, and booleans inside method options and number lists
+        ("csgan_demo", "method.lr_decay={constant_images: true, decay_images: 10}", "method.lr_decay.constant_images"),
+        ("csgan_demo", "method.lr_decay={constant_images: 10, decay_images: 0}", "method.lr_decay.decay_images"),
+        ("csgan_demo", "method.lr_decay={constant_images: .inf, decay_images: 10}", "method.lr_decay.constant_images"),
+        ("csgan_demo", "method.lr_decay={constant_images: -5, decay_images: 10}", "method.lr_decay.constant_images"),
+        ("csgan_demo", "method.lr_decay={decay_images: 10}", "method.lr_decay.constant_images"),
+        ("demo", "data.augment.load_size=true", "data.augment.load_size"),
+        ("demo", "data.augment.load_size=.nan", "data.augment.load_size"),
+        ("demo", "data.augment.load_size=100000", "data.augment.load_size"),
+        ("demo", "data.augment.load_size=16", "data"),  # smaller than the resolution: the crop cannot fit
+        ("demo", "data.augment={crop: random_resized, load_size: 40}", "data.augment"),
+        ("demo_unet", "method.cutmix.box=diagonal", "method.cutmix.box"),
+        ("demo_unet", "method.cutmix.full_batch=2", "method.cutmix.full_batch"),
+        ("demo_unet", "method.cutmix.warmup_images=true", "method.cutmix.warmup_images"),
+        ("demo", "method.instance_noise={std: true, anneal_images: 10}", "method.instance_noise.std"),
+        (
+            "demo",
+            "method.instance_noise={std: 0.1, anneal_images: 10, in_g_step: 3}",
+            "method.instance_noise.in_g_step",
+        ),
+        ("progan_demo", "method.reset_optimizer=sometimes", "method.reset_optimizer"),
+        ("demo", "train.g_opt.betas=[false, 0.9]", "train.g_opt.betas"),
+    ],
+)
+def test_new_options_refuse_wrong_types_before_anything_is_built(spec, override, path):
+    with pytest.raises(SpecError) as info:
+        load_spec(spec, [override])
+    assert any(issue.path == path for issue in info.value.issues), str(info.value)
+
+
+def test_a_boolean_inside_a_list_of_numbers_is_refused(cli):
+    result = cli("validate", "demo", "method.loss=least_squares", "method.soft_labels={real: [true, 1.0]}")
+    assert result.code == 2 and "method.soft_labels.real: expected numbers, not [true, 1.0]" in result.err
+    assert "Traceback" not in result.err
+
+
 def test_a_checkpoint_is_never_written_with_non_finite_weights(demo_shards, tmp_path, monkeypatch):
     run_step = loop.Trainer.run_step
 

@@ -84,11 +84,18 @@ def _types(annotation) -> set:
 
 def no_bool_for_a_number(cls, value, info):
     """pydantic reads `true` as 1 for an int field (`train.batch_size=true` trained with batch 1):
-    a boolean is refused where the field is a number and takes no boolean."""
+    a boolean is refused where the field is a number, or a list or tuple of numbers (`betas`), and
+    takes no boolean."""
+    annotation = cls.model_fields[info.field_name].annotation
     if isinstance(value, bool):
-        types = _types(cls.model_fields[info.field_name].annotation)
+        types = _types(annotation)
         if types & {int, float} and bool not in types:
             raise ValueError(f"expected a number, not {str(value).lower()}")
+    elif isinstance(value, list | tuple) and typing.get_origin(annotation) in (list, tuple):
+        types = _types(annotation)
+        if types & {int, float} and bool not in types and any(isinstance(v, bool) for v in value):
+            shown = ", ".join(str(v).lower() for v in value)
+            raise ValueError(f"expected numbers, not [{shown}]")
     return value
 
 

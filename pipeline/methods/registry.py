@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Annotated, Literal, Protocol, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.blocks.registry import no_bool_for_a_number
 
@@ -152,9 +152,11 @@ class MethodRun:
 
 
 class Options(BaseModel):
-    """A section of a method's options: strict like every spec section."""
+    """A section of a method's options: strict like every spec section (booleans refused for
+    numbers, at the field's own path)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    refuse_bool_for_a_number = field_validator("*", mode="before")(classmethod(no_bool_for_a_number))
 
 
 class Method(BaseModel):
