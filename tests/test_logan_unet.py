@@ -83,8 +83,8 @@ def test_logan_needs_a_generator_with_a_latent(write_spec):
 
 # ----- U-Net GAN
 def test_unet_d_trains_with_cutmix_and_resumes_the_schedule_exactly(demo_shards, tmp_path, metrics):
-    # warm-up over the first 2 of 4 steps (64 images each): CutMix may run from step 1 on
-    args = ("train.max_steps=4", "method.cutmix.warmup_images=128", "method.cutmix.max_probability=1.0")
+    # warm-up over the first 2 of 4 steps (8 real images each): probability 0, 0.5, 1, 1
+    args = ("train.max_steps=4", "method.cutmix.warmup_images=16", "method.cutmix.max_probability=1.0")
     straight = run("demo_unet", demo_shards, tmp_path / "straight", *args)
     rows = metrics(straight)
     assert any("loss_cutmix" in r for r in rows) and all(r["loss_d"] > 0 for r in rows)
