@@ -259,10 +259,11 @@ def adam_steps(trainer, engine: str) -> set[int]:
     return {int(state["step"]) for state in getattr(optimizer, "optimizer", optimizer).state.values()}
 
 
-def test_adam_starts_afresh_at_every_fade_in_and_stabilisation(demo_shards, tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_adam_starts_afresh_at_every_fade_in_and_stabilisation(demo_shards, tmp_path, zero_stage):
     # the authors' train.py: G_opt/D_opt.reset_optimizer_state() whenever floor(lod) or ceil(lod)
-    # changes, i.e. at the start of each fade-in and each stabilisation
-    loaded = load_spec("progan_demo", tiny(demo_shards, tmp_path))
+    # changes, i.e. at the start of each fade-in and each stabilisation (ZeRO 2: the partitions' Adam)
+    loaded = load_spec("progan_demo", tiny(demo_shards, tmp_path, f"train.zero_stage={zero_stage}"))
     trainer = loop.Trainer(loaded, resume=False)
     seen = []
     for _ in range(5):  # 4x4 stable, stable, 8x8 fade, fade, 8x8 stable
