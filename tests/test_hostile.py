@@ -282,6 +282,21 @@ def test_hostile_spec_files_are_refused_quickly(cli, tmp_path):
     assert result.code == 2 and "not a regular file" in result.err
 
 
+def test_command_line_values_have_the_bounds_of_spec_files(cli):
+    # one bounded YAML reader for files and overrides (a value nested 3,000 deep was a RecursionError
+    # traceback, exit 1)
+    cases = {
+        "description=" + "[" * 3000 + "]" * 3000: "nested too deeply",
+        "description=" + "[" * 100 + "]" * 100: "nested more than 64 levels deep",
+        "description={" + ", ".join(ALIAS_BOMB.splitlines()) + "}": "more than 100,000 values",  # in flow style
+        "train.max_steps=!!python/object/apply:os.system [echo hi]": "YAML tags are not allowed",
+        "method.soft_labels={real: [0.7, 1.0], real: [0.8, 1.0]}": "duplicate key 'real'",
+    }
+    for override, message in cases.items():
+        result = cli("validate", "demo", override)
+        assert result.code == 2 and message in result.err and "Traceback" not in result.err, (override, result.err)
+
+
 @pytest.mark.parametrize("base", ["x" * 5000, "demo\x00", "../demo"])
 def test_bad_base_names_are_errors(write_spec, base):
     path = write_spec(json.dumps({"base": base}))

@@ -11,14 +11,13 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipeline.blocks.registry import REGISTRY, BoolForNumber
 from pipeline.errors import Issue, SpecError, did_you_mean, user_error
 from pipeline.methods import METHODS
 from pipeline.spec.schema import MOVED_TO_METHOD, Spec
-from pipeline.spec.yaml_io import SourceMap, load_yaml_mapping
+from pipeline.spec.yaml_io import SourceMap, load_yaml_mapping, read_yaml
 
 # The shipped specs: `specs/` beside the package in a checkout (and an editable install); inside
 # the package in a wheel, where pyproject.toml maps `specs/` to `pipeline/specs/`.
@@ -196,10 +195,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
             file=COMMAND_LINE,
             hint="write a dotted key and a value, e.g. train.max_steps=100 or compile.enabled=true",
         )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise user_error(f"cannot parse the value of {key}: {exc}", file=COMMAND_LINE) from None
+    value = read_yaml(raw, COMMAND_LINE)[0] if raw.strip() else ""
     return key.split("."), value
 
 

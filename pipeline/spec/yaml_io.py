@@ -79,31 +79,11 @@ def _walk(node: yaml.Node, loc: Loc, file: str, out: SourceMap, issues: list[Iss
             _walk(item, loc + (i,), file, out, issues, budget)
 
 
-def load_yaml_mapping(path: Path, display: str | None = None) -> tuple[dict, SourceMap]:
-    """Read a YAML file that must hold one mapping; every failure is a `SpecError`."""
-    display = display or str(path)
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        what = "a directory" if path.is_dir() else "not a regular file (a device, a pipe or a socket)"
-        raise user_error(f"is {what}, not a spec file", file=display)
-    if path.exists() and path.stat().st_size > MAX_SPEC_BYTES:
-        raise user_error(
-            f"is {path.stat().st_size:,} bytes; a spec may have at most {MAX_SPEC_BYTES:,}",
-            file=display,
-            hint="a spec describes a model in a few KB; is this the right file?",
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise user_error(
-            "file not found",
-            file=display,
-            hint="give a spec name from specs/ (e.g. spec=biggan_deep_256) or a path to a .yaml file",
-        ) from None
-    except IsADirectoryError:
-        raise user_error("is a directory, not a spec file", file=display) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise user_error(f"cannot read the file: {exc}", file=display) from None
+def read_yaml(text: str, display: str) -> tuple[object, SourceMap]:
+    """Parse YAML text (a spec file's, or a command-line value's) with a spec file's bounds: the
+    safe loader, no tags, at most MAX_NODES values after aliases, nesting to MAX_DEPTH; duplicate
+    keys are errors. Returns the data and where each key came from; every failure is a
+    `SpecError` naming `display`."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.load(text, Loader=yaml.SafeLoader)
@@ -131,7 +111,42 @@ def load_yaml_mapping(path: Path, display: str | None = None) -> tuple[dict, Sou
         raise user_error(f"YAML error: {exc}", file=display) from None
     except RecursionError:
         raise user_error(f"nested too deeply (more than {MAX_DEPTH} levels)", file=display) from None
-    if root is None or data is None:
+    sources = SourceMap({(): (display, 1)})
+    issues: list[Issue] = []
+    if root is not None:
+        _walk(root, (), display, sources, issues, _Budget(display))
+    if issues:
+        raise SpecError(issues)
+    return data, sources
+
+
+def load_yaml_mapping(path: Path, display: str | None = None) -> tuple[dict, SourceMap]:
+    """Read a YAML file that must hold one mapping; every failure is a `SpecError`."""
+    display = display or str(path)
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file (a device, a pipe or a socket)"
+        raise user_error(f"is {what}, not a spec file", file=display)
+    if path.exists() and path.stat().st_size > MAX_SPEC_BYTES:
+        raise user_error(
+            f"is {path.stat().st_size:,} bytes; a spec may have at most {MAX_SPEC_BYTES:,}",
+            file=display,
+            hint="a spec describes a model in a few KB; is this the right file?",
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise user_error(
+            "file not found",
+            file=display,
+            hint="give a spec name from specs/ (e.g. spec=biggan_deep_256) or a path to a .yaml file",
+        ) from None
+    except IsADirectoryError:
+        raise user_error("is a directory, not a spec file", file=display) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise user_error(f"cannot read the file: {exc}", file=display) from None
+    data, sources = read_yaml(text, display)
+    if data is None:
         raise user_error(
             "the file is empty",
             file=display,
@@ -144,11 +159,6 @@ def load_yaml_mapping(path: Path, display: str | None = None) -> tuple[dict, Sou
             line=1,
             hint="a spec is a YAML mapping with sections such as generator:, discriminator:, data:",
         )
-    sources = SourceMap({(): (display, 1)})
-    issues: list[Issue] = []
-    _walk(root, (), display, sources, issues, _Budget(display))
-    if issues:
-        raise SpecError(issues)
     bad_keys = [k for k in data if not isinstance(k, str)]
     if bad_keys:
         raise user_error(f"top-level keys must be strings, got {bad_keys!r}", file=display)
