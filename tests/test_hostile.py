@@ -215,6 +215,7 @@ def test_non_finite_or_out_of_range_hyperparameters_are_validation_errors(overri
             "method.instance_noise.in_g_step",
         ),
         ("progan_demo", "method.reset_optimizer=sometimes", "method.reset_optimizer"),
+        ("progan_demo", "method.resolutions={true: {batch_size: 8}}", "method.resolutions"),  # was read as 1
         ("demo", "train.g_opt.betas=[false, 0.9]", "train.g_opt.betas"),
     ],
 )

@@ -254,6 +254,16 @@ def test_a_scheduled_batch_that_does_not_split_is_refused_before_training():
     assert not [i for i in preflight(spec, world_size=1) if i.path.startswith("method.")]
 
 
+def test_a_scheduled_batch_larger_than_the_data_is_refused_before_anything_is_built(demo_shards, cli, tmp_path):
+    # a 16x16 stage with a batch of a million grew to 12 GB until the kernel killed it, its lock left
+    run_dir = tmp_path / "run"
+    args = [f"data.shards={demo_shards}", f"run.dir={run_dir}", "method.resolutions={16: {batch_size: 1000000}}"]
+    result = cli("train", "progan_demo", *args, "train.batch_size=8", "method.fade_images=16")
+    assert result.code == 2 and "Traceback" not in result.err
+    assert "method.resolutions.16.batch_size: the batch of 1,000,000 per rank is larger than" in result.err
+    assert not run_dir.exists()
+
+
 def adam_steps(trainer, engine: str) -> set[int]:
     optimizer = trainer.engines[engine]._engine.optimizer
     return {int(state["step"]) for state in getattr(optimizer, "optimizer", optimizer).state.values()}

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 from torch.nn import functional as F
 
 from pipeline.blocks.layers import avgpool2, upsample2
@@ -65,6 +65,15 @@ class ProgressiveMethod(GanMethod):
         "and stabilisation, as the authors' train.py does (reset_optimizer_state whenever the level of detail "
         "changes); false keeps them through the growth.",
     )
+
+    @field_validator("resolutions", mode="before")
+    @classmethod
+    def _resolutions_are_numbers(cls, value):
+        if isinstance(value, dict):
+            for key in value:
+                if isinstance(key, bool):
+                    raise ValueError(f"a resolution is a number of pixels, not {str(key).lower()}")
+        return value
 
     def stages(self, spec) -> list[int]:
         """The resolution of each stage of the spec's growing generator, smallest first."""

@@ -524,10 +524,10 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
         """Reload the newest checkpoint from before the symptom began, scale the learning rates,
         reseed the latents, and log the rollback with what triggered it."""
         reason = "; ".join(f.message for f in found)
+        since = min(f.since_step for f in found)
         if len(tr.rollbacks) >= failures.max_rollbacks:
             limit = f"{reason} (after {len(tr.rollbacks)} rollbacks, train.failures.max_rollbacks)"
-            raise _stopped([limit], step, run_dir)
-        since = min(f.since_step for f in found)
+            raise _stopped([limit], step, run_dir, before=since)
         target = checkpoint.latest_intact(run_dir, before=since)
         if target is None:
             raise _stopped([f"{reason}; no checkpoint from before step {since} to roll back to"], step, run_dir)
@@ -586,7 +586,8 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
                 _return_freed_host_memory()
                 if found:
                     if failures.on_failure == "stop":
-                        raise _stopped(["; ".join(f.message for f in found)], step, run_dir)
+                        since = min(f.since_step for f in found)
+                        raise _stopped(["; ".join(f.message for f in found)], step, run_dir, before=since)
                     if failures.on_failure == "rollback":
                         roll_back(found, step)
                         tick, tick_images = time.perf_counter(), tr.images_seen
@@ -674,12 +675,15 @@ def _agreed(found: list[Failure], world) -> list[Failure]:
     return found if world.is_main else [Failure("rank 0", "rank 0 found a failure", round(sent["since"] * world.size))]
 
 
-def _stopped(problems: list[str], step: int, run_dir: Path) -> TrainingStopped:
-    last = checkpoint.latest(run_dir)
+def _stopped(problems: list[str], step: int, run_dir: Path, *, before: int | None = None) -> TrainingStopped:
+    """The stop, naming the checkpoint to resume from: the newest, or (`before`: the step a
+    symptom began) the newest written before it, since later ones already carry the symptom."""
+    last = checkpoint.latest(run_dir) if before is None else checkpoint.latest_intact(run_dir, before=before)
     return TrainingStopped(
         [
             Issue(
-                f"{' and '.join(problems)} at step {step}; stopped. The last good checkpoint is {last or '(none yet)'}",
+                f"{' and '.join(problems)} at step {step}; stopped. The last good checkpoint is {last or '(none yet)'}"
+                + (f", the newest from before step {before}, when the symptom began" if before is not None else ""),
                 hint="lower the learning rates, use fp32, or resume from that checkpoint with different settings "
                 "in a new run.dir",
             )

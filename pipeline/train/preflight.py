@@ -58,20 +58,28 @@ def preflight(spec, world_size: int = 1) -> list[Issue]:
 
 def _batch_fits_the_data(spec, world_size: int, found: dict) -> list[Issue]:
     """A micro-batch larger than a rank's part of a stream's shards (from their manifest) would
-    fail inside DALI (a batch of 1e9 was an out-of-memory error blamed on the shards)."""
+    fail inside DALI (a batch of 1e9 was an out-of-memory error blamed on the shards); so would
+    any batch a method's schedule switches to (a ProGAN stage's grew to 12 GB and was killed)."""
     micro = spec.train.batch_per_rank or max(1, spec.train.batch_size // world_size)
+    batches = [("train.batch_per_rank" if spec.train.batch_per_rank else "train.batch_size", micro)]
+    try:
+        _, accum = batch_plan(spec.train, world_size)
+        batches += [(path, batch // (accum * world_size)) for path, batch in spec.method.batch_sizes(spec).items()]
+    except SpecError:
+        pass  # reported by batch_plan's own check
     issues = []
     for name, shards in found.items():
         total = shards.num_samples if shards is not None else None
-        if total is not None and micro > total // world_size:
-            issues.append(
-                Issue(
-                    f"the batch of {micro:,} per rank is larger than each rank's part of stream {name!r}: "
-                    f"{total:,} samples over {world_size} rank(s)",
-                    path="train.batch_per_rank" if spec.train.batch_per_rank else "train.batch_size",
-                    hint="use a smaller batch, fewer ranks, or more data",
+        for path, per_rank in batches:
+            if total is not None and per_rank > total // world_size:
+                issues.append(
+                    Issue(
+                        f"the batch of {per_rank:,} per rank is larger than each rank's part of stream {name!r}: "
+                        f"{total:,} samples over {world_size} rank(s)",
+                        path=path,
+                        hint="use a smaller batch, fewer ranks, or more data",
+                    )
                 )
-            )
     return issues
 
 
