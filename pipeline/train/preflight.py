@@ -64,9 +64,10 @@ def _batch_fits_the_data(spec, world_size: int, found: dict) -> list[Issue]:
     batches = [("train.batch_per_rank" if spec.train.batch_per_rank else "train.batch_size", micro)]
     try:
         _, accum = batch_plan(spec.train, world_size)
-        batches += [(path, batch // (accum * world_size)) for path, batch in spec.method.batch_sizes(spec).items()]
     except SpecError:
-        pass  # reported by batch_plan's own check
+        accum = None  # reported by batch_plan's own check
+    if accum is not None:
+        batches += [(path, batch // (accum * world_size)) for path, batch in spec.method.batch_sizes(spec).items()]
     issues = []
     for name, shards in found.items():
         total = shards.num_samples if shards is not None else None
