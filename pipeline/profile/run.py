@@ -166,6 +166,7 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     achieved = flops_iteration / iteration_s
     model_rate = images_per_step / max(iteration_s - phases["data_wait"], 1e-12)
     compute_s = [s - iteration_s for s in warm_s]
+    grown = tr.schedule.record() if tr.schedule is not None else {}  # a growing method's stage, phase, alpha
     report = {
         "spec": spec.name,
         "data": "synthetic" if all(s.synthetic for s in spec.data.all_streams().values()) else "real",
@@ -173,7 +174,7 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
         "world_size": world.size,
         "batch_size": tr.micro * tr.accum * world.size,
         "batch_per_rank": tr.micro,
-        **({"schedule": tr.schedule.record()} if tr.schedule is not None and tr.schedule.record() else {}),
+        **({"schedule": grown} if grown else {}),
         "accumulation": tr.accum,
         "method": spec.method.kind,
         "phases": describe(tr.method.phases),

@@ -500,8 +500,8 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
         state = {"step": at, "images_seen": tr.images_seen, "world_size": world.size, "data_parts": tr.parts}
         state["spec"] = tr.spec_dict
         state["rollbacks"] = tr.rollbacks
-        if tr.schedule is not None and tr.schedule.record():  # the last step's stage, phase and alpha
-            state["schedule"] = tr.schedule.record()
+        if grown := tr.schedule.record() if tr.schedule is not None else {}:  # the last step's stage, phase, alpha
+            state["schedule"] = grown
         rank_state = tr.rank_state() | {"rng": {"latents": tr.latent_rng.get_state()}}
         return checkpoint.save(
             run_dir,
