@@ -50,6 +50,10 @@ shards *args:
 bench-first-step *args:
     @{{python}} benchmarks/first_step.py "$@"
 
+# the failure detectors: alarms on healthy demo runs, and a provoked collapse (D's lr 25x) rolled back
+bench-failures *args:
+    @{{python}} benchmarks/failures.py "$@"
+
 # images/s of the DALI pipeline against a webdataset + PIL DataLoader on the same shards
 bench-data *args:
     @{{python}} benchmarks/data.py "$@"

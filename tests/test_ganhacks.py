@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -383,9 +384,48 @@ def test_d_loss_at_zero_fires_after_its_intervals_and_names_when_it_began():
     assert not any(wgan.check(_line(s, loss_d=-5.0)) for s in range(5))
 
 
-def test_grad_norm_and_g_fooling_and_diversity_detectors():
-    (norm,) = _tracker().check(_line(10, grad_norm_d=150.0))
-    assert norm.detector == "grad_norm" and "150" in norm.message
+def test_grad_norm_is_judged_against_the_runs_own_history():
+    # the default: 10x above or below the median of the last 10 values, once 5 are known
+    tracker = _tracker()
+    healthy = [112.0, 60.0, 45.0, 30.0, 25.0, 20.0, 18.0, 17.0, 16.0]  # the demo's start at batch 8: no alarm
+    assert not any(tracker.check(_line(10 * i, grad_norm_d=v)) for i, v in enumerate(healthy, 1))
+    (up,) = tracker.check(_line(100, grad_norm_d=260.0))  # the median of the 9 values: 25
+    assert up.detector == "grad_norm" and up.since_step == 100 and "10.4x above the median" in up.message
+    tracker = _tracker()
+    for i, v in enumerate([20.0, 22.0, 18.0, 21.0, 19.0], 1):
+        assert not tracker.check(_line(i, grad_norm_d=v))
+    assert not tracker.check(_line(6, grad_norm_d=2.01))  # 9.95x below: within the factor
+    (down,) = tracker.check(_line(7, grad_norm_d=1.5))  # a dead D: its gradient vanishes
+    assert "13x below the median of its last 6 logged values (19.5)" in down.message  # 2.01 joined them
+    (again,) = tracker.check(_line(8, grad_norm_d=1.5))  # what fired did not join: a lasting symptom goes on firing
+    assert "13x below the median of its last 6 logged values (19.5)" in again.message
+    (nan,) = tracker.check(_line(9, grad_norm_d=float("nan")))
+    assert "grad_norm_d is nan, against the median" in nan.message
+    # not before the warm-up; the fixed threshold of the tip only when asked for
+    early = _tracker()
+    assert not any(early.check(_line(s, grad_norm_d=v)) for s, v in enumerate([1.0, 1.0, 1.0, 1.0, 1000.0]))
+    fixed = _tracker(grad_norm_above=100, grad_norm_change=None)
+    (norm,) = fixed.check(_line(10, grad_norm_d=150.0))
+    assert norm.detector == "grad_norm" and "150" in norm.message and "above 100" in norm.message
+    assert not any(fixed.check(_line(s, grad_norm_d=1e-3 if s > 5 else 50.0)) for s in range(10))
+
+
+def test_the_grad_norm_history_survives_a_resume():
+    tracker = _tracker()
+    for i in range(5):
+        tracker.check(_line(i, grad_norm_d=20.0))
+    resumed = _tracker()
+    resumed.reset(json.loads(json.dumps(tracker.state_dict())))  # as state.json keeps it
+    (found,) = resumed.check(_line(6, grad_norm_d=1.0))  # judged at once: no second warm-up
+    assert found.detector == "grad_norm"
+    damaged = _tracker()
+    damaged.reset({"norms": {"grad_norm_d": ["x", None], "grad_norm_g": [float("nan")], "loss": 3}})
+    assert damaged.norms == {}
+    damaged.reset({"norms": [1, 2]})
+    assert damaged.norms == {}
+
+
+def test_g_fooling_and_diversity_detectors():
     tracker = _tracker()
     lines = [_line(s, d_fake=2.0, d_real=0.5, loss_g=1.0 - s / 100) for s in (10, 20, 30)]
     found = [tracker.check(line) for line in lines]
@@ -442,6 +482,7 @@ def test_a_provoked_collapse_is_rolled_back_to_the_checkpoint_before_it(demo_sha
     monkeypatch.setattr(loop.Trainer, "restore", watched)
     args = [f"data.shards={demo_shards}", f"run.dir={tmp_path}", "train.batch_size=8", "train.max_steps=8", *CALIBRATED]
     args += ["train.log_every=1", "train.checkpoint_every=2", "eval.every=0", "train.failures.on_failure=rollback"]
+    args += ["train.failures.grad_norm_warmup=3"]  # judged from step 4 on (4 lines known at step 5)
     summary = loop.train(load_spec("demo", args))
     assert summary.step == 8
     rows = metrics(tmp_path)
@@ -451,11 +492,35 @@ def test_a_provoked_collapse_is_rolled_back_to_the_checkpoint_before_it(demo_sha
     saved = checkpoint.network_weights(tmp_path / "checkpoints" / "step-00000004", "discriminator")
     assert restored.keys() == {"step-00000004"}
     assert all(torch.equal(restored["step-00000004"][k], saved[k].to(torch.float32)) for k in saved)
-    # and continued with halved learning rates, recorded in later checkpoints
+    # and continued with the learning rates of the networks whose gradient norm fired halved (here both:
+    # D's exploded, G's vanished behind it; the others' would stay), recorded in later checkpoints
+    fired = [name for name in ("D", "G") if f"grad_norm_{name.lower()} is" in rollback["reason"]]
+    assert "D" in fired
     after = [r for r in rows if r["step"] > 4 and "lr_d" in r]
-    assert after and all(r["lr_d"] == pytest.approx(1e-4) for r in after)
+    lrs = {name: (1e-4 if name in fired else 2e-4) for name in ("D", "G")}
+    assert after and all(r["lr_d"] == pytest.approx(lrs["D"]) and r["lr_g"] == pytest.approx(lrs["G"]) for r in after)
     state = json_module.loads((tmp_path / "checkpoints" / "step-00000008" / "state.json").read_text())
-    assert [r["at_step"] for r in state["rollbacks"]] == [5]
+    assert [(r["at_step"], r["engines"]) for r in state["rollbacks"]] == [(5, fired)]
+
+
+def test_a_resume_may_set_new_learning_rates_and_keeps_the_grad_norm_history(demo_shards, tmp_path, metrics):
+    from pipeline.errors import SpecError
+    from pipeline.train import loop
+
+    args = [f"data.shards={demo_shards}", f"run.dir={tmp_path}", "train.batch_size=8", "train.log_every=1"]
+    args += ["train.checkpoint_every=2", "eval.every=0"]
+    loop.train(load_spec("demo", [*args, "train.max_steps=4"]))
+    state = json.loads((tmp_path / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert sorted(state["failures"]["norms"]) == ["grad_norm_d", "grad_norm_g"]
+    assert [round(v, 4) for v in state["failures"]["norms"]["grad_norm_d"]] == [
+        round(r["grad_norm_d"], 4) for r in metrics(tmp_path)
+    ]
+    # a resumed run takes the new rates (e.g. to calm a run grown unstable); other settings stay refused
+    loop.train(load_spec("demo", [*args, "train.max_steps=6", "train.d_opt.lr=1e-3", "train.g_opt.lr=5e-5"]))
+    after = [r for r in metrics(tmp_path) if r["step"] > 4]
+    assert len(after) == 2 and all(r["lr_d"] == 1e-3 and r["lr_g"] == 5e-5 for r in after)
+    with pytest.raises(SpecError, match="train.d_opt.betas"):
+        loop.train(load_spec("demo", [*args, "train.max_steps=8", "train.d_opt.betas=[0.5, 0.999]"]))
 
 
 def test_stop_on_failure_names_the_last_good_checkpoint(demo_shards, tmp_path, monkeypatch):
@@ -465,6 +530,7 @@ def test_stop_on_failure_names_the_last_good_checkpoint(demo_shards, tmp_path, m
     _provoke_d_once(monkeypatch, at_step=4, lr=0.05)
     args = [f"data.shards={demo_shards}", f"run.dir={tmp_path}", "train.batch_size=8", "train.max_steps=8", *CALIBRATED]
     args += ["train.log_every=1", "train.checkpoint_every=2", "eval.every=0", "train.failures.on_failure=stop"]
+    args += ["train.failures.grad_norm_warmup=3"]
     with pytest.raises(
         SpecError, match=r"grad_norm_d is .* at step 5; stopped. The last good checkpoint is .*step-00000004"
     ):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pipeline.errors import SpecError
 from pipeline.safe_files import sha256
@@ -149,6 +150,22 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(demo_shards, tmp
     assert [r["step"] for r in metrics(run_dir)] == [1]
 
 
+def test_a_lock_whose_pid_was_reused_is_stale_and_the_warning_says_how_far_the_run_got(
+    demo_shards, tmp_path, capsys, metrics
+):
+    # killed (e.g. by the out-of-memory killer) mid fade-in; its PID now belongs to a younger process (this one)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = {"pid": os.getpid(), "host": socket.gethostname(), "since": "earlier", "started": "1"}
+    (run_dir / "LOCK").write_text(json.dumps(lock))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 7, "resolution": 16, "phase": "fade"}) + "\n")
+    loop.train(load_spec("demo", overrides(demo_shards, run_dir, 1)))
+    said = capsys.readouterr().err
+    assert f"its owner, process {os.getpid()} (since earlier), is no longer running" in said
+    assert "after its last logged step, 7 (resolution 16, phase fade)" in said and "out-of-memory killer" in said
+    assert [r["step"] for r in metrics(run_dir)] == [1] and not (run_dir / "LOCK").exists()
+
+
 def test_a_partial_last_metrics_line_is_dropped_on_resume(one_step_run, demo_shards, tmp_path, capsys, metrics):
     run_dir = tmp_path / "run"
     shutil.copytree(one_step_run, run_dir)
@@ -206,6 +223,11 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume(one_step_run, demo_sha
         ("progan_demo", "method.reset_optimizer=sometimes", "method.reset_optimizer"),
         ("progan_demo", "method.resolutions={true: {batch_size: 8}}", "method.resolutions"),  # was read as 1
         ("demo", "train.g_opt.betas=[false, 0.9]", "train.g_opt.betas"),
+        ("demo", "train.failures.grad_norm_change=1", "train.failures.grad_norm_change"),  # every change an alarm
+        ("demo", "train.failures.grad_norm_change=.inf", "train.failures.grad_norm_change"),
+        ("demo", "train.failures.grad_norm_change=true", "train.failures.grad_norm_change"),
+        ("demo", "train.failures.grad_norm_warmup=0", "train.failures.grad_norm_warmup"),
+        ("demo", "train.failures.grad_norm_above=.nan", "train.failures.grad_norm_above"),
     ],
 )
 def test_non_finite_or_out_of_range_hyperparameters_are_validation_errors(spec, override, path):
@@ -453,3 +475,50 @@ def test_a_batch_larger_than_the_data_is_refused_before_dali_runs_out_of_memory(
     spec = load_spec("demo", [f"data.shards={demo_shards}", "train.batch_size=1000000000"]).spec
     (issue,) = preflight(spec, world_size=1)
     assert issue.path == "train.batch_size" and "1,797 samples over 1 rank" in issue.message, issue
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 12000000000 bytes."),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+)
+def test_out_of_memory_in_a_step_names_the_step_batch_and_stage(demo_shards, tmp_path, monkeypatch, error):
+    run_step = loop.Trainer.run_step
+
+    def runs_out(self):
+        if self.step == 2:
+            raise error
+        return run_step(self)
+
+    monkeypatch.setattr(loop.Trainer, "run_step", runs_out)
+    run_dir = tmp_path / "run"
+    args = overrides(demo_shards, run_dir, 4) + ["train.checkpoint_every=2", "train.batch_size=16"]
+    args += ["method.resolutions={8: {batch_size: 8}}", "method.fade_images=16", "method.stable_images=16"]
+    with pytest.raises(SpecError) as info:
+        loop.train(load_spec("progan_demo", args))
+    (issue,) = info.value.issues
+    first = str(error).splitlines()[0]
+    assert issue.message.startswith("out of memory in step 3 at resolution 8 (fade), a batch of 8 (8 per micro-batch")
+    assert first in issue.message and "step-00000002" in issue.message and "grad_accumulation" in issue.hint
+    assert issue.path == "method.resolutions.8.batch_size"
+    assert not (run_dir / "LOCK").exists()  # released: the next run starts without a warning
+
+
+def test_a_truncated_shard_of_a_named_stream_is_reported_under_that_stream(demo_shards, copy_shards, tmp_path):
+    # a CSGAN stream's truncated shard was reported under data.shards, a key its spec does not have
+    from pipeline.data.dali import DaliLoader, check_stream
+
+    shards = copy_shards(demo_shards, tmp_path / "shards")
+    tar = shards / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    spec = load_spec("csgan_demo", [f"data.streams.a.shards={demo_shards}", f"data.streams.b.shards={shards}"]).spec
+    found = check_stream(spec, "b")
+    assert found.path == "data.streams.b.shards"
+    loader = DaliLoader(found, batch_size=64, resolution=32, num_classes=None, shuffle=False)
+    with pytest.raises(SpecError) as info:
+        for _ in range(loader.epoch_size // 64 + 2):
+            next(loader)
+    (issue,) = info.value.issues
+    assert issue.path == "data.streams.b.shards" and "shard-000001.tar" in str(info.value), str(info.value)

@@ -251,7 +251,26 @@ def test_a_scheduled_batch_that_does_not_split_is_refused_before_training():
     assert [(i.path, i.message) for i in issues] == [
         ("method.resolutions.16.batch_size", "the batch of 15 does not split into 1 accumulation step(s) x 2 rank(s)")
     ]
-    assert not [i for i in preflight(spec, world_size=1) if i.path.startswith("method.")]
+    (alone,) = [i for i in preflight(spec, world_size=1) if i.path.startswith("method.")]
+    assert "the micro-batch of 15 per rank does not split into the groups of 4" in alone.message  # splits; D's groups
+
+
+def test_every_micro_batch_must_fill_the_minibatch_stddev_groups(demo_shards, cli, tmp_path):
+    # D's minibatch_stddev (group_size 4) raised a ValueError traceback in the first step of the stage
+    run_dir = tmp_path / "run"
+    args = [f"data.shards={demo_shards}", f"run.dir={run_dir}", "method.resolutions={8: {batch_size: 6}}"]
+    result = cli("train", "progan_demo", *args, "train.batch_size=10")
+    assert result.code == 2 and "Traceback" not in result.err and not run_dir.exists()
+    for path, micro in (("train.batch_size", 10), ("method.resolutions.8.batch_size", 6)):
+        assert f"{path}: the micro-batch of {micro} per rank does not split into the groups of 4 of " in result.err
+    assert "discriminator.nodes.stddev (minibatch standard deviation)" in result.err
+    from pipeline.train.preflight import preflight
+
+    fits = load_spec("progan_demo", ["train.batch_size=16", "method.resolutions={8: {batch_size: 3}}"]).spec
+    assert not [i for i in preflight(fits, world_size=1) if "groups" in i.message]  # 3 < 4: one group of 3
+    assert [i.path for i in preflight(fits, world_size=2) if "groups" in i.message] == []  # 8 per rank, 3 not split
+    halves = load_spec("progan_demo", ["train.batch_size=12"]).spec
+    assert [i.path for i in preflight(halves, world_size=2) if "groups" in i.message] == ["train.batch_size"]  # 6
 
 
 def test_a_scheduled_batch_larger_than_the_data_is_refused_before_anything_is_built(demo_shards, cli, tmp_path):

@@ -38,6 +38,7 @@ class ShardSet:
     indexes: list[Path]
     manifest: dict | None = None
     root: Path | None = None
+    path: str = "data.shards"  # the spec path (or option) that named them, for messages
 
     @property
     def num_samples(self) -> int | None:
@@ -78,7 +79,7 @@ def find_shards(where: str | os.PathLike, *, what: str = "data.shards") -> Shard
     manifest = None
     if root is not None and (root / "manifest.json").exists():
         manifest = json.loads((root / "manifest.json").read_text())
-    return ShardSet(tars, indexes, manifest, root)
+    return ShardSet(tars, indexes, manifest, root, what)
 
 
 def _graph(
@@ -239,7 +240,7 @@ def _dali_error(exc: Exception, shards: ShardSet) -> SpecError:
             "DALI cannot replace one sample of a batch, so a JPEG that does not decode stops the run; find every "
             f"damaged sample with `python -m pipeline shards check {shards.root or 'DIR'}` and rebuild those shards"
         )
-    return user_error(message, path="data.shards", file=str(shards.root) if shards.root else None, hint=hint)
+    return user_error(message, path=shards.path, file=str(shards.root) if shards.root else None, hint=hint)
 
 
 def _search_damage(shards: ShardSet) -> tuple[list[str], list[tuple[str, str]]]:
@@ -434,7 +435,7 @@ class DaliLoader:
                     f"sample {member.rsplit('.', 1)[0]!r} in {shard} has label {raw.decode(errors='replace')!r}, "
                     f"not an integer in 0..{self.num_classes - 1}"
                     + (f" ({len(bad) - 1} more in this batch)" if len(bad) > 1 else ""),
-                    path="data.shards",
+                    path=self.shards.path,
                     hint="fix or rebuild the shards, check data.num_classes, or set "
                     "data.on_bad_sample=skip to skip such samples (counted)",
                 )

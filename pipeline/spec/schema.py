@@ -276,7 +276,13 @@ def upgrade_stored(data: dict) -> dict:
 
 
 class RollbackSpec(Section):
-    lr_scale: float = Field(0.5, gt=0, le=1, description="Every learning rate is multiplied by this at each rollback.")
+    lr_scale: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="At each rollback, the learning rates of the networks whose gradient norm fired are multiplied "
+        "by this (every network's when another detector fired).",
+    )
     reseed: bool = Field(True, description="Draw the latents from a new seed after a rollback.")
 
 
@@ -293,7 +299,20 @@ class FailureSpec(Section):
     )
     intervals: PositiveInt = Field(3, description="Logged lines a symptom must last (D loss at 0, G fooling D).")
     d_loss_below: NonNegativeFloat = Field(1e-3, description="A D loss at or below this counts as 0.")
-    grad_norm_above: PositiveFloat = Field(100.0, description="A gradient norm above this is a failure (the tip: 100).")
+    grad_norm_change: float | None = Field(
+        10.0,
+        gt=1,
+        description="A gradient norm more than this many times above, or below 1/this of, the median of its last "
+        "10 healthy logged values is a failure (judged once grad_norm_warmup values are known; null: off). "
+        "Healthy demo runs stayed within 5x (one noisy line of a U-Net G: 9x); a D learning rate raised 25x "
+        "made D's gradient norm fall 14x.",
+    )
+    grad_norm_warmup: PositiveInt = Field(5, description="Logged values of a gradient norm before it is judged.")
+    grad_norm_above: PositiveFloat | None = Field(
+        None,
+        description="A gradient norm above this is a failure, whatever the run's history (the tip's figure is 100; "
+        "off by default: the demo's D starts at 112 at batch 8, healthy).",
+    )
     g_fooling: bool = Field(True, description="Detect D scoring fakes above reals while G's loss falls.")
     diversity_below: float = Field(
         0.0,

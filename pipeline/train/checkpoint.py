@@ -43,6 +43,9 @@ MAY_DIFFER = (
     "data.shards",
     "data.num_threads",
 )
+# ... and every optimizer's learning rate (train.g_opt.lr, train.d_opt.lr, a network's own opt.lr): a
+# resumed run takes the new rate, e.g. to calm a run that grew unstable
+MAY_DIFFER_LAST = ("opt.lr", "g_opt.lr", "d_opt.lr")
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -142,7 +145,12 @@ def spec_differences(saved: dict, current: dict) -> list[str]:
     with contextlib.suppress(ValidationError):  # else compared as stored: the differences name what fails
         saved = Spec.model_validate(upgrade_stored(saved)).resolved()
     a, b = _flat(saved), _flat(current)
-    keep = [k for k in sorted(set(a) | set(b)) if not any(k == m or k.startswith(m + ".") for m in MAY_DIFFER)]
+    keep = [
+        k
+        for k in sorted(set(a) | set(b))
+        if not any(k == m or k.startswith(m + ".") for m in MAY_DIFFER)
+        and not any(k == m or k.endswith("." + m) for m in MAY_DIFFER_LAST)
+    ]
     return [
         f"{k}: {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now"
         for k in keep

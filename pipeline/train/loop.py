@@ -207,6 +207,7 @@ class Trainer:
         the data streams reopened at their positions."""
         spec, world = self.spec, self.world
         self.step, self.images_seen, self.rollbacks, local = 0, 0, [], {}
+        self.failures_state = {}
         self.phase = None  # the (stage, fading) of the last step taken, if the method has a schedule
         self.parts = world.size  # the data's parts (data/parts.py): one per rank of the run's first start
         if path is not None:
@@ -218,6 +219,7 @@ class Trainer:
             )
             self.step, self.images_seen = state["step"], state["images_seen"]
             self.rollbacks = list(state.get("rollbacks", []))
+            self.failures_state = state.get("failures", {})  # the detectors' history (train/failures.py)
             if "schedule" in state:  # a step in a new phase after the resume still resets the optimizers
                 self.phase = (state["schedule"]["stage"], state["schedule"]["phase"] == "fade")
             torch.set_rng_state(local["rng"]["cpu"])
@@ -327,10 +329,11 @@ class Trainer:
         s = self.schedule
         scheduled, factor = (dict(s.lr), s.lr_scale) if s is not None else ({}, 1.0)
         self._scheduled_lr = (scheduled, factor)
-        scale = factor * math.prod(r["lr_scale"] for r in self.rollbacks)
         spec, self.lrs = self.spec, {}
         needs = spec.method.networks(spec)
         for name, members in spec.method.engines(spec).items():
+            # a rollback scales the engines it names (every engine: one written before it named them)
+            scale = factor * math.prod(r["lr_scale"] for r in self.rollbacks if name in r.get("engines", [name]))
             base = spec.opt_of(members[0]).lr
             lr = scheduled.get(needs[members[0]].role, base)
             self.engines[name].scale_lr(scale * lr / base)
@@ -414,7 +417,7 @@ class Trainer:
             if d.on_bad_sample == "error":
                 raise user_error(
                     message,
-                    path="data.shards",
+                    path=roots[name].path if roots[name] is not None else "data.shards",
                     hint=f"`python -m pipeline shards check {root}` names the damaged samples; rebuild the shard, "
                     "or set data.on_bad_sample=skip to train on with a warning",
                 )
@@ -500,6 +503,8 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
         state = {"step": at, "images_seen": tr.images_seen, "world_size": world.size, "data_parts": tr.parts}
         state["spec"] = tr.spec_dict
         state["rollbacks"] = tr.rollbacks
+        if tracker is not None:
+            state["failures"] = tracker.state_dict()
         if grown := tr.schedule.record() if tr.schedule is not None else {}:  # the last step's stage, phase, alpha
             state["schedule"] = grown
         rank_state = tr.rank_state() | {"rng": {"latents": tr.latent_rng.get_state()}}
@@ -519,6 +524,7 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
     tracker = None
     if failures.on_failure != "off":
         tracker = FailureTracker(failures, bounded_d_loss=getattr(spec.method, "loss", None) != "wgan_gp")
+        tracker.reset(tr.failures_state)
 
     def roll_back(found: list[Failure], step: int) -> None:
         """Reload the newest checkpoint from before the symptom began, scale the learning rates,
@@ -531,13 +537,19 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
         target = checkpoint.latest_intact(run_dir, before=since)
         if target is None:
             raise _stopped([f"{reason}; no checkpoint from before step {since} to roll back to"], step, run_dir)
-        rollbacks = [*tr.rollbacks, {"at_step": step, "reason": reason, "lr_scale": failures.rollback.lr_scale}]
+        # the engines whose gradient norm fired have their learning rates scaled; every engine when
+        # another detector fired (D at 0, G fooling D, collapse: the balance, not one network)
+        of_key = {f"grad_norm_{name.lower()}": name for name in tr.engines}
+        named = {of_key.get(f.key) for f in found}
+        engines = sorted(named) if None not in named else sorted(tr.engines)
+        rollback = {"at_step": step, "reason": reason, "lr_scale": failures.rollback.lr_scale, "engines": engines}
+        rollbacks = [*tr.rollbacks, rollback]
         tr.restore(target)
         tr.rollbacks = rollbacks
         tr.scale_lrs()
         if failures.rollback.reseed:
             tr.latent_rng.manual_seed(spec.seed + 1_000_003 * len(rollbacks))
-        tracker.reset()
+        tracker.reset(tr.failures_state)
         if world.is_main:
             _keep_metrics_until(metrics_path, tr.step)
             write_line({"step": tr.step, "images_seen": tr.images_seen, "rollback": len(rollbacks), **rollbacks[-1]})
@@ -557,7 +569,12 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
         while tr.step < t.max_steps:
             # ----- one step
             images_before = tr.images_seen
-            bad = tr.run_step()
+            try:
+                bad = tr.run_step()
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                if not _out_of_memory(exc):
+                    raise
+                raise _stopped_out_of_memory(exc, tr) from None
             step = tr.step
             if bad:
                 raise _stopped(bad, step, run_dir)
@@ -673,6 +690,33 @@ def _agreed(found: list[Failure], world) -> list[Failure]:
     if sent["fired"] * world.size < 0.5:
         return []
     return found if world.is_main else [Failure("rank 0", "rank 0 found a failure", round(sent["since"] * world.size))]
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    # CUDA's allocator raises torch.OutOfMemoryError; the CPU allocator a RuntimeError naming itself
+    return isinstance(exc, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(exc)
+
+
+def _stopped_out_of_memory(exc: RuntimeError, tr: Trainer) -> TrainingStopped:
+    """Out of memory in a step: which step, batch and stage, and how to make it fit."""
+    batch = tr.micro * tr.accum * tr.world.size
+    stage = tr.schedule.record() if tr.schedule is not None else {}
+    where = f" at resolution {stage['resolution']} ({stage['phase']})" if stage else ""
+    staged = stage and tr.micro != tr.spec_micro  # this stage's own batch
+    path = f"method.resolutions.{stage['resolution']}.batch_size" if staged else "train.batch_size"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return TrainingStopped(
+        [
+            Issue(
+                f"out of memory in step {tr.step + 1}{where}, a batch of {batch} ({tr.micro} per micro-batch x "
+                f"{tr.accum} accumulated x {tr.world.size} ranks): {first}; stopped. The last good checkpoint is "
+                f"{checkpoint.latest(tr.run_dir) or '(none yet)'}",
+                path=path,
+                hint="lower the batch, or raise train.grad_accumulation to keep it in smaller micro-batches; the "
+                "same command then resumes",
+            )
+        ]
+    )
 
 
 def _stopped(problems: list[str], step: int, run_dir: Path, *, before: int | None = None) -> TrainingStopped:

@@ -44,6 +44,7 @@ def preflight(spec, world_size: int = 1) -> list[Issue]:
             issues.extend(exc.issues)
     issues += _batch_fits_the_data(spec, world_size, found)
     issues += _scheduled_batches_split(spec, world_size)
+    issues += _batches_fill_stddev_groups(spec, world_size)
     if spec.compile.enabled and cxx_compiler() is None:
         issues.append(
             Issue(
@@ -60,18 +61,10 @@ def _batch_fits_the_data(spec, world_size: int, found: dict) -> list[Issue]:
     """A micro-batch larger than a rank's part of a stream's shards (from their manifest) would
     fail inside DALI (a batch of 1e9 was an out-of-memory error blamed on the shards); so would
     any batch a method's schedule switches to (a ProGAN stage's grew to 12 GB and was killed)."""
-    micro = spec.train.batch_per_rank or max(1, spec.train.batch_size // world_size)
-    batches = [("train.batch_per_rank" if spec.train.batch_per_rank else "train.batch_size", micro)]
-    try:
-        _, accum = batch_plan(spec.train, world_size)
-    except SpecError:
-        accum = None  # reported by batch_plan's own check
-    if accum is not None:
-        batches += [(path, batch // (accum * world_size)) for path, batch in spec.method.batch_sizes(spec).items()]
     issues = []
     for name, shards in found.items():
         total = shards.num_samples if shards is not None else None
-        for path, per_rank in batches:
+        for path, per_rank in _micro_batches(spec, world_size):
             if total is not None and per_rank > total // world_size:
                 issues.append(
                     Issue(
@@ -99,6 +92,40 @@ def _scheduled_batches_split(spec, world_size: int) -> list[Issue]:
         )
         for path, batch in spec.method.batch_sizes(spec).items()
         if batch % (accum * world_size)
+    ]
+
+
+def _micro_batches(spec, world_size: int) -> list[tuple[str, int]]:
+    """(spec path, samples per micro-batch on a rank) of train.batch_size and of every batch a
+    method's schedule switches to; none when the batch does not split (reported on its own)."""
+    try:
+        micro, accum = batch_plan(spec.train, world_size)
+    except SpecError:
+        return []
+    path = "train.batch_per_rank" if spec.train.batch_per_rank else "train.batch_size"
+    split = accum * world_size
+    return [(path, micro), *((p, b // split) for p, b in spec.method.batch_sizes(spec).items() if b % split == 0)]
+
+
+def _batches_fill_stddev_groups(spec, world_size: int) -> list[Issue]:
+    """A minibatch_stddev node groups each micro-batch D sees into groups of group_size (or the
+    whole batch when smaller); a batch that does not split into them fails inside D's first step."""
+    groups = [
+        (f"{spec.network_path(name)}.nodes.{node_name}", node.group_size)
+        for name, network in spec.all_networks().items()
+        for node_name, node in network.nodes.items()
+        if node.kind == "minibatch_stddev"
+    ]
+    return [
+        Issue(
+            f"the micro-batch of {micro} per rank does not split into the groups of {group} of {node_path} "
+            "(minibatch standard deviation)",
+            path=path,
+            hint=f"use a batch per rank that is a multiple of {group} (or below it), or change group_size",
+        )
+        for node_path, group_size in groups
+        for path, micro in _micro_batches(spec, world_size)
+        if micro % (group := min(group_size, micro))
     ]
 
 

@@ -1,8 +1,10 @@
 """One run directory, one writer: `train` holds RUN/LOCK (owner's PID, host, start time) while it runs.
 
 A second `train` on the same run directory refuses at once, naming the owner. A lock left by a
-process that is gone (SIGKILL, a crash, a reboot) is taken over with a warning when its owner ran
-on this host; from another host its liveness cannot be checked, so the message says how to remove it.
+process that is gone (SIGKILL, the kernel's out-of-memory killer, a crash, a reboot) is taken over
+with a warning when its owner ran on this host, saying how far the run got; the owner's start time
+(Linux) tells a live owner from another process that reuses its PID. From another host liveness
+cannot be checked, so the message says how to remove the lock.
 """
 
 from __future__ import annotations
@@ -32,6 +34,38 @@ def _alive(pid) -> bool:
     return True
 
 
+def _started(pid) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stale(owner: dict) -> bool:
+    """The owner (on this host) is gone, or its PID now belongs to a process started since."""
+    pid = owner.get("pid")
+    if not _alive(pid):
+        return True
+    then, now = owner.get("started"), _started(pid)
+    return then is not None and now is not None and then != now
+
+
+def _progress(run_dir: Path) -> str:
+    """How far a run got, from the last line of its metrics.jsonl ('' if nothing is logged)."""
+    try:
+        with open(run_dir / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            last = json.loads(f.read().decode("utf-8", "replace").splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return ""
+    if not isinstance(last, dict) or not isinstance(last.get("step"), int):
+        return ""
+    where = ", ".join(f"{k} {last[k]}" for k in ("resolution", "phase") if isinstance(last.get(k), int | str))
+    return f" after its last logged step, {last['step']}" + (f" ({where})" if where else "")
+
+
 def _owner(path: Path) -> dict | None:
     try:
         owner = json.loads(path.read_text())
@@ -46,16 +80,19 @@ def run_lock(run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    me["started"] = _started(me["pid"])
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
             owner = _owner(path)
-            if owner is not None and owner.get("host") == me["host"] and not _alive(owner.get("pid")):
+            if owner is not None and owner.get("host") == me["host"] and _stale(owner):
                 print(
                     f"warning: taking over {path}: its owner, process {owner.get('pid')} (since "
-                    f"{owner.get('since')}), is no longer running",
+                    f"{owner.get('since')}), is no longer running; it ended without releasing the lock"
+                    f"{_progress(run_dir)}, as a process killed from outside does (the kernel's out-of-memory "
+                    "killer says so in `dmesg`; then lower the batch); continuing from its newest checkpoint, if any",
                     file=sys.stderr,
                 )
                 path.unlink(missing_ok=True)
