@@ -158,3 +158,50 @@ def test_gpu_peak_finds_the_most_specific_entry_for_a_device_name(monkeypatch):
     assert gpu_peak("NVIDIA H100 80GB HBM3", "fp32")[0] == GPU_PEAK_TFLOPS["H100"]["tf32"] * 1e12
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert gpu_peak("NVIDIA H100 80GB HBM3", "fp32")[0] == GPU_PEAK_TFLOPS["H100"]["fp32"] * 1e12
+
+
+ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+cpu MHz\t\t: 2596.130
+flags\t\t: fpu sse sse2 avx fma avx2 avx512f avx512_bf16
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+"""
+
+
+def test_the_cpu_peak_is_cores_times_clock_times_flops_per_cycle(monkeypatch):
+    from pipeline.profile.peak import ANY_X86_GHZ, CpuInfo, flops_per_cycle, max_clock_ghz
+
+    zen4 = CpuInfo.parse(ZEN4)
+    assert (zen4.vendor, zen4.family, zen4.model, zen4.name) == ("AuthenticAMD", 25, 17, "AMD EPYC")
+    # Zen 4 runs AVX-512 on two 256-bit FMA pipes: 2 x 8 lanes x 2 FLOPs; bf16 dot products double it
+    assert flops_per_cycle(zen4, "fp32")[0] == 32 and flops_per_cycle(zen4, "bf16")[0] == 64
+    intel = CpuInfo("GenuineIntel", 6, 143, "Intel(R) Xeon(R) Platinum 8480+", frozenset({"avx2", "fma", "avx512f"}))
+    assert flops_per_cycle(intel, "fp32")[0] == 64 and flops_per_cycle(intel, "bf16")[0] == 64  # no bf16 unit
+    amx = CpuInfo("GenuineIntel", 6, 143, "Xeon", frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    assert flops_per_cycle(amx, "bf16") == (1024, "AMX bf16 tiles")
+    assert flops_per_cycle(CpuInfo("", -1, -1, "", frozenset({"avx2", "fma"})), "fp32")[0] == 32
+    # the clock: the family's highest boost where cpufreq is hidden (no CPU listed: none read), the
+    # user's figure, else the highest of any x86 core
+    monkeypatch.delenv("PIPELINE_CPU_MAX_GHZ", raising=False)
+    assert max_clock_ghz(zen4, [])[0] == 4.4 and "Zen 4" in max_clock_ghz(zen4, [])[1]
+    assert max_clock_ghz(CpuInfo("AuthenticAMD", 25, 17, "AMD Ryzen 9 7950X", frozenset()), []) == (
+        ANY_X86_GHZ,
+        "the highest boost of any x86 core; this CPU's is unknown (set PIPELINE_CPU_MAX_GHZ)",
+    )  # a desktop Zen 4 boosts to 5.7 GHz: not an EPYC's bound
+    monkeypatch.setenv("PIPELINE_CPU_MAX_GHZ", "3.5")
+    assert max_clock_ghz(zen4, []) == (3.5, "PIPELINE_CPU_MAX_GHZ")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_cpu_peak_bounds_what_this_machine_reaches(precision, monkeypatch):
+    # the measured matrix product was the denominator once, and the demo's convolutions beat it (MFU 111%)
+    from pipeline.profile.peak import cpu_peak, matmul_rate
+
+    monkeypatch.delenv("PIPELINE_CPU_MAX_GHZ", raising=False)
+    peak, what = cpu_peak(precision)
+    assert matmul_rate(precision, seconds=0.3) <= peak, what

@@ -48,6 +48,11 @@ def summary(r: dict) -> str:
             f", **MFU {r['mfu']:.1%}** of {_si(r['peak_flops_per_s'], 'FLOP/s')} ({r['peak_source']})"
             if r["mfu"] is not None
             else f"; MFU unknown: {r['peak_source']}"
+        )
+        + (
+            f"; the best a 1024x1024 matrix product reached here: {_si(r['matmul_flops_per_s'], 'FLOP/s')}"
+            if r.get("matmul_flops_per_s")
+            else ""
         ),
         f"- peak memory per rank ({r['peak_memory_kind']}): "
         + ", ".join(f"{m / 2**30:.2f} GiB" for m in r["peak_memory_bytes_per_rank"]),

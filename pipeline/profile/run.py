@@ -23,7 +23,7 @@ from pipeline.distributed import engines as dist
 from pipeline.methods import describe
 from pipeline.precision import DTYPES
 from pipeline.profile.flops import meta_step
-from pipeline.profile.peak import device_peak
+from pipeline.profile.peak import device_peak, matmul_rate
 from pipeline.profile.regions import Regions
 
 SHARED_REGIONS = ("data_wait", "ema", "comm")  # besides each phase's forward, backward and optimizer regions
@@ -201,6 +201,8 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
         "peak_flops_per_s": peak * world.size if peak else None,
         "peak_source": peak_source,
         "mfu": achieved / (peak * world.size) if peak else None,
+        # beside the peak, never its stand-in: the best a plain matrix product reached here
+        "matmul_flops_per_s": matmul_rate(t.precision) * world.size if dev.type == "cpu" else None,
         "compile_s": sum(compute_s) if spec.compile.enabled else None,
         "warmup_s": warm_s,
         "recompiles": recompiles,
