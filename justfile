@@ -50,6 +50,14 @@ shards *args:
 bench-first-step *args:
     @{{python}} benchmarks/first_step.py "$@"
 
+# `shards build` on a generated ImageNet-like folder (20,000 JPEGs, cached) beside a webdataset + PIL baseline
+bench-shards *args:
+    @{{python}} benchmarks/shards.py "$@"
+
+# every GPU measurement in one run within a time budget (benchmarks/gpu.sh --dry-run: on the CPU, toy sizes)
+bench-gpu *args:
+    @bash benchmarks/gpu.sh "$@"
+
 # the failure detectors: alarms on healthy demo runs, and a provoked collapse (D's lr 25x) rolled back
 bench-failures *args:
     @{{python}} benchmarks/failures.py "$@"

@@ -10,6 +10,7 @@
 #   smoke      `train` the demo for 20 steps on the GPU (real shards through DALI if it imports,
 #              else synthetic data)
 #   eager      `profile` biggan_deep_256, bf16, eager, batch 64, 128 and 256 (synthetic data)
+#   fused      eager, batch 128, with fused Adam (train.g_opt.fused, train.d_opt.fused)
 #   cold       the same compiled (regional), batch 128, with an empty inductor cache
 #   warm       again with the cache `cold` filled: cold versus warm compile seconds
 #   whole      compiled whole-graph, batch 128
@@ -130,6 +131,10 @@ if want eager 150; then
     for b in $BATCHES; do
         profile "eager_$b" "train.batch_size=$b" $STEPS --data synthetic
     done
+fi
+
+if want fused 60; then
+    profile "fused_$BATCH" "train.batch_size=$BATCH" train.g_opt.fused=true train.d_opt.fused=true $STEPS --data synthetic
 fi
 
 CACHE="$OUT/inductor-cache"

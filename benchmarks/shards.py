@@ -1,7 +1,7 @@
 """`shards build` on an ImageNet-like folder, beside a straightforward webdataset + PIL baseline.
 
     python benchmarks/shards.py [--images 20000] [--classes 1000] [--workers N] [--resolution 256]
-                                [--folder DIR] [--out DIR] [--levers]
+                                [--folder DIR] [--levers] [--no-originals]
 
 The folder (generated once, then reused): `--classes` class folders of JPEGs whose sizes follow
 ImageNet's train set (most 500x375 or 500x333, landscape or portrait; a spread of smaller ones; a
@@ -18,8 +18,9 @@ the same machine with the same number of workers:
 
 It prints images/s, the ratio to the baseline, peak resident memory of each build's process, and
 what 1,281,167 images (ILSVRC-2012 train) would take on this machine and per core. `--levers`
-adds our build with each speed-up switched off in turn (reduced-size JPEG decoding; threads
-replaced by processes is not a switch: see BENCHMARKS.md).
+adds our build with each speed-up switched off in turn: JPEGs decoded at full size
+(`ours-full-decode`), and one thread (`ours-1-thread`: how far threads scale, i.e. whether the GIL
+holds them back).
 """
 
 from __future__ import annotations
@@ -157,8 +158,12 @@ def ours(folder: Path, out: Path, resolution: int | None, workers: int) -> int:
 
 def child(which: str, folder: str, out: str, resolution: int | None, workers: int) -> None:
     """One build in this process: images, seconds and peak resident memory (this process and its workers)."""
-    if which == "ours-no-draft":
-        os.environ["PIPELINE_SHARDS_NO_DRAFT"] = "1"
+    if which == "ours-full-decode":
+        import pipeline.data.shards
+
+        pipeline.data.shards.REDUCED_DECODING = False
+    if which == "ours-1-thread":
+        workers = 1
     build = baseline if which == "baseline" else ours
     start = time.perf_counter()
     n = build(Path(folder), Path(out), resolution, workers)
@@ -186,11 +191,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--folder", type=Path, help="where the generated folder is kept (default: ~/.cache/pipeline/...)")
-    ap.add_argument("--levers", action="store_true", help="also our build with reduced-size decoding off")
-    ap.add_argument("--child", nargs=4, metavar=("WHICH", "FOLDER", "OUT", "_"), help=argparse.SUPPRESS)
+    ap.add_argument("--levers", action="store_true", help="also our build with each speed-up off in turn")
+    ap.add_argument("--no-originals", action="store_true", help="only the resized builds")
+    ap.add_argument("--child", nargs=3, metavar=("WHICH", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     ns, _ = ap.parse_known_args()
     if ns.child:
-        which, folder, out, _ = ns.child
+        which, folder, out = ns.child
         child(which, folder, out, ns.resolution or None, ns.workers)
         return
     folder = ns.folder or Path.home() / ".cache" / "pipeline" / f"imagenet-like-{ns.images}-{ns.classes}"
@@ -200,12 +206,10 @@ def main() -> None:
         f"{info['mean_height']:.0f}, {info['mean_bytes'] / 1000:.0f} KB; {ns.workers} worker(s)",
         flush=True,
     )
-    builds = ["ours", "baseline"] + (["ours-no-draft"] if ns.levers else [])
+    builds = ["ours", "baseline"] + (["ours-full-decode", "ours-1-thread"] if ns.levers else [])
     rows = []
-    for resolution in (ns.resolution, None):
+    for resolution in (ns.resolution,) if ns.no_originals else (ns.resolution, None):
         for which in builds:
-            if which == "ours-no-draft" and resolution is None:
-                continue
             r = run(which, folder, resolution, ns.workers)
             r |= {"which": which, "resolution": resolution, "images_per_s": r["images"] / r["seconds"]}
             rows.append(r)
@@ -218,7 +222,7 @@ def main() -> None:
         print(
             f"| {r['which']} | {r['resolution'] or 'originals'} | {r['images_per_s']:,.1f} | "
             f"{r['images_per_s'] / base['images_per_s']:.2f}x | {r['max_rss_mb']:,.0f} | {hours:.1f} h | "
-            f"{r['images_per_s'] / ns.workers:,.1f} images/s |"
+            f"{r['images_per_s'] / (1 if r['which'] == 'ours-1-thread' else ns.workers):,.1f} images/s |"
         )
 
 

@@ -228,6 +228,7 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume(one_step_run, demo_sha
         ("demo", "train.failures.grad_norm_change=true", "train.failures.grad_norm_change"),
         ("demo", "train.failures.grad_norm_warmup=0", "train.failures.grad_norm_warmup"),
         ("demo", "train.failures.grad_norm_above=.nan", "train.failures.grad_norm_above"),
+        ("demo", "train.d_opt.fused=2", "train.d_opt.fused"),
     ],
 )
 def test_non_finite_or_out_of_range_hyperparameters_are_validation_errors(spec, override, path):

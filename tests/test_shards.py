@@ -201,6 +201,43 @@ def test_resolution_downscales_the_shorter_side(source, tmp_path):
             assert abs(img.size[0] / img.size[1] - w0 / h0) < 0.05
 
 
+def _jpeg(pixels: np.ndarray, orientation: int = 1) -> bytes:
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [1, 6])  # 6: stored turned, shown upright
+def test_a_jpeg_twice_the_resolution_is_decoded_at_reduced_size_then_resized_exactly(monkeypatch, orientation):
+    # libjpeg's DCT scaling (PIL's draft) decodes 500x375 at 250x188 for a 128 result; the size is
+    # still the one of the full image (171x128, where 250x188 would give 170x128)
+    data = _jpeg(_picture(np.random.default_rng(1), 500, 375), orientation)
+    reduced = Image.open(io.BytesIO(encode_image(data, resolution=128)))
+    monkeypatch.setattr(shards_module, "REDUCED_DECODING", False)
+    full = Image.open(io.BytesIO(encode_image(data, resolution=128)))
+    upright = (171, 128) if orientation == 1 else (128, 171)
+    assert reduced.size == full.size == upright
+    difference = np.abs(np.asarray(reduced, np.float32) - np.asarray(full, np.float32))
+    assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 3, (difference.mean(), difference.max())
+    # below twice the resolution nothing changes: the same bytes as a full decode
+    smaller = _jpeg(_picture(np.random.default_rng(2), 250, 200), orientation)
+    monkeypatch.setattr(shards_module, "REDUCED_DECODING", True)
+    kept = encode_image(smaller, resolution=128)
+    monkeypatch.setattr(shards_module, "REDUCED_DECODING", False)
+    assert kept == encode_image(smaller, resolution=128)
+
+
+def test_an_rgb_jpeg_kept_as_it_is_is_still_validated_in_full(tmp_path):
+    # checked at 1/8 scale, every coefficient is still entropy-decoded: a cut file fails as before
+    data = _jpeg(_picture(np.random.default_rng(3), 400, 300))
+    assert encode_image(data) == data
+    for cut in (len(data) // 2, len(data) - 200):
+        with pytest.raises(OSError, match="truncated"):
+            encode_image(data[:cut])
+
+
 # --- resuming -------------------------------------------------------------------------------------
 
 

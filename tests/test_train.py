@@ -268,6 +268,22 @@ def test_zero_stages_train_and_resume(demo_shards, tmp_path, stage, metrics):
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_fused_adam_trains_as_the_default_adam_up_to_rounding(demo_shards, tmp_path, stage):
+    trained = {}
+    for fused in (False, True):
+        args = [f"train.zero_stage={stage}", f"train.g_opt.fused={fused}", f"train.d_opt.fused={fused}"]
+        tr = loop.Trainer(load_spec("demo", overrides(demo_shards, tmp_path / str(fused), *args)), resume=False)
+        tr.run_step()  # one step (two D steps): later ones amplify rounding, as any GAN does
+        optimizer = tr.engines["D"]._engine.optimizer
+        assert bool(getattr(optimizer, "optimizer", optimizer).defaults["fused"]) is fused
+        trained[fused] = {k: v.clone() for k, v in tr.nets["discriminator"].state_dict().items()}
+    for key, value in trained[False].items():
+        torch.testing.assert_close(trained[True][key], value, rtol=1e-5, atol=1e-6)  # an update is ~4e-4
+    with pytest.raises(SpecError, match="fused is an option of kind: adam"):
+        load_spec("demo", ["train.d_opt={kind: sgd, lr: 0.01, fused: true}"])
+
+
 def test_failed_checkpoint_write_keeps_the_previous_one(demo_shards, tmp_path, monkeypatch, metrics):
     run_dir = tmp_path / "run"
     loop.train(load_spec("demo", overrides(demo_shards, run_dir, "train.max_steps=2")))

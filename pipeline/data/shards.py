@@ -344,29 +344,44 @@ def encode_image(payload: Payload, *, resolution: int | None = None, quality: in
     else:
         data = bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else Path(payload).read_bytes()
         img = Image.open(io.BytesIO(data))
-    img.load()  # decode in full: a truncated or corrupt file fails here, not later inside DALI
-    resize = resolution is not None and min(img.size) > resolution
     orientation = _orientation(img) if data is not None else 1
-    if (
-        data is not None
-        and img.format == "JPEG"
-        and img.mode == "RGB"
-        and not resize
-        and orientation not in _ORIENTATION
-    ):
+    turned = orientation in _SWAPS_SIDES
+    resize = resolution is not None and min(img.size) > resolution
+    size = _shorter_side_to(img.size[::-1] if turned else img.size, resolution) if resize else None
+    copy = data is not None and img.format == "JPEG" and img.mode == "RGB" and not resize
+    copy = copy and orientation not in _ORIENTATION
+    if img.format == "JPEG" and REDUCED_DECODING:
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT, skipping most of the inverse DCT and
+        # colour work; every coefficient is still entropy-decoded, so a truncated or corrupt file
+        # fails as in a full decode
+        if copy:  # the pixels are only checked: the file is stored as it is
+            img.draft(None, (max(1, img.width // 8), max(1, img.height // 8)))
+        elif resize and min(img.size) >= 2 * resolution:  # at least the final size, then the exact resize
+            img.draft(None, size[::-1] if turned else size)
+    img.load()  # decode: a truncated or corrupt file fails here, not later inside DALI
+    if copy:
         return data
     rgb = _to_rgb(img)
     if orientation in _ORIENTATION:
         # DALI's decoder applies EXIF orientation and PIL-based readers do not: store upright pixels
         rgb = rgb.transpose(_ORIENTATION[orientation])
     if resize:
-        w, h = rgb.size
-        scale = resolution / min(w, h)
-        size = (resolution, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), resolution)
         rgb = rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+# Decode JPEGs at reduced size where the pixels allow (see encode_image); benchmarks switch it off
+# to measure what it gives (benchmarks/shards.py --levers).
+REDUCED_DECODING = True
+
+
+def _shorter_side_to(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) scaled so that the shorter side is `resolution`."""
+    w, h = size
+    scale = resolution / min(w, h)
+    return (resolution, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), resolution)
 
 
 # EXIF orientation -> the transpose that makes the pixels upright (as ImageOps.exif_transpose does)
@@ -379,6 +394,7 @@ _ORIENTATION = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})  # the orientations whose upright image is the stored one turned
 
 
 def _orientation(img: Image.Image) -> int:
@@ -491,13 +507,18 @@ def write_samples(
         # threads scale over cores without pickling images or forking a process that holds torch.
         pool = ThreadPoolExecutor(max(1, workers)) if workers > 1 else None
         try:
+            begun, images = time.perf_counter(), 0
             for count, n in enumerate(todo, 1):
                 started = time.perf_counter()
                 sidecars[n] = _write_shard(out, n, plan[n], options, pool)
+                images += len(plan[n])
+                now = time.perf_counter()
+                rate = images / (now - begun)
+                left = sum(len(plan[m]) for m in todo[count:]) / rate
                 log(
                     f"{sidecars[n]['file'] or SHARD_STEM.format(n)}: {sidecars[n]['num_samples']} samples, "
-                    f"{len(sidecars[n]['skipped'])} skipped ({count}/{len(todo)}, "
-                    f"{time.perf_counter() - started:.1f} s)"
+                    f"{len(sidecars[n]['skipped'])} skipped ({count}/{len(todo)}, {now - started:.1f} s; "
+                    f"{rate:,.0f} images/s, {_clock(left)} left)"
                 )
         finally:
             if pool is not None:
@@ -512,6 +533,11 @@ def write_samples(
             )
         _write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
 
 
 def _check_options(*, shard_size, resolution, seed, quality) -> dict:

@@ -249,22 +249,23 @@ def _betas(opt) -> tuple[float, float]:
 def _optimizer(engine: str, networks: dict) -> torch.optim.Optimizer:
     """One optimizer over the networks of an engine, a param group each with its own settings
     (networks -> (module, OptimizerSpec)); the networks of one engine share an optimizer kind."""
-    kinds = {opt.kind for _, opt in networks.values()}
+    kinds = {(opt.kind, opt.fused) for _, opt in networks.values()}
     if len(kinds) > 1:
         from pipeline.errors import user_error
 
         raise user_error(
             f"the networks of engine {engine} ({', '.join(networks)}) are optimised together, so they need one "
-            f"optimizer kind, not {' and '.join(sorted(kinds))}",
-            hint="give them the same opt.kind",
+            f"optimizer kind and fused setting, not {' and '.join(f'{k} (fused {f})' for k, f in sorted(kinds))}",
+            hint="give them the same opt.kind and opt.fused",
         )
-    if kinds == {"sgd"}:
+    (kind, fused), *_ = kinds
+    if kind == "sgd":
         groups = [{"params": list(m.parameters()), "lr": o.lr, "momentum": o.momentum} for m, o in networks.values()]
         return torch.optim.SGD(groups)
     groups = [
         {"params": list(m.parameters()), "lr": o.lr, "betas": _betas(o), "eps": o.eps} for m, o in networks.values()
     ]
-    return torch.optim.Adam(groups)
+    return torch.optim.Adam(groups, fused=True) if fused else torch.optim.Adam(groups)
 
 
 @functools.cache

@@ -96,11 +96,18 @@ class OptimizerSpec(Section):
     betas: tuple[Beta, Beta] = Field((0.0, 0.999), description="Adam betas, each in [0, 1).")
     eps: PositiveFloat = Field(1e-8, description="Adam epsilon.")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (sgd only).")
+    fused: bool = Field(
+        False,
+        description="Adam's fused implementation (torch.optim.Adam(fused=True)): one kernel over every parameter, "
+        "faster on GPUs, equal to the default up to rounding (adam only).",
+    )
 
     @model_validator(mode="after")
     def _momentum_is_sgd(self):
         if self.momentum and self.kind != "sgd":
             raise ValueError("momentum is an option of kind: sgd; Adam's are betas and eps")
+        if self.fused and self.kind != "adam":
+            raise ValueError("fused is an option of kind: adam")
         return self
 
 

@@ -44,8 +44,8 @@ MAY_DIFFER = (
     "data.num_threads",
 )
 # ... and every optimizer's learning rate (train.g_opt.lr, train.d_opt.lr, a network's own opt.lr): a
-# resumed run takes the new rate, e.g. to calm a run that grew unstable
-MAY_DIFFER_LAST = ("opt.lr", "g_opt.lr", "d_opt.lr")
+# resumed run takes the new rate, e.g. to calm a run that grew unstable; and its implementation
+MAY_DIFFER_LAST = tuple(f"{opt}.{key}" for opt in ("opt", "g_opt", "d_opt") for key in ("lr", "fused"))
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
