@@ -97,7 +97,7 @@ class FailureTracker:
 
     def _judge_norm(self, key: str, value: float, step: int) -> list[Failure]:
         """A value that fires does not join the history: a lasting symptom goes on firing instead of
-        becoming the reference (a D killed at 12.5x its learning rate did, 7 lines later)."""
+        becoming the reference within a few lines."""
         s, known = self.settings, self.norms.get(key, [])
         found = []
         if s.grad_norm_above is not None and value > s.grad_norm_above:
