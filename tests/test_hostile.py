@@ -502,7 +502,7 @@ def test_out_of_memory_in_a_step_names_the_step_batch_and_stage(demo_shards, tmp
     (issue,) = info.value.issues
     first = str(error).splitlines()[0]
     assert issue.message.startswith("out of memory in step 3 at resolution 8 (fade), a batch of 8 (8 per micro-batch")
-    assert first in issue.message and "step-00000002" in issue.message and "grad_accumulation" in issue.hint
+    assert first in issue.message and "step-00000002" in issue.message and "train.batch_per_rank" in issue.hint
     assert issue.path == "method.resolutions.8.batch_size"
     assert not (run_dir / "LOCK").exists()  # released: the next run starts without a warning
 

@@ -712,8 +712,8 @@ def _stopped_out_of_memory(exc: RuntimeError, tr: Trainer) -> TrainingStopped:
                 f"{tr.accum} accumulated x {tr.world.size} ranks): {first}; stopped. The last good checkpoint is "
                 f"{checkpoint.latest(tr.run_dir) or '(none yet)'}",
                 path=path,
-                hint="lower the batch, or raise train.grad_accumulation to keep it in smaller micro-batches; the "
-                "same command then resumes",
+                hint="lower the batch, or set a smaller train.batch_per_rank: the same batch in more accumulated "
+                "micro-batches; the same command then resumes",
             )
         ]
     )
