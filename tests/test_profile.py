@@ -195,6 +195,12 @@ def test_the_cpu_peak_is_cores_times_clock_times_flops_per_cycle(monkeypatch):
     )  # a desktop Zen 4 boosts to 5.7 GHz: not an EPYC's bound
     monkeypatch.setenv("PIPELINE_CPU_MAX_GHZ", "3.5")
     assert max_clock_ghz(zen4, []) == (3.5, "PIPELINE_CPU_MAX_GHZ")
+    from pipeline.errors import SpecError
+
+    for bad in ("fast", "nan", "0", "3500"):  # 3500: MHz, not GHz
+        monkeypatch.setenv("PIPELINE_CPU_MAX_GHZ", bad)
+        with pytest.raises(SpecError, match=f"PIPELINE_CPU_MAX_GHZ is '{bad}', not a clock in GHz"):
+            max_clock_ghz(zen4, [])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -22,6 +22,7 @@ denominator: the demo's convolutions ran faster than a 1024x1024 matmul did (MFU
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import time
@@ -133,7 +134,19 @@ def flops_per_cycle(cpu: CpuInfo, precision: str) -> tuple[int, str]:
 def max_clock_ghz(cpu: CpuInfo, cpus: list[int]) -> tuple[float, str]:
     """The highest clock the cores can run at, and where that figure comes from."""
     if os.environ.get("PIPELINE_CPU_MAX_GHZ"):
-        return float(os.environ["PIPELINE_CPU_MAX_GHZ"]), "PIPELINE_CPU_MAX_GHZ"
+        text = os.environ["PIPELINE_CPU_MAX_GHZ"]
+        try:
+            ghz = float(text)
+        except ValueError:
+            ghz = math.nan
+        if not 0.1 <= ghz <= 10:  # NaN too
+            from pipeline.errors import user_error
+
+            raise user_error(
+                f"PIPELINE_CPU_MAX_GHZ is {text!r}, not a clock in GHz between 0.1 and 10",
+                hint="set it to the cores' highest clock, e.g. PIPELINE_CPU_MAX_GHZ=3.7, or unset it",
+            )
+        return ghz, "PIPELINE_CPU_MAX_GHZ"
     khz = []
     for n in cpus:
         with contextlib.suppress(OSError, ValueError):

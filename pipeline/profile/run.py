@@ -102,6 +102,7 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     # a method with a schedule is measured where it ends (ProGAN: the last stage, stable)
     tr.images_seen = tr.method.profiled_at()
     tr.apply_schedule()
+    peak, peak_source = device_peak(dev, t.precision)  # MFU's denominator (refused settings stop here)
 
     # the step's FLOPs and the batches it reads, from one run of the phases on the meta device
     flops, reads = meta_step(loaded, tr.micro, tr.accum)
@@ -159,7 +160,6 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     phases["other"] = max(0.0, iteration_s - sum(phases.values()))
     flops_rank = sum(v for k, v in flops.items() if k != "sn")
     flops_iteration = flops_rank * world.size
-    peak, peak_source = device_peak(dev, t.precision)
     images_per_step = tr.images_last_step  # real images read from the streams, all ranks
     images_per_rank = _gather(images_per_step / world.size / iteration_s)
     images_per_s = sum(images_per_rank)
