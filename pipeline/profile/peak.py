@@ -190,5 +190,6 @@ def device_peak(device: torch.device, precision: str) -> tuple[float | None, str
         name = torch.cuda.get_device_name(device)
         found = gpu_peak(name, precision)
         return found if found else (None, f"{name}: not in the peak table (pipeline/profile/peak.py)")
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit() else 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")  # the launcher's ranks on this host
+    ranks_here = int(local) if local.isdigit() else 1
     return cpu_peak(precision, ranks_here=ranks_here)
