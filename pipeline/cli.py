@@ -188,7 +188,7 @@ def cmd_train(ns) -> int:
         print(lost_peer_message(loaded.spec, exc), file=sys.stderr)
         return 1
     if world_size_from_environment() == 1 or os.environ.get("RANK", "0") == "0":
-        print(train_report(summary), file=sys.stderr)
+        print(train_report(summary, loaded.spec), file=sys.stderr)
     return 0
 
 
@@ -212,44 +212,23 @@ def lost_peer_message(spec, exc: RuntimeError) -> str:
     )
 
 
-def train_report(summary) -> str:
+def train_report(summary, spec) -> str:
     """What a finished `train` says: where the run stands and the scores of its last evaluation."""
-    run_dir = summary.run_dir
+    from pipeline.eval.during_training import describe_scores
+    from pipeline.runs import Run
+
+    run = Run(summary.run_dir)
     if summary.steps_run == 0:
         lines = [
-            f"{run_dir} is already complete: step {summary.step} (train.max_steps {summary.max_steps}); nothing "
+            f"{run.root} is already complete: step {summary.step} (train.max_steps {summary.max_steps}); nothing "
             "to train. Train longer with train.max_steps=N, or start a new run with run.dir=PATH."
         ]
     else:
-        lines = [f"{run_dir}: trained to step {summary.step} of {summary.max_steps} ({summary.images_seen:,} images)"]
-    metrics = run_dir / "metrics.jsonl"
-    evals = []
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a half-written last line (a crash mid-append)
-            if "eval_protocol" in record:
-                evals.append(record)
-    if evals and "fid" not in evals[-1]:  # an image-to-image run: both directions
-        last = evals[-1]
-        parts = [
-            f"{a}->{b}: FID {last[f'fid_{a}_to_{b}']:.2f}, content kept {last[f'content_accuracy_{a}_to_{b}']:.1%}"
-            for a, b in (("a", "b"), ("b", "a"))
-        ]
-        lines.append(f"last evaluation, step {last['step']}: " + "; ".join(parts))
-    elif evals:
-        last, protocol = evals[-1], evals[-1].get("eval_protocol", {})
-        accuracy = last.get("class_accuracy")
-        lines.append(
-            f"last evaluation, step {last['step']}: FID {last['fid']:.2f}, IS {last['is_mean']:.2f}"
-            + (f", class accuracy {accuracy:.1%}" if accuracy is not None else "")
-            + f" ({protocol.get('num_samples', '?')} samples, {protocol.get('feature_net', '?')} features, "
-            f"standing statistics {protocol.get('standing_stats_passes', '?')} passes, "
-            f"{'EMA' if protocol.get('ema') else 'raw generator'})"
-        )
-    exported = sorted((run_dir / "export").glob("*.safetensors"))
+        lines = [f"{run.root}: trained to step {summary.step} of {summary.max_steps} ({summary.images_seen:,} images)"]
+    evals = [record for record in run.metrics.records() if "eval_protocol" in record]
+    if evals:
+        lines.append(f"last evaluation, step {evals[-1]['step']}: {describe_scores(evals[-1], spec.method.use)}")
+    exported = sorted(run.export.glob("*.safetensors"))
     if exported:
         lines.append("exported weights: " + ", ".join(str(f) for f in exported))
     return "\n".join(lines)
@@ -314,8 +293,10 @@ def cmd_sample(ns) -> int:
         classes = [int(w) for w in words]
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = load_generator(ns.source, device=device)
-    if gen.spec.method.kind == "cycle":
-        return _sample_translation(ns, gen, device)
+    if gen.spec.method.use == "translate":
+        from pipeline.eval.translation import sample_command
+
+        return sample_command(ns, gen, device)
     if ns.input:
         raise user_error("--input is for image-to-image runs (method cycle)", hint="sample a GAN with --classes")
     if ns.classes == "all":
@@ -342,33 +323,6 @@ def cmd_sample(ns) -> int:
     )
     for name in record["files"].values():
         print(f"  {name}")
-    return 0
-
-
-def _sample_translation(ns, gen, device) -> int:
-    """An image-to-image run: rows of input | translated | cycled, each direction in its own grid."""
-    import time
-    from pathlib import Path
-
-    from pipeline.data.dali import first_images
-    from pipeline.eval.sampling import load_generator
-    from pipeline.eval.translation import save_translation_grid
-
-    spec, m = gen.spec, gen.spec.method
-    nets = {name: load_generator(ns.source, device=device, network=name).module for name in (m.g_ab, m.g_ba)}
-    out = Path(ns.out) if ns.out else gen.home / "samples" / f"translate-{time.strftime('%Y%m%d-%H%M%S')}"
-    directions = {"a_to_b": (m.g_ab, m.g_ba, m.domain_a), "b_to_a": (m.g_ba, m.g_ab, m.domain_b)}
-    for direction, (forward, backward, stream) in directions.items():
-        if ns.input:
-            from pipeline.data.dali import find_shards, first_shard_images
-
-            images = first_shard_images(find_shards(ns.input, what="--input"), spec, ns.num, device)
-        else:
-            images = first_images(spec, stream, ns.num, device)
-        path = save_translation_grid(nets[forward], nets[backward], images, out / f"{direction}.png")
-        print(f"{gen.source}: {direction.replace('_', ' ')} (input | translated | cycled) written to {path}")
-        if ns.input:
-            print("  (the same --input images through both directions)")
     return 0
 
 
@@ -400,8 +354,10 @@ def cmd_eval(ns) -> int:
     from pipeline.eval.sampling import load_generator
 
     gen = load_generator(ns.source, device=device)
-    if gen.spec.method.kind == "cycle":
-        return _eval_translation(ns, gen, device)
+    if gen.spec.method.use == "translate":
+        from pipeline.eval.translation import eval_command
+
+        return eval_command(ns, gen, device)
     record = evaluate(  # options not given (None) follow the run's own spec
         ns.source,
         features=ns.features,
@@ -429,44 +385,6 @@ def cmd_eval(ns) -> int:
         acc = f"{r['class_accuracy']:.1%}" if r["class_accuracy"] is not None else "-"
         print(f"{'none' if t is None else t:>10}  {r['fid']:9.3f}  {r['kid_mean']:9.4f}  {r['is_mean']:7.3f}  {acc:>9}")
     print(f"written to {record['json']}" + (f" and {record['plot']}" if "plot" in record else ""))
-    return 0
-
-
-def _eval_translation(ns, gen, device) -> int:
-    """An image-to-image run: FID in the target domain and content kept, each direction."""
-    from pathlib import Path
-
-    from pipeline.eval.sampling import load_generator
-    from pipeline.eval.translation import evaluate_translation
-
-    spec, m = gen.spec, gen.spec.method
-    streams = spec.data.all_streams()
-    nets = {name: load_generator(ns.source, device=device, network=name).module for name in (m.g_ab, m.g_ba)}
-    result = evaluate_translation(
-        nets[m.g_ab],
-        nets[m.g_ba],
-        Path(streams[m.domain_a].shards),
-        Path(streams[m.domain_b].shards),
-        device=device,
-        num_samples=ns.num or spec.eval.num_samples,
-        seed=spec.seed if ns.seed is None else ns.seed,
-    )
-    out = Path(ns.out) if ns.out else gen.home / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"translation-step-{gen.step}.json"
-    path.write_text(json.dumps({"source": gen.source, **result}, indent=2) + "\n")
-    if ns.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"{gen.source}:")
-    print(f"{'direction':>9}  {'FID':>8}  {'content':>8}  {'FID as is':>9}  {'content as is':>13}  {'cycle L1':>8}")
-    for direction, r in result.items():
-        if direction != "protocol":
-            print(
-                f"{direction:>9}  {r['fid']:8.2f}  {r['content_accuracy']:8.1%}  {r['fid_untranslated']:9.2f}  "
-                f"{r['content_accuracy_untranslated']:13.1%}  {r['cycle_l1']:8.4f}"
-            )
-    print(f"written to {path}")
     return 0
 
 

@@ -541,11 +541,12 @@ def test_a_stop_names_the_checkpoint_from_before_the_symptom(demo_shards, tmp_pa
     # the rollback limit and on_failure: stop named the newest checkpoint, though one written after
     # the symptom began (step 6 for a symptom since step 5) already carries it
     from pipeline.train import loop
+    from pipeline.train.stops import stopped as stop_message
 
     args = [f"data.shards={demo_shards}", f"run.dir={tmp_path}", "train.batch_size=8", "train.max_steps=6"]
     loop.train(load_spec("demo", [*args, "train.checkpoint_every=2", "eval.every=0"]))
-    stopped = loop._stopped(["d_real stuck"], 7, tmp_path, before=5)
+    stopped = stop_message(["d_real stuck"], 7, tmp_path, before=5)
     assert "The last good checkpoint is" in str(stopped) and "step-00000004, the newest from before step 5" in str(
         stopped
     )
-    assert "step-00000006" in str(loop._stopped(["nan"], 7, tmp_path))
+    assert "step-00000006" in str(stop_message(["nan"], 7, tmp_path))

@@ -13,9 +13,24 @@ def evaluator_for(spec):
     """A function (networks by name, spec) -> scores to log, or None when the spec evaluates never."""
     if not spec.eval.every:
         return None
-    if spec.method.kind == "cycle":
-        return _translation_evaluator()
-    return _gan_evaluator()
+    return {"generate": _gan_evaluator, "translate": _translation_evaluator}[spec.method.use]()
+
+
+def describe_scores(record: dict, use: str) -> str:
+    """A logged evaluation in one line, for `train`'s closing report."""
+    if use == "translate":  # both directions
+        return "; ".join(
+            f"{a}->{b}: FID {record[f'fid_{a}_to_{b}']:.2f}, content kept {record[f'content_accuracy_{a}_to_{b}']:.1%}"
+            for a, b in (("a", "b"), ("b", "a"))
+        )
+    protocol, accuracy = record.get("eval_protocol", {}), record.get("class_accuracy")
+    return (
+        f"FID {record['fid']:.2f}, IS {record['is_mean']:.2f}"
+        + (f", class accuracy {accuracy:.1%}" if accuracy is not None else "")
+        + f" ({protocol.get('num_samples', '?')} samples, {protocol.get('feature_net', '?')} features, "
+        f"standing statistics {protocol.get('standing_stats_passes', '?')} passes, "
+        f"{'EMA' if protocol.get('ema') else 'raw generator'})"
+    )
 
 
 def _device(nets: dict) -> torch.device:

@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeline.errors import Issue, SpecError, user_error
 from pipeline.images import save_gif, save_png, tile, to_pixels, to_uint8  # noqa: F401  (also used from here)
+from pipeline.runs import EXPORT_SPEC, is_export
 
 if TYPE_CHECKING:
     from pipeline.spec import Spec
@@ -232,7 +233,7 @@ def _from_export(file: Path, device) -> LoadedGenerator:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    spec_file = file.parent / "spec.yaml"
+    spec_file = file.parent / EXPORT_SPEC
     if not spec_file.is_file():
         raise user_error(
             f"{spec_file} is missing: the spec of {file} is read from spec.yaml beside it",
@@ -317,7 +318,7 @@ def load_generator(
         if path.suffix != ".safetensors":
             raise user_error(f"{path} is not a .safetensors file", hint=SOURCE_HINT)
         return _from_export(path, device)
-    if (path / "spec.yaml").is_file() and list(path.glob("*.safetensors")):
+    if is_export(path):
         if network is None:
             exported = sorted(path.glob("*.safetensors"))
             file = path / "generator.safetensors" if (path / "generator.safetensors").is_file() else exported[0]

@@ -21,7 +21,9 @@ The target classifier never saw them (the domains are disjoint), so none is need
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -159,3 +161,62 @@ def evaluate_translation(
         for g, mode in zip((g_ab, g_ba), was_training, strict=True):
             g.train(mode)
     return result | {"protocol": protocol}
+
+
+# ----- the `sample` and `eval` commands for a run that translates (method.use: translate)
+def sample_command(ns, gen, device) -> int:
+    """`sample` of an image-to-image run: rows of input | translated | cycled, each direction in its own grid."""
+    from pipeline.data.dali import first_images
+    from pipeline.eval.sampling import load_generator
+
+    spec, m = gen.spec, gen.spec.method
+    nets = {name: load_generator(ns.source, device=device, network=name).module for name in (m.g_ab, m.g_ba)}
+    out = Path(ns.out) if ns.out else gen.home / "samples" / f"translate-{time.strftime('%Y%m%d-%H%M%S')}"
+    directions = {"a_to_b": (m.g_ab, m.g_ba, m.domain_a), "b_to_a": (m.g_ba, m.g_ab, m.domain_b)}
+    for direction, (forward, backward, stream) in directions.items():
+        if ns.input:
+            from pipeline.data.dali import find_shards, first_shard_images
+
+            images = first_shard_images(find_shards(ns.input, what="--input"), spec, ns.num, device)
+        else:
+            images = first_images(spec, stream, ns.num, device)
+        path = save_translation_grid(nets[forward], nets[backward], images, out / f"{direction}.png")
+        print(f"{gen.source}: {direction.replace('_', ' ')} (input | translated | cycled) written to {path}")
+        if ns.input:
+            print("  (the same --input images through both directions)")
+    return 0
+
+
+def eval_command(ns, gen, device) -> int:
+    """`eval` of an image-to-image run: FID in the target domain and content kept, each direction."""
+    from pipeline.eval.sampling import load_generator
+
+    spec, m = gen.spec, gen.spec.method
+    streams = spec.data.all_streams()
+    nets = {name: load_generator(ns.source, device=device, network=name).module for name in (m.g_ab, m.g_ba)}
+    result = evaluate_translation(
+        nets[m.g_ab],
+        nets[m.g_ba],
+        Path(streams[m.domain_a].shards),
+        Path(streams[m.domain_b].shards),
+        device=device,
+        num_samples=ns.num or spec.eval.num_samples,
+        seed=spec.seed if ns.seed is None else ns.seed,
+    )
+    out = Path(ns.out) if ns.out else gen.home / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"translation-step-{gen.step}.json"
+    path.write_text(json.dumps({"source": gen.source, **result}, indent=2) + "\n")
+    if ns.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{gen.source}:")
+    print(f"{'direction':>9}  {'FID':>8}  {'content':>8}  {'FID as is':>9}  {'content as is':>13}  {'cycle L1':>8}")
+    for direction, r in result.items():
+        if direction != "protocol":
+            print(
+                f"{direction:>9}  {r['fid']:8.2f}  {r['content_accuracy']:8.1%}  {r['fid_untranslated']:9.2f}  "
+                f"{r['content_accuracy_untranslated']:13.1%}  {r['cycle_l1']:8.4f}"
+            )
+    print(f"written to {path}")
+    return 0

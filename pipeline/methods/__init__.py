@@ -8,6 +8,5 @@ from pipeline.methods.registry import (  # noqa: F401
     NetworkNeed,
     Phase,
     describe,
-    frozen,
     method_union,
 )

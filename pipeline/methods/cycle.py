@@ -28,7 +28,7 @@ as the authors' code chains them into one Adam); D_A and D_B each have their own
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,7 @@ class CycleMethod(Method):
     """Two generators and two discriminators on two unpaired image streams (CSGAN, CycleGAN)."""
 
     kind: Literal["cycle"] = "cycle"
+    use: ClassVar[Literal["generate", "translate"]] = "translate"
     loss: Literal["hinge", "non_saturating", "wgan_gp", "least_squares"] = Field(
         "least_squares",
         description="Adversarial loss of both pairs: " + ", ".join(LOSSES) + " (least squares as in CycleGAN).",
@@ -175,6 +176,9 @@ class CycleMethod(Method):
             return {"": torch.stack([a, fake_b, ba(fake_b), b, fake_a, ab(fake_a)])}
 
         return grid
+
+    def d_loss_bounded(self) -> bool:
+        return self.loss != "wgan_gp"
 
     def build(self, spec) -> MethodRun:
         return _CycleRun(self, spec)

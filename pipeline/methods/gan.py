@@ -364,6 +364,19 @@ class GanMethod(Method):
 
         return grid
 
+    def d_loss_bounded(self) -> bool:
+        return self.loss != "wgan_gp"
+
+    def diversity_probe(self, spec, device):
+        # 32 fixed latents (classes 0, 1, ... in turn), from a seed of their own
+        if spec.latent is None:
+            return None
+        generator = torch.Generator().manual_seed(spec.seed + 2)
+        z = torch.randn(32, spec.latent.z_dim, generator=generator).to(device)
+        classes = spec.data.num_classes
+        y = (torch.arange(32) % classes).to(device) if classes else None
+        return self.generator, (z, y)
+
     def build(self, spec) -> MethodRun:
         return _GanRun(self, spec)
 

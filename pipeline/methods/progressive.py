@@ -141,6 +141,11 @@ class ProgressiveMethod(GanMethod):
 
         return shown
 
+    def diversity_probe(self, spec, device):
+        # none: the probe's distance (L2 over pixels) grows with each stage's image size, so it
+        # cannot be compared with its first value, as the collapse detector does
+        return None
+
     def build(self, spec):
         return _ProgressiveRun(self, spec)
 

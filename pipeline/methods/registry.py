@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Annotated, Literal, Protocol, Union
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -75,19 +75,6 @@ class Phase:
     objective: Objective
     repeat: int = 1
     frozen: tuple[str, ...] = ()  # networks the losses backpropagate through without updating them
-
-
-@contextmanager
-def frozen(*modules):
-    """No gradient reaches these modules' parameters inside (D during the G step). With DeepSpeed,
-    D's next backward fails ("gradient computed twice") unless D is frozen here."""
-    for module in modules:
-        module.requires_grad_(False)
-    try:
-        yield modules
-    finally:
-        for module in modules:
-            module.requires_grad_(True)
 
 
 def describe(phases: list[Phase]) -> str:
@@ -166,6 +153,10 @@ class Method(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    # What the trained networks do, for `sample`, `eval` and the evaluation during training:
+    # "generate" images from latents (and classes), or "translate" images of one domain into another.
+    use: ClassVar[Literal["generate", "translate"]] = "generate"
+
     # (a field validator on "*" would also sit on `kind`, which pydantic refuses for a discriminator)
     @model_validator(mode="before")
     @classmethod
@@ -220,6 +211,17 @@ class Method(BaseModel):
         grids (rows, cols, C, H, W) by file-name suffix: "" for step-N.png, e.g. "-d-pixels" for
         step-N-d-pixels.png."""
         ...
+
+    def d_loss_bounded(self) -> bool:
+        """Whether the discriminators' losses are bounded below by 0 (a WGAN critic's are not): the
+        failure detector "D's loss at 0" applies only then."""
+        return True
+
+    def diversity_probe(self, spec, device) -> tuple[str, tuple] | None:
+        """Fixed inputs for the collapse detector (train.failures.diversity_below): the network to
+        probe and its inputs, drawn once without touching the run's random streams; None: the
+        method has no probe."""
+        return None
 
     @abc.abstractmethod
     def build(self, spec) -> MethodRun:

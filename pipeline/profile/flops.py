@@ -23,8 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.graph import analyze_spec
 from pipeline.graph.build import instantiate
-from pipeline.methods import frozen
 from pipeline.profile import regions
+from pipeline.train.phases import frozen
 
 
 class _FlopRegions:

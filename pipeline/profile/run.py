@@ -25,6 +25,7 @@ from pipeline.precision import DTYPES
 from pipeline.profile.flops import meta_step
 from pipeline.profile.peak import device_peak, matmul_rate
 from pipeline.profile.regions import Regions
+from pipeline.runs import Run
 
 SHARED_REGIONS = ("data_wait", "ema", "comm")  # besides each phase's forward, backward and optimizer regions
 
@@ -100,8 +101,7 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     tr = Trainer(loaded, device=device, resume=False)
     world, dev = tr.world, tr.world.device
     # a method with a schedule is measured where it ends (ProGAN: the last stage, stable)
-    tr.images_seen = tr.method.profiled_at()
-    tr.apply_schedule()
+    tr.start_at(tr.method.profiled_at())
     peak, peak_source = device_peak(dev, t.precision)  # MFU's denominator (refused settings stop here)
 
     # the step's FLOPs and the batches it reads, from one run of the phases on the meta device
@@ -258,7 +258,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _out_dir(loaded) -> Path:
-    return loaded.spec.run_dir / "profile"
+    return Run(loaded.spec.run_dir).profile
 
 
 def _write(loaded, report: dict, world) -> dict:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from pipeline.data.parts import merge_positions
 from pipeline.distributed.engines import barrier, saved_weights
 from pipeline.errors import user_error
+from pipeline.runs import Run
 from pipeline.safe_files import DAMAGED, read_json, read_tensors, read_torch, sha256
 
 CHECKSUMS = "checksums.json"
@@ -49,14 +50,14 @@ MAY_DIFFER_LAST = tuple(f"{opt}.{key}" for opt in ("opt", "g_opt", "d_opt") for 
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:08d}"
+    return Run(run_dir).checkpoint(step)
 
 
 def _complete(run_dir: Path) -> list[Path]:
     """Checkpoints renamed into place (complete when written), newest first."""
     done = [
         p
-        for p in (run_dir / "checkpoints").glob("step-*")
+        for p in Run(run_dir).checkpoints.glob("step-*")
         if not p.name.endswith(".tmp") and (p / "state.json").exists()
     ]
     return sorted(done, key=lambda p: p.name, reverse=True)
@@ -218,7 +219,7 @@ def _save(run_dir, final, tmp, engines, emas, world, rank_state, state, keep) ->
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
+        for old in sorted(p for p in Run(run_dir).checkpoints.glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final

@@ -1,42 +1,33 @@
 """The training loop: `python -m pipeline train SPEC [key=value ...]`.
 
-Reads top to bottom: setup, networks and engines, data streams, resume, then steps made of the
-method's phases (for a GAN: `d_steps` discriminator steps, then one generator step) until
-`train.max_steps`. The method says what each phase computes; this file owns backward, optimizer
-steps, EMAs, logging, samples, checkpoints, signals and NaN stops. Progress is counted in real
-images read from the data streams. Re-running the same command resumes from the latest checkpoint.
+Reads top to bottom: `Trainer` builds the networks, engines and data streams and restores the
+latest checkpoint; then steps made of the method's phases (for a GAN: `d_steps` discriminator
+steps, then one generator step) until `train.max_steps`, each followed by the tasks of
+train/tasks.py (log lines and failure detection, samples, evaluation, checkpoints). The method
+says what each phase computes; this file owns backward, optimizer steps and EMAs. Progress is
+counted in real images read from the data streams. Re-running the same command resumes.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import json
 import math
-import signal
-import sys
-import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import yaml
 
-from pipeline.data.dali import loader_from_spec
 from pipeline.data.parts import PartsLoader, share
 from pipeline.distributed import engines as dist
-from pipeline.errors import Issue, SpecError, user_error
+from pipeline.errors import SpecError
 from pipeline.graph import build_network, compile_network
-from pipeline.images import save_png
-from pipeline.methods import frozen
-from pipeline.precision import DTYPES, autocast
+from pipeline.precision import DTYPES
 from pipeline.profile.regions import region
-from pipeline.spec.schema import due
+from pipeline.runs import Run, export_files
 from pipeline.train import checkpoint
 from pipeline.train.ema import EMA
-from pipeline.train.failures import Failure, FailureTracker, diversity
+from pipeline.train.phases import StepInputs, frozen
 from pipeline.train.preflight import (
     batch_plan,
     check_before_building,
@@ -44,17 +35,26 @@ from pipeline.train.preflight import (
     world_size_from_environment,
 )
 from pipeline.train.run_lock import run_lock
+from pipeline.train.stops import Interrupted, StopSignal, TrainingStopped, out_of_memory, stopped, stopped_out_of_memory
+from pipeline.train.streams import close, open_streams
+from pipeline.train.tasks import (
+    Checkpoints,
+    Evaluation,
+    Evaluator,
+    FailureWatch,
+    LogLines,
+    MetricsWriter,
+    Progress,
+    RolledBack,
+    RunLog,
+    SampleGrids,
+)
 
-# evaluate(networks to score by name, the spec) -> scores to log; the CLI passes one in
-Evaluator = Callable[[dict[str, torch.nn.Module], object], dict]
+if TYPE_CHECKING:
+    from pipeline.methods.registry import MethodRun, Schedule
+    from pipeline.spec.schema import Spec, TrainSpec
 
-
-class TrainingStopped(SpecError):
-    """A run stopped on purpose (NaN); the last good checkpoint is intact."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM: the step in progress was finished and checkpointed; the message says where."""
+__all__ = ["Evaluator", "Interrupted", "RunSummary", "Trainer", "TrainingStopped", "batch_plan", "frozen", "train"]
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,6 @@ class RunSummary:
     max_steps: int
     steps_run: int  # steps trained by this call; 0 when the run was already complete
     images_seen: int
-
-
-def export_files(spec) -> list[Path]:
-    """What a finished run exports: each exported network's weights (its EMA's where it has one)."""
-    return [spec.run_dir / "export" / f"{name}.safetensors" for name in spec.method.exports(spec)]
 
 
 def already_complete(spec) -> RunSummary | None:
@@ -89,73 +84,45 @@ def already_complete(spec) -> RunSummary | None:
     return RunSummary(run_dir, state["step"], spec.train.max_steps, 0, state["images_seen"])
 
 
-class StepInputs:
-    """What the method's objectives see: the networks' raw modules, the data streams (each read
-    counted as real images seen, all ranks together) and latents drawn for the global batch."""
-
-    def __init__(self, trainer: Trainer):
-        self.tr = trainer
-        self.nets = trainer.nets
-
-    @property
-    def micro(self) -> int:
-        """Samples per micro-batch on this rank (a method's schedule may change it between steps)."""
-        return self.tr.micro
-
-    def next(self, stream: str):
-        with region("data_wait"):
-            batch = next(self.tr.streams[stream])
-        self.tr.images_seen += self.micro * self.tr.world.size
-        return batch
-
-    def latents(self, n: int):
-        return self.tr.latents(n)
-
-    def mixed(self):
-        return autocast(self.tr.world.device.type, self.tr.t.precision)
-
-    @property
-    def images_seen(self) -> int:
-        """Real images read so far, all ranks together (schedules follow it)."""
-        return self.tr.images_seen
-
-    @property
-    def step(self) -> int:
-        """Steps completed before this one: the same in every phase, repeat and micro-batch of a step."""
-        return self.tr.step
-
-    counting_flops = False  # the meta-device stand-in used to count FLOPs says True
-
-
-class RunLog:
-    """Values the phases log (scalar tensors), summed on the device and averaged over every
-    micro-batch, phase repeat and step since the last line: one host synchronisation per line."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, values: dict[str, torch.Tensor]) -> None:
-        for key, value in values.items():
-            value = value.detach().double()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def means(self) -> dict[str, float]:
-        """The means since the last call (synchronises once), averaged over ranks; then resets."""
-        if not self.sums:
-            return {}
-        keys = list(self.sums)
-        totals = torch.stack([self.sums[k] for k in keys]).tolist()
-        self.sums, counts, self.counts = {}, self.counts, {}
-        return dist.all_mean({k: total / counts[k] for k, total in zip(keys, totals, strict=True)}, self.device)
-
-
 class Trainer:
     """Everything a run builds: process group, networks, EMAs, engines, data streams, and the
     method's phases. `train` and `profile` both build it, so a profile measures exactly what
-    training runs. Named regions (`D_fwd`, `opt_G`, ...) are free unless a profile switches them on."""
+    training runs. Named regions (`D_fwd`, `opt_G`, ...) are free unless a profile switches them on.
+    Its attributes are set by its own methods only."""
+
+    # ----- what the spec fixes
+    spec: Spec
+    t: TrainSpec  # spec.train
+    spec_dict: dict  # the resolved spec, as checkpoints and the export store it
+    run_dir: Path
+    world: dist.World
+    dtype: torch.dtype  # bf16: convolutions and matrix products in bf16; norms, losses, master weights fp32
+    accum: int  # micro-batches accumulated per step
+    spec_micro: int  # samples per micro-batch on this rank, as train.batch_size makes it
+    # ----- what it builds
+    method: MethodRun  # the phases of a step, and the method's own state
+    nets: dict[str, torch.nn.Module]
+    emas: dict[str, EMA]
+    engines: dict[str, dist.Engine]
+    latent_rng: torch.Generator  # one draw for the global batch; each rank takes its slice
+    inputs: StepInputs  # what the phases' objectives see
+    log: RunLog  # the values logged since the last line
+    # ----- the state of the run (restored from a checkpoint)
+    step: int
+    images_seen: int  # real images read, all ranks together
+    images_last_step: int
+    rollbacks: list[dict]  # every rollback so far (each scales some learning rates)
+    failures_state: dict  # the failure detectors' history, as checkpointed
+    parts: int  # the data's parts (data/parts.py): one per rank of the run's first start
+    # ----- the method's schedule and the data streams opened for it
+    schedule: Schedule | None  # the coming (or last taken) step's; None: the method has none
+    phase: tuple[int, bool] | None  # the (stage, fading) of the last step taken
+    micro: int  # samples per micro-batch on this rank at this stage
+    data_shape: tuple[int, int] | None  # (resolution, micro) the streams are open for
+    streams: dict[str, PartsLoader]
+    skipped_before: int  # bad samples skipped by readers of earlier stages
+    lrs: dict[str, float]  # each engine's learning rate now, as logged
+    _scheduled_lr: tuple[dict, float] | None  # the schedule's learning rates that lrs were set for
 
     def __init__(self, loaded, *, device: str | None = None, resume: bool = True):
         spec, t = loaded.spec, loaded.spec.train
@@ -166,7 +133,9 @@ class Trainer:
         self.run_dir = spec.run_dir
         self.spec_dict = spec.resolved()
         self.method = spec.method.build(spec)
+        self.dtype = DTYPES[t.precision]
         self.schedule, self.data_shape, self.skipped_before, self.streams = None, None, 0, {}
+        self.lrs, self._scheduled_lr = {}, None
         needs = spec.method.networks(spec)
 
         # ----- networks, EMAs and engines: identical initial weights on every rank
@@ -186,8 +155,6 @@ class Trainer:
             )
             for engine, members in spec.method.engines(spec).items()
         }
-        # bf16: convolutions and matrix products in bf16, norms, losses and master weights in fp32
-        self.dtype = DTYPES[t.precision]
 
         # ----- latents: one generator for the global batch, each rank takes its slice, so that a
         # run on N ranks draws the same z as a run on one
@@ -196,7 +163,6 @@ class Trainer:
         # ----- resume, and the data: one reader per stream, each at its checkpointed position
         last = checkpoint.latest_intact(self.run_dir) if resume else None
         self.restore(last)
-        self._probe = None  # the fixed latents of sample_diversity
         self.inputs = StepInputs(self)
         self.log = RunLog(world.device)
         self.images_last_step = 0
@@ -205,11 +171,9 @@ class Trainer:
         """Continue from a checkpoint (None: from the start): weights, optimizer states, EMAs,
         counters, RNG states, the method's state, rollbacks so far (their learning-rate scale), and
         the data streams reopened at their positions."""
-        spec, world = self.spec, self.world
+        world = self.world
         self.step, self.images_seen, self.rollbacks, local = 0, 0, [], {}
-        self.failures_state = {}
-        self.phase = None  # the (stage, fading) of the last step taken, if the method has a schedule
-        self.parts = world.size  # the data's parts (data/parts.py): one per rank of the run's first start
+        self.failures_state, self.phase, self.parts = {}, None, world.size
         if path is not None:
             written = checkpoint.read_state(path)
             self.parts = checkpoint.data_parts(written)
@@ -228,16 +192,6 @@ class Trainer:
                 torch.cuda.set_rng_state(local["rng"]["cuda"])
             self.method.load_state_dict(local.get("method", {}))
         self.apply_schedule(positions=local.get("streams", {}))
-        together = spec.method.read_together(spec)
-        sizes = {name: getattr(loader, "dataset_size", None) for name, loader in self.streams.items()}
-        if together and len(set(sizes.values())) > 1:
-            raise user_error(
-                "the method reads its streams as pairs, but they hold "
-                + ", ".join(f"{n}: {size} samples" for n, size in sizes.items()),
-                path="data.streams",
-                hint="paired streams hold the same samples in the same order; set method.paired=false for "
-                "unpaired data (and method.lambda_cs=0)",
-            )
 
     def apply_schedule(self, positions: dict | None = None) -> None:
         """The method's schedule for the coming step (ProGAN's growth; most methods have none): the
@@ -266,62 +220,11 @@ class Trainer:
         if positions is None:  # a new stage: the streams continue where they are
             positions = {name: loader.state_dict() for name, loader in self.streams.items()}
             self.skipped_before += sum(getattr(loader, "skipped", 0) for loader in self.streams.values())
-        for loader in self.streams.values():  # replaced: released now (see DaliLoader.close)
-            if hasattr(loader, "close"):
-                loader.close()
+        close(self.streams)  # replaced
         self.data_shape, self.micro = (resolution, micro), micro
-        together = spec.method.read_together(spec)
-
-        def part_reader(name: str, labelled: bool, seed_offset: int):
-            def make(part: int, batch: int, state):
-                return loader_from_spec(
-                    spec,
-                    stream=name,
-                    labelled=labelled,
-                    seed_offset=seed_offset,
-                    batch_size=batch,
-                    resolution=resolution,
-                    device=world.device,
-                    rank=part,
-                    world_size=self.parts,
-                    state=state,
-                    dtype=self.dtype,
-                )
-
-            return make
-
-        self.streams = {
-            name: PartsLoader(
-                part_reader(name, labelled, 0 if together else i),
-                self.parts,
-                world.rank,
-                world.size,
-                micro,
-                positions.get(name),
-            )
-            for i, (name, labelled) in enumerate(spec.method.streams(spec).items())
-        }
-
-    def sample_diversity(self, failures) -> float | None:
-        """The diversity (failures.diversity) of G's images of a fixed latent batch, for the gan
-        method with the detector on; None otherwise. G as exported (its EMA when it has one), in
-        evaluation mode, drawing nothing from the run's random streams."""
-        m, spec = self.spec.method, self.spec
-        if failures.diversity_below == 0 or m.kind != "gan" or spec.latent is None:
-            return None
-        if self._probe is None:
-            generator = torch.Generator().manual_seed(spec.seed + 2)
-            z = torch.randn(32, spec.latent.z_dim, generator=generator).to(self.world.device)
-            classes = spec.data.num_classes
-            y = (torch.arange(32) % classes).to(self.world.device) if classes else None
-            self._probe = (z, y)
-        G = self.emas[m.generator].module if m.generator in self.emas else self.nets[m.generator]
-        mode = G.training
-        G.eval()
-        with torch.no_grad():
-            value = diversity(G(*self._probe))
-        G.train(mode)
-        return value
+        self.streams = open_streams(
+            spec, world, resolution=resolution, micro=micro, parts=self.parts, dtype=self.dtype, positions=positions
+        )
 
     def scale_lrs(self) -> None:
         """Learning rates: the spec's (or the schedule's at this stage), times the schedule's factor
@@ -388,61 +291,51 @@ class Trainer:
             for name in self.spec.method.exports(self.spec)
         }
 
+    def step_or_stop(self) -> None:
+        """`run_step`, stopping the run (naming the checkpoint to resume from) when a loss became
+        non-finite or the step ran out of memory."""
+        try:
+            bad = self.run_step()
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not out_of_memory(exc):
+                raise
+            raise stopped_out_of_memory(exc, self) from None
+        if bad:
+            raise stopped(bad, self.step, self.run_dir)
+
+    def read(self, stream: str):
+        """The next micro-batch of a stream, counted as real images seen (all ranks together)."""
+        with region("data_wait"):
+            batch = next(self.streams[stream])
+        self.images_seen += self.micro * self.world.size
+        return batch
+
+    def roll_back(self, target: Path, rollback: dict, *, reseed: bool) -> None:
+        """Back to checkpoint `target`, with one more rollback scaling the learning rates and
+        (`reseed`) latents drawn afresh, so that the run does not replay the same draws."""
+        rollbacks = [*self.rollbacks, rollback]
+        self.restore(target)
+        self.rollbacks = rollbacks
+        self.scale_lrs()
+        if reseed:
+            self.latent_rng.manual_seed(self.spec.seed + 1_000_003 * len(rollbacks))
+
+    def start_at(self, images_seen: int) -> None:
+        """Continue as if `images_seen` real images had been read: the schedule there (`profile`
+        measures a method's last phase)."""
+        self.images_seen = images_seen
+        self.apply_schedule()
+
     def rank_state(self) -> dict:
+        """What each rank checkpoints of its own: its streams' positions, the method's state, the latents' RNG."""
         return {
             "streams": {name: loader.state_dict() for name, loader in self.streams.items()},
             "method": self.method.state_dict(),
+            "rng": {"latents": self.latent_rng.get_state()},
         }
 
-    def data_health(self) -> dict[str, int]:
-        """Samples skipped (all ranks) for a logged line; stops the run when a stream's shard was
-        found damaged (with data.on_bad_sample: error; a warning with skip) or more than
-        data.max_bad_samples were skipped. Every rank takes part in the one collective, so every
-        rank stops together; the rank that found a damaged shard names it."""
-        d = self.spec.data
-        damaged = [(name, shard) for name, loader in self.streams.items() for shard in _new_damage(loader)]
-        skipped = self.skipped_before + sum(getattr(loader, "skipped", 0) for loader in self.streams.values())
-        totals = dist.all_mean({"damaged": len(damaged), "skipped": skipped}, self.world.device)
-        damaged_total, skipped_total = (round(v * self.world.size) for v in totals.values())
-        roots = {name: getattr(loader, "shards", None) for name, loader in self.streams.items()}
-        for name, (shard, keys) in damaged:
-            root = roots[name].root if roots[name] is not None else None
-            message = (
-                f"shard {shard} of stream {name!r} ({root}) no longer matches the SHA-256 in its manifest: it "
-                "changed or was damaged after it was written, and images read from it may be corrupt"
-            )
-            if keys:
-                shown = ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-                message += f"; damaged samples: {shown}"
-            if d.on_bad_sample == "error":
-                raise user_error(
-                    message,
-                    path=roots[name].path if roots[name] is not None else "data.shards",
-                    hint=f"`python -m pipeline shards check {root}` names the damaged samples; rebuild the shard, "
-                    "or set data.on_bad_sample=skip to train on with a warning",
-                )
-            print(f"warning: {message}; training goes on (data.on_bad_sample=skip)", file=sys.stderr)
-        if damaged_total and d.on_bad_sample == "error":
-            raise user_error(f"another rank found {damaged_total} damaged shard(s) (its message names them)")
-        if skipped_total > d.max_bad_samples:
-            raise user_error(
-                f"{skipped_total} bad samples were skipped, more than data.max_bad_samples={d.max_bad_samples}",
-                path="data.max_bad_samples",
-                hint="`python -m pipeline shards check DIR` names them; rebuild the shards, or raise the bound",
-            )
-        return {"data_skipped": skipped_total}
-
-    def non_finite_weights(self) -> list[str]:
-        """'generator has N non-finite weights' for each network (and EMA) whose parameters or
-        buffers are not all finite: what a NaN or infinite update leaves even when the losses looked fine."""
-        nets = dict(self.nets) | {f"the EMA of {name}": ema.module for name, ema in self.emas.items()}
-        found = []
-        for name, net in nets.items():
-            tensors = [t for t in (*net.parameters(), *net.buffers()) if t.is_floating_point()]
-            count = int(sum((~torch.isfinite(t)).sum() for t in tensors))
-            if count:
-                found.append(f"{name} has {count} non-finite weights")
-        return found
+    def summary(self, steps_run: int) -> RunSummary:
+        return RunSummary(self.run_dir, self.step, self.t.max_steps, steps_run, self.images_seen)
 
 
 def train(
@@ -463,361 +356,44 @@ def train(
 
 
 def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Evaluator | None) -> RunSummary:
+    # ----- build and restore: networks, engines, data streams, at the latest checkpoint if any
     tr = Trainer(loaded, device=device)
-    spec, t, world, run_dir = tr.spec, tr.t, tr.world, tr.run_dir
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "spec.resolved.yaml").write_text(yaml.safe_dump(tr.spec_dict, sort_keys=False))
-    metrics_path = run_dir / "metrics.jsonl"
-    if world.is_main:  # drop lines logged after the checkpoint we resume from
-        _keep_metrics_until(metrics_path, tr.step)
-    evaluate = evaluate if spec.eval.every else None
-    # the method's sample grid: fixed inputs, chosen once
-    grid = spec.method.sample_grid(spec, world.device) if world.is_main else None
-    writer = _tensorboard(run_dir) if world.is_main else None
+    run, main = Run(tr.run_dir), tr.world.is_main
+    if main:
+        run.begin(tr.spec_dict, tr.step)  # the resolved spec; lines logged after the resumed checkpoint dropped
 
-    def write_line(record: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    writer.add_scalar(key, value, tr.images_seen)
+    # ----- what happens between steps: each part keeps its own interval (steps or images)
+    metrics = MetricsWriter(run, enabled=main)
+    watch = FailureWatch(tr, metrics)  # ganhacks tip 10: stop or roll back on a failing run
+    progress = Progress(tr.t.max_steps, tr.step, enabled=main)
+    evaluation = Evaluation(tr, metrics, evaluate)
+    checkpoints = Checkpoints(tr, watch)
+    tasks = [LogLines(tr, metrics, watch, progress), SampleGrids(tr, run), evaluation, progress]
 
-    def write_samples(at: int) -> None:
-        nets = tr.nets | tr.scored()  # the exported networks' EMAs in place of the networks
-        modes = {name: net.training for name, net in nets.items()}
-        for net in nets.values():
-            net.eval()
-        with torch.no_grad():
-            for suffix, images in grid(nets).items():
-                save_png(images, run_dir / "samples" / f"step-{at:08d}{suffix}.png")
-        for name, net in nets.items():
-            net.train(modes[name])
-
-    def write_eval(at: int) -> None:
-        result = evaluate(tr.scored(), spec)
-        write_line({"step": at, "images_seen": tr.images_seen, **result})
-
-    def save_checkpoint(at: int) -> Path:
-        state = {"step": at, "images_seen": tr.images_seen, "world_size": world.size, "data_parts": tr.parts}
-        state["spec"] = tr.spec_dict
-        state["rollbacks"] = tr.rollbacks
-        if tracker is not None:
-            state["failures"] = tracker.state_dict()
-        if grown := tr.schedule.record() if tr.schedule is not None else {}:  # the last step's stage, phase, alpha
-            state["schedule"] = grown
-        rank_state = tr.rank_state() | {"rng": {"latents": tr.latent_rng.get_state()}}
-        return checkpoint.save(
-            run_dir,
-            at,
-            engines=tr.engines,
-            emas=tr.emas,
-            world=world,
-            rank_state=rank_state,
-            state=state,
-            keep=t.keep_checkpoints,
-        )
-
-    # ----- failure tracking (ganhacks tip 10): detectors over each logged line
-    failures = t.failures
-    tracker = None
-    if failures.on_failure != "off":
-        tracker = FailureTracker(failures, bounded_d_loss=getattr(spec.method, "loss", None) != "wgan_gp")
-        tracker.reset(tr.failures_state)
-
-    def roll_back(found: list[Failure], step: int) -> None:
-        """Reload the newest checkpoint from before the symptom began, scale the learning rates,
-        reseed the latents, and log the rollback with what triggered it."""
-        reason = "; ".join(f.message for f in found)
-        since = min(f.since_step for f in found)
-        if len(tr.rollbacks) >= failures.max_rollbacks:
-            limit = f"{reason} (after {len(tr.rollbacks)} rollbacks, train.failures.max_rollbacks)"
-            raise _stopped([limit], step, run_dir, before=since)
-        target = checkpoint.latest_intact(run_dir, before=since)
-        if target is None:
-            raise _stopped([f"{reason}; no checkpoint from before step {since} to roll back to"], step, run_dir)
-        # the engines whose gradient norm fired have their learning rates scaled; every engine when
-        # another detector fired (D at 0, G fooling D, collapse: the balance, not one network)
-        of_key = {f"grad_norm_{name.lower()}": name for name in tr.engines}
-        named = {of_key.get(f.key) for f in found}
-        engines = sorted(named) if None not in named else sorted(tr.engines)
-        rollback = {"at_step": step, "reason": reason, "lr_scale": failures.rollback.lr_scale, "engines": engines}
-        rollbacks = [*tr.rollbacks, rollback]
-        tr.restore(target)
-        tr.rollbacks = rollbacks
-        tr.scale_lrs()
-        if failures.rollback.reseed:
-            tr.latent_rng.manual_seed(spec.seed + 1_000_003 * len(rollbacks))
-        tracker.reset(tr.failures_state)
-        if world.is_main:
-            _keep_metrics_until(metrics_path, tr.step)
-            write_line({"step": tr.step, "images_seen": tr.images_seen, "rollback": len(rollbacks), **rollbacks[-1]})
-            print(f"warning: rolled back from step {step} to {target} ({reason})", file=sys.stderr)
-
-    # ----- Ctrl-C / SIGTERM: finish the step, save, stop
-    stop = _StopSignal()
-    progress = _Progress(t.max_steps, tr.step, enabled=world.is_main)
-    tick, tick_images, done = time.perf_counter(), tr.images_seen, 0  # done: steps trained by this call
+    done = 0  # steps trained by this call
     with ExitStack() as cleanup:
-        cleanup.enter_context(stop)
+        stop = cleanup.enter_context(StopSignal())  # Ctrl-C / SIGTERM: finish the step, save, stop
         cleanup.callback(progress.close)
-        if writer is not None:
-            cleanup.callback(writer.close)
-        if world.is_main and evaluate and tr.step == 0:
-            write_eval(0)  # the untrained networks: the baseline the scores fall from
-        while tr.step < t.max_steps:
-            # ----- one step
+        cleanup.callback(metrics.close)
+        evaluation.before_training()
+        while tr.step < tr.t.max_steps:
             images_before = tr.images_seen
+            tr.step_or_stop()  # every phase of the method; stops on a NaN loss or out of memory
             try:
-                bad = tr.run_step()
-            except RuntimeError as exc:  # torch.OutOfMemoryError is one
-                if not _out_of_memory(exc):
-                    raise
-                raise _stopped_out_of_memory(exc, tr) from None
-            step = tr.step
-            if bad:
-                raise _stopped(bad, step, run_dir)
-
-            # ----- log, samples, evaluation; intervals in steps or images, and always at the last step
-            now_due = {
-                name: due(getattr(t, name), step, images_before, tr.images_seen) or step == t.max_steps
-                for name in ("log_every", "sample_every", "checkpoint_every")
-            }
-            if now_due["log_every"]:
-                now = time.perf_counter()
-                record = {"step": step, "images_seen": tr.images_seen, **tr.log.means(), **tr.lrs}
-                if tr.schedule is not None:  # the schedule of the step just taken
-                    record |= tr.schedule.record()
-                record |= tr.data_health()
-                record["images_per_s"] = (tr.images_seen - tick_images) / (now - tick)
-                tick, tick_images = now, tr.images_seen
-                found = _agreed(tracker.check(record, tr.sample_diversity(failures)) if tracker else [], world)
-                if found and world.is_main:  # the line says what was detected in it
-                    record["failure"] = sorted({f.detector for f in found})
-                    record["failure_message"] = "; ".join(f.message for f in found)
-                    print(f"warning: step {step}: {record['failure_message']}", file=sys.stderr)
-                if world.is_main:
-                    write_line(record)
-                progress.update(step, record)
-                _return_freed_host_memory()
-                if found:
-                    if failures.on_failure == "stop":
-                        since = min(f.since_step for f in found)
-                        raise _stopped(["; ".join(f.message for f in found)], step, run_dir, before=since)
-                    if failures.on_failure == "rollback":
-                        roll_back(found, step)
-                        tick, tick_images = time.perf_counter(), tr.images_seen
-                        continue
-            if world.is_main and now_due["sample_every"]:
-                write_samples(step)
-            if world.is_main and evaluate and (step % spec.eval.every == 0 or step == t.max_steps):
-                write_eval(step)
-            progress.advance(step)
+                for task in tasks:
+                    task.after_step(tr.step, images_before)
+            except RolledBack:
+                continue
             done += 1
             if stop_after is not None and done >= stop_after:
-                return RunSummary(run_dir, step, t.max_steps, done, tr.images_seen)
-
-            # ----- checkpoint: only when every weight is finite
-            if now_due["checkpoint_every"] or stop.signum is not None:
-                bad = tr.non_finite_weights()
-                if bad:
-                    raise _stopped(bad, step, run_dir)
-                saved = save_checkpoint(step)
-            if stop.signum is not None:
+                return tr.summary(done)
+            checkpoints.after_step(tr.step, images_before, now=stop.noted)
+            if stop.noted:
                 raise Interrupted(
-                    f"interrupted at step {step} of {t.max_steps}; checkpoint written to {saved}. "
-                    "Run the same command again to resume from it."
+                    f"interrupted at step {tr.step} of {tr.t.max_steps}; checkpoint written to "
+                    f"{checkpoints.last_saved}. Run the same command again to resume from it."
                 )
-    if world.is_main:
-        export(run_dir, tr.scored(), tr.spec_dict)
+    if main:
+        run.write_export(tr.scored(), tr.spec_dict)
     dist.barrier()
-    return RunSummary(run_dir, tr.step, t.max_steps, done, tr.images_seen)
-
-
-class _StopSignal:
-    """Inside: Ctrl-C and SIGTERM are noted (`signum`) instead of interrupting; the loop finishes
-    the step, checkpoints and stops. The previous handlers come back on leaving."""
-
-    def __enter__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _note(self, signum, _frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def _new_damage(loader) -> list[tuple[str, list[str]]]:
-    return loader.new_damage() if hasattr(loader, "new_damage") else []  # a synthetic stream has no shards
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (AttributeError, OSError):
-        return None
-
-
-def _return_freed_host_memory() -> None:
-    """Give the memory glibc holds freed on its heap back to the system. Once a growing network's
-    activation sizes change (a new stage), the heap fragments: measured on this CPU at progan_demo's
-    32x32 stage, resident memory grew by about 8 MB a step (1.4 to 1.9 GB in 60 steps), and stayed at
-    0.74 GB with malloc_trim after each step. Called once per logged line; nothing where there is
-    no glibc."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    if path.exists():
-        kept = [line for line in _metric_lines(path) if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
-def _agreed(found: list[Failure], world) -> list[Failure]:
-    """Rank 0's failures, on every rank (each rank's logged means are its own): one collective."""
-    if world.size == 1:
-        return found
-    mine = {"fired": float(bool(found)), "since": float(min((f.since_step for f in found), default=0))}
-    sent = dist.all_mean({k: v if world.is_main else 0.0 for k, v in mine.items()}, world.device)
-    if sent["fired"] * world.size < 0.5:
-        return []
-    return found if world.is_main else [Failure("rank 0", "rank 0 found a failure", round(sent["since"] * world.size))]
-
-
-def _out_of_memory(exc: RuntimeError) -> bool:
-    # CUDA's allocator raises torch.OutOfMemoryError; the CPU allocator a RuntimeError naming itself
-    return isinstance(exc, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(exc)
-
-
-def _stopped_out_of_memory(exc: RuntimeError, tr: Trainer) -> TrainingStopped:
-    """Out of memory in a step: which step, batch and stage, and how to make it fit."""
-    batch = tr.micro * tr.accum * tr.world.size
-    stage = tr.schedule.record() if tr.schedule is not None else {}
-    where = f" at resolution {stage['resolution']} ({stage['phase']})" if stage else ""
-    staged = stage and tr.micro != tr.spec_micro  # this stage's own batch
-    path = f"method.resolutions.{stage['resolution']}.batch_size" if staged else "train.batch_size"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return TrainingStopped(
-        [
-            Issue(
-                f"out of memory in step {tr.step + 1}{where}, a batch of {batch} ({tr.micro} per micro-batch x "
-                f"{tr.accum} accumulated x {tr.world.size} ranks): {first}; stopped. The last good checkpoint is "
-                f"{checkpoint.latest(tr.run_dir) or '(none yet)'}",
-                path=path,
-                hint="lower the batch, or set a smaller train.batch_per_rank: the same batch in more accumulated "
-                "micro-batches; the same command then resumes",
-            )
-        ]
-    )
-
-
-def _stopped(problems: list[str], step: int, run_dir: Path, *, before: int | None = None) -> TrainingStopped:
-    """The stop, naming the checkpoint to resume from: the newest, or (`before`: the step a
-    symptom began) the newest written before it, since later ones already carry the symptom."""
-    last = checkpoint.latest(run_dir) if before is None else checkpoint.latest_intact(run_dir, before=before)
-    return TrainingStopped(
-        [
-            Issue(
-                f"{' and '.join(problems)} at step {step}; stopped. The last good checkpoint is {last or '(none yet)'}"
-                + (f", the newest from before step {before}, when the symptom began" if before is not None else ""),
-                hint="lower the learning rates, use fp32, or resume from that checkpoint with different settings "
-                "in a new run.dir",
-            )
-        ]
-    )
-
-
-def _metric_lines(path: Path) -> list[str]:
-    """The lines of metrics.jsonl; a partial last line (a crash or a full disk mid-append) is
-    dropped with a warning, any other line that is not a JSON record is an error naming it."""
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ValueError("not a record with a step")
-        except ValueError as exc:
-            if number == len(lines):
-                print(f"warning: {path}:{number}: dropping a partial last line ({exc})", file=sys.stderr)
-                return lines[:-1]
-            raise user_error(
-                f"line {number} is not a metrics record: {exc}",
-                file=str(path),
-                hint="fix or delete that line; the checkpoints are unaffected",
-            ) from None
-    return lines
-
-
-def export(run_dir: Path, networks: dict[str, torch.nn.Module], spec_dict: dict) -> Path:
-    """Each exported network's weights (the EMA's where there is one) as NAME.safetensors, and the
-    spec beside them."""
-    from safetensors.torch import save_file
-
-    out = run_dir / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    for name, net in networks.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, out / f"{name}.safetensors")
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
-    return out
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional; metrics.jsonl has everything
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-class _Progress:
-    """A progress bar with images/s and the time left on a terminal; a line per log interval
-    otherwise. The time left is this process's mean seconds per step times the steps left (rich's
-    own estimate needs several updates within 30 s, which a slow machine never gives)."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.total, self.start, self.enabled, self.t0 = total, start, enabled, time.perf_counter()
-        self.bar = None
-        if enabled and sys.stdout.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn
-
-            self.bar = Progress(
-                TextColumn("step {task.completed}/{task.total}"),
-                BarColumn(),
-                TextColumn("{task.fields[info]}"),
-                TextColumn("{task.fields[left]}"),
-            )
-            self.task = self.bar.add_task("train", total=total, completed=start, info="", left="")
-            self.bar.start()
-
-    def time_left(self, step: int) -> str:
-        if step <= self.start:
-            return "time left: -"
-        seconds = int((time.perf_counter() - self.t0) / (step - self.start) * max(0, self.total - step))
-        return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d} left"
-
-    def advance(self, step: int) -> None:
-        """After every step (cheap): the bar and the time left move even between log lines."""
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, left=self.time_left(step))
-
-    def update(self, step: int, record: dict) -> None:
-        losses = "  ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
-        info = f"{record['images_per_s']:.0f} img/s  {losses}"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info, left=self.time_left(step))
-        elif self.enabled:
-            print(
-                f"step {step}/{self.total}  images {record['images_seen']}  {info}  {self.time_left(step)}", flush=True
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+    return tr.summary(done)

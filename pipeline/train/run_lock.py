@@ -18,8 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import user_error
-
-LOCK_FILE = "LOCK"
+from pipeline.runs import Run
 
 
 def _alive(pid) -> bool:
@@ -54,13 +53,8 @@ def _stale(owner: dict) -> bool:
 
 def _progress(run_dir: Path) -> str:
     """How far a run got, from the last line of its metrics.jsonl ('' if nothing is logged)."""
-    try:
-        with open(run_dir / "metrics.jsonl", "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
-            last = json.loads(f.read().decode("utf-8", "replace").splitlines()[-1])
-    except (OSError, ValueError, IndexError):
-        return ""
-    if not isinstance(last, dict) or not isinstance(last.get("step"), int):
+    last = Run(run_dir).metrics.last()
+    if last is None:
         return ""
     where = ", ".join(f"{k} {last[k]}" for k in ("resolution", "phase") if isinstance(last.get(k), int | str))
     return f" after its last logged step, {last['step']}" + (f" ({where})" if where else "")
@@ -78,7 +72,7 @@ def _owner(path: Path) -> dict | None:
 def run_lock(run_dir: Path):
     """Hold RUN_DIR/LOCK for the duration; refuse (a user error) if another live process holds it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    path = Run(run_dir).lock
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     me["started"] = _started(me["pid"])
     while True:
