@@ -1,6 +1,6 @@
 """Time `python -m pipeline validate SPEC --json` end to end (fresh processes), side by side with
 the fixed costs: starting Python with torch imported, and torch's first Python meta kernel, which
-imports torch._dynamo (validate's analysis avoids that import; see pipeline/graph/build.py).
+imports torch._dynamo (validate's analysis avoids that import; see pipeline/graph/check.py).
 
     python benchmarks/validate.py [spec=NAME] [RUNS] [--checkout DIR ...]
 

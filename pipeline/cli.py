@@ -48,8 +48,7 @@ def _network_json(plan) -> dict:
 
 
 def cmd_validate(ns) -> int:
-    from pipeline.graph import analyze_spec
-    from pipeline.graph.build import output_warnings
+    from pipeline.graph import analyze_spec, output_warnings
     from pipeline.spec import load_spec
     from pipeline.train.preflight import preflight
 

@@ -96,7 +96,7 @@ discriminator:
 # ----- block kinds
 def _block(kind: str, in_shape: tuple, **params):
     from pipeline.blocks.registry import REGISTRY
-    from pipeline.graph.build import context
+    from pipeline.graph.plan import context
 
     spec = load_spec("tiny_biggan").spec
     node = REGISTRY[kind].model_validate({"kind": kind, "in": "x", **params})

@@ -14,7 +14,7 @@ from test_train import PATIENCE_S, wait_for_steps
 
 from pipeline.errors import SpecError
 from pipeline.graph import analyze_spec, build_network
-from pipeline.graph.build import RECOMPILES_PER_PHASE
+from pipeline.graph.compile import RECOMPILES_PER_PHASE
 from pipeline.spec import load_spec
 from pipeline.train import loop
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from pipeline.errors import Issue
-    from pipeline.graph.build import NetworkPlan
+    from pipeline.graph import NetworkPlan
 
 Role = Literal["generator", "discriminator"]
 

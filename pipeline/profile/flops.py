@@ -21,8 +21,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.graph import analyze_spec
-from pipeline.graph.build import instantiate
+from pipeline.graph import analyze_spec, instantiate
 from pipeline.profile import regions
 from pipeline.train.phases import frozen
 
