@@ -29,10 +29,11 @@ schema *args:
 test *args:
     @DS_ACCELERATOR=cpu {{python}} -m pytest -q "$@"
 
-# lint and format check (ruff, configured in pyproject.toml); `just lint --fix` fixes what it can
+# lint, format and type check (ruff and mypy, configured in pyproject.toml); `just lint --fix` fixes what ruff can
 lint *args:
     @{{python}} -m ruff check "$@" .
     @{{python}} -m ruff format --check .
+    @{{python}} -m mypy
 
 # time `validate` of the largest shipped spec (recorded in BENCHMARKS.md)
 bench-validate spec="spec=biggan_deep_512":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +23,7 @@ from pipeline.errors import user_error
 DAMAGED = "the file is damaged or incomplete: resume from an earlier checkpoint (delete this one), or start anew"
 
 
-def sha256(path: str | Path) -> str:
+def sha256(path: str | os.PathLike) -> str:
     """The hex SHA-256 of a file's bytes (shards, checkpoints, feature networks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ class SpectralNorm(nn.Module):
     As in BigGAN-PyTorch, u is the state: each iteration derives v from u, then u from v. Unlike
     torch.nn.utils.parametrizations.spectral_norm, this skips the 15 warm-up iterations on the
     meta device, where they cost 0.1 s a layer and mean nothing."""
+
+    _u: torch.Tensor  # buffers, registered in __init__
+    _v: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, *, eps: float, dim: int = 0, init_iterations: int = 15):
         super().__init__()
@@ -83,9 +87,13 @@ def _share_parametrized_class(layer: nn.Module) -> nn.Module:
     once per block structure). The class holds nothing specific to the layer (the property reads the
     layer's own `parametrizations`), so layers of one base class and parametrized names share one."""
     if parametrize.is_parametrized(layer):
-        key = (type(layer).__bases__[0], tuple(layer.parametrizations))
+        key = (type(layer).__bases__[0], tuple(cast(nn.ModuleDict, layer.parametrizations)))
         layer.__class__ = _PARAMETRIZED_CLASSES.setdefault(key, type(layer))
     return layer
+
+
+# the layers that `BuildContext._finish` initialises and parametrizes
+_Weighted = nn.Linear | nn.Conv2d | nn.ConvTranspose2d | nn.Embedding
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ class BuildContext:
         return replace(self, **changes) if changes else self
 
     # ----- weighted layers -----
-    def _finish(self, layer: nn.Module, fan_in: int, sn: bool | None, gain: float = math.sqrt(2.0)) -> nn.Module:
+    def _finish(self, layer: _Weighted, fan_in: int, sn: bool | None, gain: float = math.sqrt(2.0)) -> nn.Module:
         """Init, then equalized LR (with `gain`, the He constant by default), then spectral norm."""
         sn = self.sn if sn is None else sn
         if not self.meta:
@@ -120,8 +128,9 @@ class BuildContext:
                 nn.init.xavier_uniform_(w)
             elif self.init == "equalized_lr":
                 nn.init.normal_(w, 0.0, 1.0)
-            if self.init in ("normal", "xavier", "equalized_lr") and getattr(layer, "bias", None) is not None:
-                nn.init.zeros_(layer.bias)
+            bias = getattr(layer, "bias", None)  # an embedding has none
+            if self.init in ("normal", "xavier", "equalized_lr") and bias is not None:
+                nn.init.zeros_(bias)
         if self.init == "equalized_lr":
             parametrize.register_parametrization(layer, "weight", EqualizedLR(fan_in, gain), unsafe=True)
         if sn:
@@ -238,7 +247,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         from pipeline.blocks.sync_bn import sync_batch_norm  # torch.distributed only, no DeepSpeed
 
         self._check_input_dim(x)
-        momentum = self.momentum
+        momentum: float | torch.Tensor | None = self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if momentum is None:  # cumulative moving average, as in _BatchNorm (a tensor: no recompiles)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import typing
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -133,7 +133,14 @@ class Node(BaseModel):
     """Fields every node has. Subclasses add `kind` and their own parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
-    refuse_bool_for_a_number = model_validator(mode="before")(classmethod(_mark_bools_for_numbers))
+
+    if TYPE_CHECKING:  # every registered kind declares it, as a Literal; not a field of the base
+        kind: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_bool_for_a_number(cls, data: Any) -> Any:
+        return _mark_bools_for_numbers(cls, data)
 
     repeat: int = Field(
         1,
@@ -247,7 +254,7 @@ def register(cls: type[Node]) -> type[Node]:
     kind_field = cls.model_fields.get("kind")
     if kind_field is None:
         raise TypeError(f"{cls.__name__} has no `kind` field")
-    (kind,) = kind_field.annotation.__args__
+    (kind,) = typing.get_args(kind_field.annotation)
     if kind in REGISTRY:
         raise KeyError(f"block kind {kind!r} registered twice: {REGISTRY[kind].__name__} and {cls.__name__}")
     REGISTRY[kind] = cls

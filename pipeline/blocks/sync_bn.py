@@ -27,6 +27,8 @@ reads no buffer that the forward mutates.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -59,7 +61,8 @@ def sync_batch_norm(
     """
     if x.dim() < 2:
         raise ValueError(f"sync_batch_norm expects (N, C, ...) input, got {tuple(x.shape)}")
-    group = dist.group.WORLD if group is None else group
+    # WORLD is None only before init_process_group; callers synchronise only once it has run
+    group = cast(dist.ProcessGroup, dist.group.WORLD) if group is None else group
     channels = x.shape[1]
     dims = [0, *range(2, x.dim())]
     shape = (1, channels) + (1,) * (x.dim() - 2)

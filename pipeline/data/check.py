@@ -101,7 +101,8 @@ def _manifest_issues(manifest) -> list[tuple[str, str]]:
             issues.append((key, "missing"))
         elif not ok:
             issues.append((key, f"is {manifest[key]!r}; it must be {what}"))
-    for i, entry in enumerate(manifest.get("shards") if isinstance(manifest.get("shards"), list) else []):
+    shards = manifest.get("shards")
+    for i, entry in enumerate(shards if isinstance(shards, list) else []):
         where = f"shards[{i}]"
         if not isinstance(entry, dict):
             issues.append((where, f"is {entry!r}; it must be an object with file, sha256 and num_samples"))
@@ -203,6 +204,13 @@ def walk_tar(tar: Path, num_classes: int, *, decode: bool) -> TarContents:
     return contents
 
 
+def _read(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The bytes of a regular file's member (tarfile gives no file object for any other kind)."""
+    f = archive.extractfile(member)
+    assert f is not None, f"{member.name} is not a regular file"  # the caller checked isreg()
+    return f.read()
+
+
 def _read_members(archive: tarfile.TarFile, tar: Path, problems: list, digests: dict, *, decode: bool):
     """Members of the .jpg and .cls files by key and extension, the label bytes, and JPEGs that fail.
 
@@ -241,9 +249,9 @@ def _read_members(archive: tarfile.TarFile, tar: Path, problems: list, digests: 
         members.setdefault(key, {}).setdefault(ext, []).append(member)
         if ext == "cls" and key not in labels:
             # a label is at most CLS_WIDTH digits: a larger member is not read into memory
-            labels[key] = archive.extractfile(member).read() if member.size <= CLS_WIDTH else member.size
+            labels[key] = _read(archive, member) if member.size <= CLS_WIDTH else member.size
         elif ext == "jpg" and decode and key not in broken:
-            data = archive.extractfile(member).read()
+            data = _read(archive, member)
             digests.setdefault(key, sample_digest(data))
             reason = _undecodable(data)
             if reason:

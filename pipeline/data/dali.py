@@ -21,6 +21,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ def find_shards(where: str | os.PathLike, *, what: str = "data.shards") -> Shard
     """Resolve a directory (with manifest.json), a .tar file or a glob into shards with index files."""
     where = str(where)
     path = Path(where)
+    root: Path | None
     if path.is_dir():
         tars = sorted(path.glob("*.tar"))
         root = path
@@ -102,7 +104,9 @@ def _graph(
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    read = fn.readers.webdataset(
+    # DALI's generated stubs type every operator's result as a union (one output, several or none)
+    # that no code can narrow: the graph's nodes are Any here
+    read: Any = fn.readers.webdataset(
         paths=[str(p) for p in shards.tars],
         index_paths=[str(p) for p in shards.indexes],
         ext=["jpg", "cls"] if labelled else ["jpg"],
@@ -116,9 +120,12 @@ def _graph(
         pad_last_batch=False,
         name="reader",
     )
-    jpg, cls = read if labelled else (read, None)
-    images = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-    crop_args = {}
+    if labelled:
+        jpg, cls = read
+    else:
+        jpg, cls = read, None
+    images: Any = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.DALIImageType.RGB)
+    crop_args: dict[str, Any] = {}
     if crop == "random_resized":
         images = fn.random_resized_crop(images, size=(resolution, resolution), random_area=list(area))
     else:
@@ -135,7 +142,7 @@ def _graph(
     mirror = fn.random.coin_flip(probability=0.5) if flip else 0
     images = fn.crop_mirror_normalize(
         images,
-        dtype=types.FLOAT,
+        dtype=types.DALIDataType.FLOAT,
         output_layout="CHW",
         mean=[MEAN_STD] * 3,
         std=[MEAN_STD] * 3,
@@ -169,7 +176,7 @@ def build_pipeline(
     unlabelled pipeline reads only the images (shards need no .cls) and yields them alone."""
     from nvidia.dali import pipeline_def
 
-    make = pipeline_def(_graph, enable_checkpointing=True)
+    make = pipeline_def(enable_checkpointing=True)(_graph)
     pipe = make(
         shards,
         resolution=resolution,
@@ -449,11 +456,12 @@ class DaliLoader:
 
     def _to_torch(self, images) -> torch.Tensor:
         shape = (self.batch_size, 3, self.resolution, self.resolution)
-        if self.device.type == "cuda":
+        device = torch.device(self.device)  # a torch.device since __post_init__
+        if device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
-            out = torch.empty(shape, dtype=torch.float32, device=self.device)
-            feed_ndarray(images.as_tensor(), out, cuda_stream=torch.cuda.current_stream(self.device))
+            out = torch.empty(shape, dtype=torch.float32, device=device)
+            feed_ndarray(images.as_tensor(), out, cuda_stream=torch.cuda.current_stream(device))
             return out
         return torch.from_numpy(images.as_array())
 

@@ -69,6 +69,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path, PurePosixPath
+from typing import Any, TypedDict
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -194,7 +195,8 @@ def folder_samples(
             "(as in ImageNet's train folder), or pass csv= with path,label rows",
         )
     classes = {name: label for label, name in enumerate(class_dirs)}
-    samples, issues = [], []
+    samples: list[tuple[str, Path, int]] = []
+    issues: list[Issue] = []
     for name in class_dirs:
         found = []
         for root, dirs, files in os.walk(src / name):
@@ -222,7 +224,9 @@ def csv_samples(src: str | os.PathLike, csv: str | os.PathLike) -> tuple[list[tu
     src, csv = Path(src), Path(csv)
     _check_source_dir(src)
     hint_row = "each row is path,label: a path relative to the source folder and an integer class label >= 0"
-    samples, issues, seen = [], [], {}
+    samples: list[tuple[str, Path, int]] = []
+    issues: list[Issue] = []
+    seen: dict[str, int] = {}  # path -> line
     reader = csv_module.reader(io.StringIO(_read_csv_text(csv), newline=""))
     try:
         for row in reader:
@@ -233,14 +237,14 @@ def csv_samples(src: str | os.PathLike, csv: str | os.PathLike) -> tuple[list[tu
                 continue
             if not samples and not issues and not seen and [c.strip().lower() for c in row] == ["path", "label"]:
                 continue  # header
-            where = {"file": str(csv), "line": line}
+            where: _Where = {"file": str(csv), "line": line}
             if len(row) != 2:
                 issues.append(Issue(f"row has {len(row)} field(s), expected 2 (path,label)", **where, hint=hint_row))
                 continue
             rel, label_text = row[0].strip(), row[1].strip()
-            label, problem = _csv_label(label_text)
-            if problem is not None:
-                issues.append(Issue(problem[0], **where, hint=problem[1]))
+            label = _csv_label(label_text)
+            if isinstance(label, tuple):  # (message, hint)
+                issues.append(Issue(label[0], **where, hint=label[1]))
                 continue
             posix = PurePosixPath(rel.replace("\\", "/"))
             if not rel or posix.is_absolute() or ".." in posix.parts:
@@ -300,25 +304,32 @@ def _read_csv_text(csv: Path) -> str:
         ) from None
 
 
-def _csv_label(text: str) -> tuple[int | None, tuple[str, str] | None]:
-    """(label, None) for a valid CSV label, or (None, (message, hint)); never converts a huge number."""
+class _Where(TypedDict):
+    """Where in a CSV an issue lies (Issue's `file` and `line`)."""
+
+    file: str
+    line: int
+
+
+def _csv_label(text: str) -> int | tuple[str, str]:
+    """The label of a valid CSV label, or (message, hint); never converts a huge number."""
     if not re.fullmatch(r"[+-]?[0-9]+", text):
-        return None, (
+        return (
             f"label {text!r} is not an integer",
             "labels are class numbers 0..K-1; to name classes, put each class's "
             "images in a folder named after it and leave out the CSV",
         )
     if text.startswith("-") and text.strip("-0"):
-        return None, (f"label {text} is negative", "labels are class numbers 0..K-1")
+        return (f"label {text} is negative", "labels are class numbers 0..K-1")
     digits = text.lstrip("+-").lstrip("0")
     if len(digits) > len(str(MAX_CSV_CLASSES)) or int(digits or "0") >= MAX_CSV_CLASSES:
         shown = digits if len(digits) <= 20 else digits[:20] + "..."
-        return None, (
+        return (
             f"label {shown} is too large: a CSV's labels must be below {MAX_CSV_CLASSES:,} "
             "(the classes are 0..largest label)",
             "number the classes 0..K-1 without gaps (is this column a class number?)",
         )
-    return int(digits or "0"), None
+    return int(digits or "0")
 
 
 def _raise_issues(issues: list[Issue]) -> None:
@@ -346,9 +357,10 @@ def encode_image(payload: Payload, *, resolution: int | None = None, quality: in
         img = Image.open(io.BytesIO(data))
     orientation = _orientation(img) if data is not None else 1
     turned = orientation in _SWAPS_SIDES
-    resize = resolution is not None and min(img.size) > resolution
-    size = _shorter_side_to(img.size[::-1] if turned else img.size, resolution) if resize else None
-    copy = data is not None and img.format == "JPEG" and img.mode == "RGB" and not resize
+    size = None  # (width, height) to resize to
+    if resolution is not None and min(img.size) > resolution:
+        size = _shorter_side_to(img.size[::-1] if turned else img.size, resolution)
+    copy = data is not None and img.format == "JPEG" and img.mode == "RGB" and size is None
     copy = copy and orientation not in _ORIENTATION
     if img.format == "JPEG" and REDUCED_DECODING:
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT, skipping most of the inverse DCT and
@@ -356,16 +368,17 @@ def encode_image(payload: Payload, *, resolution: int | None = None, quality: in
         # fails as in a full decode
         if copy:  # the pixels are only checked: the file is stored as it is
             img.draft(None, (max(1, img.width // 8), max(1, img.height // 8)))
-        elif resize and min(img.size) >= 2 * resolution:  # at least the final size, then the exact resize
+        elif size is not None and resolution is not None and min(img.size) >= 2 * resolution:
+            # at least the final size, then the exact resize
             img.draft(None, size[::-1] if turned else size)
     img.load()  # decode: a truncated or corrupt file fails here, not later inside DALI
-    if copy:
+    if copy and data is not None:  # copy implies data
         return data
     rgb = _to_rgb(img)
     if orientation in _ORIENTATION:
         # DALI's decoder applies EXIF orientation and PIL-based readers do not: store upright pixels
         rgb = rgb.transpose(_ORIENTATION[orientation])
-    if resize:
+    if size is not None:
         rgb = rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=quality)
@@ -725,13 +738,16 @@ def _write_shard(out: Path, n: int, members: list[_Planned], options: dict, pool
 
     results = pool.map(encode, members) if pool is not None else map(encode, members)
 
-    samples, skipped, expected_index = [], [], []
+    samples: list[list[Any]] = []  # [key, label, source, digest]
+    skipped: list[list[Any]] = []  # [key, label, source, reason]
+    expected_index: list[list[tuple]] = []
     # tarfile rather than webdataset's TarWriter: full control of each header (USTAR, fixed mtime,
     # owner and mode) for byte-identical shards, our bytes written as they are with no encoder in
     # between, and shard boundaries decided by the plan rather than by a writer that rolls over.
     with open(tar_tmp, "wb") as f:
         writer = _HashingWriter(f)
-        with tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        # (writing needs only write and tell; typeshed's _Fileobj protocol asks for read and seek too)
+        with tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
             for member, (jpeg, reason) in zip(members, results, strict=True):
                 if jpeg is None:
                     skipped.append([member.key, member.label, member.source, reason])
@@ -746,7 +762,7 @@ def _write_shard(out: Path, n: int, members: list[_Planned], options: dict, pool
         f.flush()
         os.fsync(f.fileno())
 
-    sidecar = {
+    sidecar: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "file": None,
         "index": None,
@@ -819,7 +835,9 @@ def _counts(labels: Iterable[int]) -> dict[str, int]:
 def _manifest(
     sidecars: dict[int, dict], num_shards: int, *, classes: Mapping[str, int], source: str, options: dict
 ) -> dict:
-    shards, skipped, totals = [], [], Counter()
+    shards: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    totals: Counter[int] = Counter()
     for n in range(num_shards):
         sidecar = sidecars[n]
         skipped += [{"path": source_name, "reason": reason} for _, _, source_name, reason in sidecar["skipped"]]

@@ -13,6 +13,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -204,7 +205,7 @@ class Engine:
                 raise user_error(f"{file} is missing", hint="the checkpoint is incomplete; use an earlier one")
             saved.append(self._engine.checkpoint_engine.load(file, map_location="cpu")[OPTIMIZER_STATE_DICT])
         rank, ranks = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        state = {}
+        state: dict[int, dict[str, Any]] = {}
         for group, mine in enumerate(zero.single_partition_of_fp32_groups):
             size, state[group] = mine.numel(), {}
             # a group without state (SGD without momentum keeps none) has nothing to share out
@@ -239,11 +240,12 @@ def saved_weights(directory: Path) -> dict[str, torch.Tensor]:
     file = directory / TAG / "mp_rank_00_model_states.pt"
     if not file.is_file():
         raise user_error(f"{file} is missing", hint="the checkpoint is incomplete; use an earlier one")
-    return read_torch(file, map_location="cpu")["module"]
+    return cast(dict, read_torch(file, map_location="cpu"))["module"]  # DeepSpeed saves a dict
 
 
 def _betas(opt) -> tuple[float, float]:
-    return tuple(float(b) for b in opt.betas)
+    beta1, beta2 = opt.betas
+    return float(beta1), float(beta2)
 
 
 def _optimizer(engine: str, networks: dict) -> torch.optim.Optimizer:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -181,7 +182,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     weights = f"step-{gen.step:08d}" if gen.step is not None else "weights"
     stem = f"{weights}-{protocol_tag(results)}"
-    record = {"source": gen.source, "results": results, "json": str(out / f"{stem}.json")}
+    record: dict[str, Any] = {"source": gen.source, "results": results, "json": str(out / f"{stem}.json")}
     if len(results) > 1:
         record["plot"] = str(out / f"{stem}-fid-is.png")
         plot_sweep(results, Path(record["plot"]), title=gen.source)

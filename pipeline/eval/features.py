@@ -107,13 +107,13 @@ def load_feature_net(spec: str, device: str | torch.device = "cpu", *, what: str
     """The feature network SPEC names (`demo`, `demo:PATH`, `inception:PATH`, `inception`), on DEVICE.
 
     `what` is the setting the user gave SPEC as, named in errors."""
-    kind, _, path = spec.partition(":")
+    kind, _, given = spec.partition(":")
     if kind not in KINDS:
         raise user_error(
             f"unknown feature network {spec!r}", path=what, hint="give demo, demo:PATH, inception:PATH or inception"
         )
     if kind == "demo":
-        path = Path(path or Path(DEMO_SHARDS) / WEIGHTS_FILE).expanduser()
+        path = Path(given or Path(DEMO_SHARDS) / WEIGHTS_FILE).expanduser()
         if not path.is_file():
             raise user_error(
                 f"the demo classifier {path} does not exist",
@@ -123,7 +123,7 @@ def load_feature_net(spec: str, device: str | torch.device = "cpu", *, what: str
             )
         net: FeatureNet = DemoFeatureNet(path)
     else:
-        path = Path(path).expanduser() if path else default_inception_path()
+        path = Path(given).expanduser() if given else default_inception_path()
         if not path.is_file():
             raise user_error(
                 f"the Inception weights file {path} does not exist",

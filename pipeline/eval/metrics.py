@@ -59,7 +59,7 @@ def real_images(
         )
     loader = DaliLoader(
         shards,
-        min(batch_size, shards.num_samples),
+        min(batch_size, shards.manifest["num_samples"]),
         resolution,
         shards.manifest["num_classes"],
         crop="center",
@@ -69,6 +69,7 @@ def real_images(
     left = loader.dataset_size
     while left > 0:
         images, labels = next(loader)
+        assert labels is not None  # a loader given num_classes is labelled
         images, labels = images[:left], labels[:left]  # the last batch runs on into the next epoch
         left -= len(labels)
         yield to_uint8(images), labels
@@ -145,7 +146,7 @@ def reference_from_batches(
                 num_correct += (logits.argmax(1).cpu() == labels.cpu()).sum().item()
                 num_labelled += len(labels)
     num_samples = int(fid.real_features_num_samples)
-    if num_samples < 2:
+    if num_samples < 2 or resolution is None:  # (no batch at all: no resolution)
         raise user_error(f"{num_samples} real image(s) are too few for reference statistics", hint="give more data")
     return ReferenceStats(
         fid.real_features_sum.cpu(),

@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
-from typing import Self
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Protocol, Self
 
 import torch
 
-_active: Regions | None = None
+
+class _Timer(Protocol):
+    """What `region` enters while active: a `Regions`, or the FLOP counter's stand-in for one."""
+
+    def time(self, name: str) -> AbstractContextManager[object]: ...
+
+
+_active: _Timer | None = None
 
 
 def region(name: str):

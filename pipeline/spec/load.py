@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails
 
 from pipeline.blocks.registry import REGISTRY, BoolForNumber
 from pipeline.errors import Issue, SpecError, did_you_mean, user_error
@@ -49,7 +52,7 @@ def resolve_spec_path(arg: str) -> Path:
     return candidate
 
 
-def _base_path(name: object, file: str, line: int | None) -> Path:
+def _base_path(name: object, file: str | None, line: int | None) -> Path:
     if not isinstance(name, str) or not name or len(name) > 200 or any(c in name for c in "/\\\0") or name[0] == ".":
         raise user_error(
             f"{name!r} is not a spec name",
@@ -171,8 +174,9 @@ def _fields(model: type[BaseModel]) -> dict[str, object]:
     return {(info.alias or name): info.annotation for name, info in model.model_fields.items()}
 
 
-def _keys_at(tp, data) -> tuple[dict[str, object] | None, bool]:
-    """(key -> child type) valid at a level, and whether the level accepts any key (a dict)."""
+def _keys_at(tp, data) -> tuple[dict[Any, object] | None, bool]:
+    """(key -> child type) valid at a level, and whether the level accepts any key (a dict, whose
+    keys may be numbers: resolutions)."""
     tp = _strip(tp)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return _fields(tp), False
@@ -201,24 +205,26 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 def apply_override(data: dict, sources: SourceMap, keys: list[str], value) -> None:
     """Set a dotted key, checking every key against the schema and the spec's node names."""
-    tp, node = Spec, data
-    keys = list(keys)
-    for depth, key in enumerate(keys):
+    tp: object = Spec
+    node = data
+    path: list[str | int] = list(keys)  # the keys, a number where the mapping is keyed by numbers
+    for depth, name in enumerate(keys):
+        key: str | int = name
         allowed, open_keys = _keys_at(tp, node)
-        if open_keys and key.isdigit() and int(key) in allowed:  # a mapping keyed by numbers (resolutions)
-            key = keys[depth] = int(key)
-        dotted = ".".join(map(str, keys[: depth + 1]))
+        if open_keys and allowed is not None and name.isdigit() and int(name) in allowed:
+            key = path[depth] = int(name)  # a mapping keyed by numbers (resolutions)
+        dotted = ".".join(map(str, path[: depth + 1]))
         if allowed is None or (key not in allowed and not (open_keys and depth == len(keys) - 1)):
             choices = list(allowed or {})
-            hint = did_you_mean(key, choices) if choices else "this value has no sub-keys"
+            hint = did_you_mean(str(key), choices) if choices else "this value has no sub-keys"
             if dotted in {f"train.{k}" for k in MOVED_TO_METHOD}:
                 hint = f"an option of the training method now: method.{key}=..."
             raise user_error(f"unknown key {key!r}", path=dotted, file=COMMAND_LINE, hint=hint)
         if depth == len(keys) - 1:
             node[key] = value
-            for stale in [loc for loc in sources if loc[: len(keys)] == tuple(keys)]:
+            for stale in [loc for loc in sources if loc[: len(path)] == tuple(path)]:
                 del sources[stale]  # the file's lines for the replaced value (betas.0, ...) no longer apply
-            sources[tuple(keys)] = (COMMAND_LINE, None)
+            sources[tuple(path)] = (COMMAND_LINE, None)
             return
         child = node.get(key)
         if child is None:
@@ -244,7 +250,7 @@ def _clean_loc(loc: tuple, data: dict) -> tuple:
     return tuple(out)
 
 
-def _issue_from_pydantic(err: dict, data: dict, sources: SourceMap) -> Issue:
+def _issue_from_pydantic(err: ErrorDetails, data: dict, sources: SourceMap) -> Issue:
     loc = _clean_loc(tuple(err["loc"]), data)
     file, line = sources.where(loc)
     path = ".".join(map(str, loc))
@@ -254,7 +260,8 @@ def _issue_from_pydantic(err: dict, data: dict, sources: SourceMap) -> Issue:
     elif kind == "extra_forbidden":
         msg = "unknown key"
         parent = loc[:-1]
-        tp, node = Spec, data
+        tp: object = Spec
+        node: object = data
         for key in parent:
             allowed, _ = _keys_at(tp, node)
             tp = (allowed or {}).get(key)
@@ -280,7 +287,7 @@ def _issue_from_pydantic(err: dict, data: dict, sources: SourceMap) -> Issue:
     return Issue(msg, path, file, line, hint)
 
 
-def load_spec(arg: str | Path, overrides: list[str] = (), *, check_graphs: bool = True) -> LoadedSpec:
+def load_spec(arg: str | Path, overrides: Sequence[str] = (), *, check_graphs: bool = True) -> LoadedSpec:
     """Load, merge, override and validate a spec; raise `SpecError` listing every problem."""
     path = resolve_spec_path(str(arg))
     data, sources = _load_with_bases(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -27,6 +27,15 @@ from pipeline.eval.protocol import STANDING_STATS_PASSES
 from pipeline.methods import METHODS, method_union
 
 NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+# The discriminated unions of the registered block kinds and methods are built at import; to a type
+# checker, each is their base class.
+if TYPE_CHECKING:
+    from pipeline.blocks.registry import Node as AnyNode
+    from pipeline.methods.registry import Method as AnyMethod
+else:
+    AnyNode = node_union()
+    AnyMethod = method_union()
 
 
 class Section(BaseModel):
@@ -134,7 +143,7 @@ class NetworkSpec(Section):
     ema: EmaSpec | None = Field(
         None, description="An EMA of this network's weights; default: train.ema for the gan method's generator."
     )
-    nodes: dict[NodeName, node_union()] = Field(
+    nodes: dict[NodeName, AnyNode] = Field(
         description=(
             "Named nodes, each with a `kind` from the block registry, its inputs (`in`, `cond`, `y`) "
             "by name and the parameters of its kind."
@@ -507,7 +516,7 @@ class Spec(Section):
     )
     description: str = Field("", description="One line on what this spec is and where its numbers come from.")
     seed: int = Field(0, ge=0, lt=2**63, description="Random seed (0 to 2^63 - 1).")
-    method: Annotated[method_union(), BeforeValidator(_method_shorthand)] = Field(
+    method: Annotated[AnyMethod, BeforeValidator(_method_shorthand)] = Field(
         default_factory=lambda: METHODS["gan"](),
         description="The training method: a registered kind (" + ", ".join(METHODS) + ") and its options; "
         "`method: gan` is short for {kind: gan}.",

@@ -34,11 +34,12 @@ class EMA:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         if dtype is not None:
             self.module.to(dtype=dtype)  # floating tensors only; integer buffers keep their type
-        self._params = list(self.module.parameters())
+        self._params: list[torch.Tensor] = list(self.module.parameters())
         self._buffers = list(self.module.buffers())
 
     def _sources(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params, buffers = list(model.parameters()), list(model.buffers())
+        params: list[torch.Tensor] = list(model.parameters())
+        buffers = list(model.buffers())
         if len(params) != len(self._params) or len(buffers) != len(self._buffers):
             raise ValueError(
                 f"EMA holds {len(self._params)} parameters and {len(self._buffers)} buffers, "

@@ -10,6 +10,8 @@ checkpointed, so a resumed run sees the same history.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 
@@ -27,7 +29,8 @@ class ImageHistory:
         if self.images and self.images[0].device != batch.device:  # restored from a checkpoint on the CPU
             self.images = [t.to(batch.device) for t in self.images]
             self.labels = [None if t is None else t.to(batch.device) for t in self.labels]
-        out, out_labels = [], []
+        out: list[torch.Tensor] = []
+        out_labels: list[torch.Tensor | None] = []
         for j, image in enumerate(batch.detach()):
             label = None if labels is None else labels[j]
             if len(self.images) < self.size:
@@ -44,12 +47,15 @@ class ImageHistory:
                 out.append(image)
                 out_labels.append(label)
         images = torch.stack(out)
-        return images if labels is None else (images, torch.stack(out_labels))
+        if labels is None:
+            return images
+        # a labelled pool: every kept label is a tensor
+        return images, torch.stack(cast(list[torch.Tensor], out_labels))
 
     def state_dict(self) -> dict:
         state = {"images": [t.cpu() for t in self.images], "rng": self.rng.get_state()}
         if any(t is not None for t in self.labels):
-            state["labels"] = [t.cpu() for t in self.labels]
+            state["labels"] = [t.cpu() for t in cast(list[torch.Tensor], self.labels)]  # labelled: all tensors
         return state
 
     def load_state_dict(self, state: dict) -> None:
