@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.dali import DaliLoader, find_shards  # noqa: E402
+from pipeline.data.dali import DaliLoader  # noqa: E402
+from pipeline.data.shard_files import find_shards  # noqa: E402
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> None:

@@ -143,15 +143,15 @@ def split_run_args(args: list[str]) -> tuple[int, str | None, list[str]]:
 def ensure_demo_shards(loaded) -> None:
     """Write the embedded demo data on first use: the digits, or the two-domain digits."""
     from pipeline.data.demo import build_demo_shards, demo_shards_ready
-    from pipeline.data.domains import build_domain_shards, domain_shards_ready
+    from pipeline.eval.classifier import build_domain_demo, domain_demo_ready
     from pipeline.train.preflight import world_size_from_environment
 
     read = {s.shards for s in loaded.spec.data.all_streams().values() if not s.synthetic}
     missing = []
     if DEMO_SHARDS in read and not demo_shards_ready():
         missing.append((DEMO_SHARDS, build_demo_shards, "demo"))
-    if read & {f"{DEMO_DOMAIN_SHARDS}/a", f"{DEMO_DOMAIN_SHARDS}/b"} and not domain_shards_ready():
-        missing.append((DEMO_DOMAIN_SHARDS, build_domain_shards, "two-domain demo"))
+    if read & {f"{DEMO_DOMAIN_SHARDS}/a", f"{DEMO_DOMAIN_SHARDS}/b"} and not domain_demo_ready():
+        missing.append((DEMO_DOMAIN_SHARDS, build_domain_demo, "two-domain demo"))
     for where, build, what in missing:
         if world_size_from_environment() > 1:  # every rank of an outside launcher would write them at once
             raise user_error(
@@ -452,8 +452,12 @@ def cmd_shards_index(ns) -> int:
 
 def cmd_demo_data(ns) -> int:
     from pipeline.data.demo import build_demo_shards, demo_shards_ready
-    from pipeline.data.domains import build_domain_shards, domain_shards_ready
-    from pipeline.eval.classifier import demo_classifier_ready, train_demo_classifier
+    from pipeline.eval.classifier import (
+        build_domain_demo,
+        demo_classifier_ready,
+        domain_demo_ready,
+        train_demo_classifier,
+    )
 
     if demo_shards_ready(ns.out) and not ns.force:
         print(f"{ns.out}: demo shards already there")
@@ -468,10 +472,10 @@ def cmd_demo_data(ns) -> int:
             f"{ns.out}: demo classifier trained in {record['train_seconds']:.1f} s, held-out accuracy "
             f"{record['held_out_accuracy']:.1%} ({record['num_held_out']} samples)"
         )
-    if domain_shards_ready(ns.domains_out) and not ns.force:
+    if domain_demo_ready(ns.domains_out) and not ns.force:
         print(f"{ns.domains_out}: two-domain demo shards already there")
     else:
-        manifests = build_domain_shards(ns.domains_out, overwrite=ns.force)
+        manifests = build_domain_demo(ns.domains_out, overwrite=ns.force)
         for domain, manifest in manifests.items():
             print(
                 f"{ns.domains_out}/{domain}: {manifest['num_samples']:,} samples of domain {domain.upper()}, "

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from pipeline.data.check import check_shards
-from pipeline.data.dali import DaliLoader, build_pipeline, find_shards, loader_from_spec, part_size
+from pipeline.data.dali import DaliLoader, build_pipeline, loader_from_spec, part_size
+from pipeline.data.shard_files import find_shards
 from pipeline.data.shards import build_shards, write_index
 from pipeline.errors import SpecError
 from pipeline.spec import load_spec
@@ -57,7 +58,7 @@ def expected_labels(root) -> dict[str, int]:
 
 def read_keys(pipe, count: int) -> list[tuple[str, int]]:
     """(key, label) of the next `count` samples of a pipeline."""
-    from pipeline.data.dali import parse_labels
+    from pipeline.data.shard_files import parse_labels
 
     out = []
     while len(out) < count:

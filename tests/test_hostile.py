@@ -409,7 +409,8 @@ def _damage_one_jpeg(shards, *, where: str) -> tuple[str, str]:
 
 
 def test_a_jpeg_dali_cannot_decode_names_its_shard_and_sample(demo_shards, copy_shards, tmp_path):
-    from pipeline.data.dali import DaliLoader, find_shards
+    from pipeline.data.dali import DaliLoader
+    from pipeline.data.shard_files import find_shards
 
     shards = copy_shards(demo_shards, tmp_path / "shards")
     shard, key = _damage_one_jpeg(shards, where="header")

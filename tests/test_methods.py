@@ -107,10 +107,10 @@ def test_the_json_schema_documents_every_method_option():
 # ----- CSGAN on the two-domain digits
 @pytest.fixture(scope="session")
 def domain_shards(tmp_path_factory):
-    from pipeline.data.domains import build_domain_shards
+    from pipeline.eval.classifier import build_domain_demo
 
     out = tmp_path_factory.mktemp("digits-ab")
-    build_domain_shards(out)
+    build_domain_demo(out)
     return out
 
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.data.dali import real_images
 from pipeline.errors import SpecError
 from pipeline.eval.classifier import RECORD_FILE, WEIGHTS_FILE, demo_classifier_ready, train_demo_classifier
 from pipeline.eval.features import INCEPTION_WEIGHTS, FeatureNet, load_feature_net
-from pipeline.eval.metrics import Scorer, real_images, reference_from_batches, reference_stats, to_uint8
+from pipeline.eval.metrics import Scorer, reference_from_batches, reference_stats
+from pipeline.images import to_uint8
 
 NUM_CLASSES = 10
 CLASSES = {str(c): c for c in range(NUM_CLASSES)}

@@ -14,16 +14,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.data.domains import (
-    BACKGROUND_B,
-    DOMAIN_NUM_SAMPLES,
-    DOMAINS,
-    INK_B,
-    build_domain_shards,
-    domain_shards_ready,
-)
-from pipeline.eval.classifier import RECORD_FILE
-from pipeline.eval.metrics import real_images
+from pipeline.data.dali import real_images
+from pipeline.data.domains import BACKGROUND_B, DOMAIN_NUM_SAMPLES, DOMAINS, INK_B
+from pipeline.eval.classifier import RECORD_FILE, build_domain_demo, domain_demo_ready
 from pipeline.eval.translation import evaluate_translation, save_translation_grid, translation_grid
 
 
@@ -54,7 +47,7 @@ class Grey(nn.Module):
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits-ab")
-    return out, build_domain_shards(out)
+    return out, build_domain_demo(out)
 
 
 def images_of(shards_dir):
@@ -91,10 +84,10 @@ def test_domain_b_is_a_dark_digit_on_a_light_background(domains):
 
 def test_ready_after_building_and_a_rebuild_keeps_everything(domains, tmp_path):
     out, manifests = domains
-    assert domain_shards_ready(out)
-    assert not domain_shards_ready(tmp_path)
+    assert domain_demo_ready(out)
+    assert not domain_demo_ready(tmp_path)
     records = {domain: (out / domain / RECORD_FILE).stat().st_mtime_ns for domain in DOMAINS}
-    assert build_domain_shards(out) == manifests
+    assert build_domain_demo(out) == manifests
     assert {domain: (out / domain / RECORD_FILE).stat().st_mtime_ns for domain in DOMAINS} == records
 
 

@@ -11,16 +11,13 @@ and, where there is one, the sample key; a broken shard never stops the check of
 
 from __future__ import annotations
 
-import io
 import json
-import re
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data.dali import CLS_WIDTH, ShardSet, build_pipeline, parse_labels
-from pipeline.data.shards import sample_digest
+from pipeline.data.dali import build_pipeline
+from pipeline.data.shard_files import ShardSet, TarContents, damaged_samples, parse_labels, read_sidecar, walk_tar
 from pipeline.errors import Issue, SpecError, user_error
 from pipeline.safe_files import sha256
 
@@ -57,7 +54,7 @@ class Report:
         }
 
 
-# --- the manifest and the sidecars ---------------------------------------------------------------
+# --- the manifest --------------------------------------------------------------------------------
 
 
 def load_manifest(root: Path) -> dict:
@@ -123,171 +120,6 @@ def _manifest_issues(manifest) -> list[tuple[str, str]]:
 def _is_file_name(value) -> bool:
     """A plain name of a file beside the manifest: a manifest must not point the check elsewhere."""
     return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\\" not in value
-
-
-def read_sidecar(path: Path) -> tuple[dict[str, int] | None, dict[str, str], str | None]:
-    """({key: label} of a shard's sidecar, {key: digest} where it records them, None), or
-    (None, {}, why it cannot be used)."""
-    if not path.is_file():
-        return None, {}, f"sidecar {path.name} is missing: cannot check keys and labels"
-    try:
-        samples = json.loads(path.read_text(encoding="utf-8"))["samples"]
-        expected, digests = {}, {}
-        for key, label, *rest in samples:
-            if not isinstance(key, str) or not isinstance(label, int):
-                raise TypeError
-            expected[key] = label
-            if len(rest) > 1 and isinstance(rest[1], str):
-                digests[key] = rest[1]
-    except json.JSONDecodeError as exc:
-        return None, {}, f"sidecar {path.name} is not valid JSON (line {exc.lineno}: {exc.msg}): cannot check labels"
-    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        return None, {}, f"sidecar {path.name} has no list of [key, label, source] samples: cannot check labels"
-    return expected, digests, None
-
-
-def damaged_samples(contents: TarContents, digests: dict[str, str]) -> list[str]:
-    """Keys whose JPEG bytes (read by a walk with `decode`) differ from the digest the sidecar recorded."""
-    return [key for key, digest in contents.digests.items() if key in digests and digests[key] != digest]
-
-
-# --- walking a tar with Python -------------------------------------------------------------------
-
-
-@dataclass
-class TarContents:
-    """What a walk of one tar found: its well-formed samples and what is wrong with the rest."""
-
-    # (key, label) in tar order of the samples with one .jpg and one .cls holding a label in range
-    samples: list[tuple[str, int]] = field(default_factory=list)
-    keys: set[str] = field(default_factory=set)  # every key with a .jpg or .cls member
-    digests: dict[str, str] = field(default_factory=dict)  # key -> sample_digest of its JPEG (walks with decode)
-    problems: list[tuple[str | None, str]] = field(default_factory=list)  # (key or None, problem)
-
-
-def walk_tar(tar: Path, num_classes: int, *, decode: bool) -> TarContents:
-    """Every sample of a tar shard, read with Python's tarfile; with `decode`, each JPEG decoded by PIL.
-
-    Robust to anything in the file: a truncated tar or a corrupt header ends the walk with a problem
-    naming the last member read, and the samples before it are still checked.
-    """
-    contents = TarContents()
-    try:
-        with tarfile.open(tar, mode="r:") as archive:
-            members, labels, broken = _read_members(archive, tar, contents.problems, contents.digests, decode=decode)
-    except tarfile.ReadError as exc:  # raised by open only: the walk itself reports and stops
-        contents.problems.append((None, f"not a readable tar file ({exc})"))
-        return contents
-    for key, by_ext in members.items():
-        contents.keys.add(key)
-        counts = {ext: len(found) for ext, found in by_ext.items()}
-        if max(counts.values()) > 1:
-            listed = ", ".join(f"{n} x {key}.{ext}" for ext, n in sorted(counts.items()))
-            contents.problems.append((key, f"sample key occurs more than once in the shard ({listed})"))
-        if "jpg" not in by_ext:
-            contents.problems.append((key, f"image {key}.jpg is missing (only {key}.cls is there)"))
-        if key in broken:
-            contents.problems.append((key, f"JPEG does not decode ({broken[key]})"))
-        if "cls" not in by_ext:
-            contents.problems.append((key, f"label {key}.cls is missing (only {key}.jpg is there)"))
-            continue
-        text = labels[key]
-        if isinstance(text, int) or not re.fullmatch(rb"[0-9]{1,%d}" % CLS_WIDTH, text):
-            shown = f"of {text} bytes" if isinstance(text, int) else repr(text)
-            contents.problems.append((key, f"label {shown} is not an integer of 1 to {CLS_WIDTH} digits"))
-            continue
-        label = int(text)
-        if label >= num_classes:
-            contents.problems.append((key, f"label {label} is outside 0..{num_classes - 1}"))
-        elif "jpg" in by_ext and max(counts.values()) == 1:
-            contents.samples.append((key, label))
-    return contents
-
-
-def _read(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    """The bytes of a regular file's member (tarfile gives no file object for any other kind)."""
-    f = archive.extractfile(member)
-    assert f is not None, f"{member.name} is not a regular file"  # the caller checked isreg()
-    return f.read()
-
-
-def _read_members(archive: tarfile.TarFile, tar: Path, problems: list, digests: dict, *, decode: bool):
-    """Members of the .jpg and .cls files by key and extension, the label bytes, and JPEGs that fail.
-
-    Problems of the tar itself (truncated, a corrupt header, a member that is not a file) are
-    appended to `problems`; the walk stops at the first one that leaves the rest unreadable.
-    """
-    members: dict[str, dict[str, list[tarfile.TarInfo]]] = {}  # key -> ext -> members, keys in tar order
-    labels: dict[str, bytes | int] = {}  # the bytes of a .cls, or its size when too long to be a label
-    broken: dict[str, str] = {}  # key -> why its JPEG does not decode
-    size = tar.stat().st_size
-    last = None
-    while True:
-        try:
-            member = archive.next()
-        except tarfile.ReadError:
-            problems.append((None, f"the tar is truncated after member {last}"))
-            break
-        if member is None:
-            end = _end_problem(tar, archive.offset, size, last)
-            if end:
-                problems.append((None, end))
-            break
-        if member.offset_data + member.size > size:
-            present = max(0, size - member.offset_data)
-            problems.append(
-                (None, f"the tar is truncated inside member {member.name} ({present} of {member.size} bytes there)")
-            )
-            break
-        last = member.name
-        key, _, ext = _split_member(member.name)
-        if ext not in ("jpg", "cls"):
-            continue  # DALI reads only these; other members are allowed
-        if not member.isreg():
-            problems.append((key, f"member {member.name} is not a regular file"))
-            continue
-        members.setdefault(key, {}).setdefault(ext, []).append(member)
-        if ext == "cls" and key not in labels:
-            # a label is at most CLS_WIDTH digits: a larger member is not read into memory
-            labels[key] = _read(archive, member) if member.size <= CLS_WIDTH else member.size
-        elif ext == "jpg" and decode and key not in broken:
-            data = _read(archive, member)
-            digests.setdefault(key, sample_digest(data))
-            reason = _undecodable(data)
-            if reason:
-                broken[key] = reason
-    return members, labels, broken
-
-
-def _split_member(name: str) -> tuple[str, str, str]:
-    """(key, ".", extension) as WebDataset splits a member name: at the first dot of its base name."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), dot, ext
-
-
-def _end_problem(tar: Path, offset: int, size: int, last: str | None) -> str | None:
-    """Why the bytes after the last member are not a tar's end (two or more zero blocks), or None."""
-    if size - offset < 2 * tarfile.BLOCKSIZE:
-        return f"the tar ends after member {last} without its end-of-archive blocks: it is truncated"
-    with open(tar, "rb") as f:
-        f.seek(offset)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            if block.strip(b"\0"):
-                return f"unreadable data after member {last} (byte {offset}): a corrupt tar header"
-    return None
-
-
-def _undecodable(data: bytes) -> str | None:
-    """Why PIL cannot decode a JPEG, or None."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-    except Exception as exc:  # noqa: BLE001 -- PIL raises many types for broken files
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 # --- reading through DALI ------------------------------------------------------------------------

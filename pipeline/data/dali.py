@@ -13,12 +13,11 @@ padded or dropped. `read_epoch` reads exactly one epoch in stored order (for che
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import re
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,62 +25,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.shard_files import (
+    CLS_WIDTH,
+    ShardSet,
+    damaged_samples,
+    find_shards,
+    parse_labels,
+    read_sidecar,
+    walk_tar,
+)
 from pipeline.errors import SpecError, user_error
+from pipeline.images import to_uint8
 from pipeline.precision import DTYPES
 
-CLS_WIDTH = 8  # digits of a label, padded with zero bytes; labels up to 99,999,999
 MEAN_STD = 127.5  # uint8 [0, 255] -> [-1, 1]
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    tars: list[Path]
-    indexes: list[Path]
-    manifest: dict | None = None
-    root: Path | None = None
-    path: str = "data.shards"  # the spec path (or option) that named them, for messages
-
-    @property
-    def num_samples(self) -> int | None:
-        return self.manifest["num_samples"] if self.manifest else None
-
-
-def find_shards(where: str | os.PathLike, *, what: str = "data.shards") -> ShardSet:
-    """Resolve a directory (with manifest.json), a .tar file or a glob into shards with index files."""
-    where = str(where)
-    path = Path(where)
-    root: Path | None
-    if path.is_dir():
-        tars = sorted(path.glob("*.tar"))
-        root = path
-    elif any(ch in where for ch in "*?["):
-        tars = sorted(Path(p) for p in glob.glob(where) if p.endswith(".tar"))
-        root = tars[0].parent if tars else None
-    elif path.is_file():
-        tars, root = [path], path.parent
-    else:
-        tars, root = [], None
-    if not tars:
-        raise user_error(
-            f"no .tar shards match {where!r}",
-            path=what,
-            hint="build shards with `python -m pipeline shards build SRC OUT` (or `just demo-data` for "
-            "the demo), or point data.shards at a directory or glob of .tar files",
-        )
-    indexes = [t.with_suffix(".idx") for t in tars]
-    missing = [t.name for t, i in zip(tars, indexes, strict=True) if not i.exists()]
-    if missing:
-        raise user_error(
-            f"{len(missing)} shard(s) have no DALI index file, e.g. {missing[0]} "
-            f"(expected {Path(missing[0]).with_suffix('.idx')} beside it)",
-            path=what,
-            hint=f"create them with `python -m pipeline shards index {root}`; without them DALI "
-            "infers each index at start-up, slowly",
-        )
-    manifest = None
-    if root is not None and (root / "manifest.json").exists():
-        manifest = json.loads((root / "manifest.json").read_text())
-    return ShardSet(tars, indexes, manifest, root, what)
 
 
 def _graph(
@@ -282,7 +239,6 @@ class ShardVerifier:
         self.thread.start()
 
     def _run(self) -> None:
-        from pipeline.data.check import damaged_samples, read_sidecar, walk_tar
         from pipeline.safe_files import sha256
 
         for tar, digest in self.todo:
@@ -318,19 +274,6 @@ def shard_verifier(shards: ShardSet, rank: int, world_size: int) -> ShardVerifie
     if key not in _VERIFIERS:
         _VERIFIERS[key] = ShardVerifier(shards, rank, world_size)
     return _VERIFIERS[key]
-
-
-def parse_labels(cls_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels from zero-padded ASCII digits, (B, CLS_WIDTH) uint8 -> (labels int64, valid bool)."""
-    present = cls_bytes != 0
-    digits = cls_bytes.astype(np.int64) - ord("0")
-    length = present.sum(1)
-    # digits must be contiguous from the start, 1 to CLS_WIDTH of them, each 0-9
-    contiguous = present[:, :1].all(1) & (present.cumprod(1).sum(1) == length)
-    valid = contiguous & (length > 0) & ((digits >= 0) & (digits <= 9) | ~present).all(1)
-    powers = 10 ** np.clip(length[:, None] - 1 - np.arange(CLS_WIDTH)[None, :], 0, None)
-    labels = np.where(present, digits * powers, 0).sum(1)
-    return np.where(valid, labels, -1), valid
 
 
 def part_size(total: int, shard_id: int, num_shards: int) -> int:
@@ -578,3 +521,35 @@ def first_shard_images(shards: ShardSet, spec, num: int, device="cpu") -> torch.
     )
     images, _ = next(loader)
     return images
+
+
+def real_images(
+    shards_dir: str | os.PathLike, *, resolution: int, batch_size: int = 250, device: str | torch.device = "cpu"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of the shards in stored order, as uint8 images (B, 3, R, R) and labels (B,) on DEVICE.
+
+    Each image's shorter side is resized to R (DALI's linear filter with antialiasing) and the centre
+    cropped, as training reads it with `crop: center`."""
+    shards = find_shards(shards_dir, what="shards")
+    if shards.manifest is None:
+        raise user_error(
+            f"{shards_dir} has no manifest.json",
+            file=str(shards_dir),
+            hint="evaluate against shards written by `python -m pipeline shards build`",
+        )
+    loader = DaliLoader(
+        shards,
+        min(batch_size, shards.num_samples),
+        resolution,
+        shards.manifest["num_classes"],
+        crop="center",
+        device=device,
+        shuffle=False,
+    )
+    left = loader.dataset_size
+    while left > 0:
+        images, labels = next(loader)
+        assert labels is not None  # a loader given num_classes is labelled
+        images, labels = images[:left], labels[:left]  # the last batch runs on into the next epoch
+        left -= len(labels)
+        yield to_uint8(images), labels

@@ -1,5 +1,6 @@
 """Two-domain demo data for image-to-image translation: scikit-learn's digits rendered twice,
-as paired domains A and B, with a demo classifier beside each.
+as paired domains A and B (the demo classifier beside each is trained by
+`pipeline.eval.classifier.build_domain_demo`, which writes the shards through this module).
 
 The renderings:
   A  the plain demo rendering (`pipeline.data.demo.demo_samples`): a white digit on black;
@@ -17,14 +18,15 @@ whether a translated image shows the source's digit is what the classifier of th
 judges. The map is affine per pixel (a 1x1 convolution in [-1, 1] terms).
 
 OUT holds `a/` and `b/`, each a shard build (`pipeline.data.shards.write_samples`, 32x32, JPEG
-quality 95, two shards) with labels (.cls, the digit), its manifest and its demo classifier
-(`classifier.safetensors`, `classifier.json`). Source names are those of the plain demo
-(`digits/NNNN`, the index in scikit-learn's order).
+quality 95, two shards) with labels (.cls, the digit), its manifest and, once `build_domain_demo`
+has run, its demo classifier (`classifier.safetensors`, `classifier.json`). Source names are
+those of the plain demo (`digits/NNNN`, the index in scikit-learn's order).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.data import DEMO_DOMAIN_SHARDS
@@ -59,13 +61,17 @@ def domain_samples() -> dict[str, list]:
 
 
 def build_domain_shards(
-    out: str | os.PathLike = DEMO_DOMAIN_SHARDS, *, overwrite: bool = False, log: Log | None = None
+    out: str | os.PathLike = DEMO_DOMAIN_SHARDS,
+    *,
+    overwrite: bool = False,
+    log: Log | None = None,
+    each: Callable[[Path], None] | None = None,
 ) -> dict:
-    """Write OUT/a and OUT/b and train the demo classifier beside each; returns {"a": manifest, "b": manifest}.
+    """Write OUT/a and OUT/b; returns {"a": manifest, "b": manifest}. `each`, if given, is called
+    with a domain's folder as soon as its shards are written, before the next domain's
+    (`pipeline.eval.classifier.build_domain_demo` trains the demo classifier there).
 
-    Re-running keeps finished shards and classifiers trained on them; `overwrite` rebuilds both."""
-    from pipeline.eval.classifier import demo_classifier_ready, train_demo_classifier
-
+    Re-running keeps finished shards; `overwrite` rebuilds both."""
     log = log or (lambda message: None)
     manifests = {}
     for domain, samples in domain_samples().items():
@@ -81,19 +87,14 @@ def build_domain_shards(
             overwrite=overwrite,
             log=log,
         )
-        if overwrite or not demo_classifier_ready(domain_dir):
-            record = train_demo_classifier(domain_dir)
-            log(
-                f"{domain_dir}: demo classifier trained in {record['train_seconds']:.1f} s, "
-                f"held-out accuracy {record['held_out_accuracy']:.3f}"
-            )
+        if each is not None:
+            each(domain_dir)
     return manifests
 
 
 def domain_shards_ready(out: str | os.PathLike = DEMO_DOMAIN_SHARDS) -> bool:
-    """Whether OUT holds a finished build of both domains, each with a classifier trained on its shards."""
-    from pipeline.eval.classifier import demo_classifier_ready
-
+    """Whether OUT holds a finished shard build of both domains (`domain_demo_ready` of
+    `pipeline.eval.classifier` also checks the classifier beside each)."""
     for domain in DOMAINS:
         manifest = read_manifest(Path(out) / domain)
         if not (
@@ -101,7 +102,6 @@ def domain_shards_ready(out: str | os.PathLike = DEMO_DOMAIN_SHARDS) -> bool:
             and manifest["source"] == DOMAIN_SOURCES[domain]
             and manifest["num_samples"] == DOMAIN_NUM_SAMPLES[domain]
             and manifest["num_classes"] == len(DEMO_CLASSES)
-            and demo_classifier_ready(Path(out) / domain)
         ):
             return False
     return True

@@ -3,6 +3,7 @@
 `python -m pipeline demo-data` trains it in seconds on CPU, on a deterministic split of the demo
 shards, and saves it beside them: `classifier.safetensors` (weights, with its architecture in the
 metadata) and `classifier.json` (held-out accuracy, seed, the split, the manifest it was trained on).
+It trains one beside each domain of the two-domain demo too (`build_domain_demo`).
 Its penultimate layer (globally pooled channels) serves FID and KID; its logits serve IS and the
 class accuracy of conditional samples.
 """
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data import DEMO_SHARDS
-from pipeline.data.shards import read_manifest
+from pipeline.data import DEMO_DOMAIN_SHARDS, DEMO_SHARDS
+from pipeline.data.domains import DOMAINS, build_domain_shards, domain_shards_ready
+from pipeline.data.shards import Log, read_manifest
 from pipeline.errors import user_error
 from pipeline.safe_files import sha256
 
@@ -88,7 +90,7 @@ def train_demo_classifier(
     """
     from safetensors.torch import save_file
 
-    from pipeline.eval.metrics import real_images
+    from pipeline.data.dali import real_images
 
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
@@ -148,6 +150,30 @@ def train_demo_classifier(
     }
     (shards_dir / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def build_domain_demo(
+    out: str | os.PathLike = DEMO_DOMAIN_SHARDS, *, overwrite: bool = False, log: Log | None = None
+) -> dict:
+    """Write OUT/a and OUT/b and train the demo classifier beside each; returns {"a": manifest, "b": manifest}.
+
+    Re-running keeps finished shards and classifiers trained on them; `overwrite` rebuilds both."""
+    log = log or (lambda message: None)
+
+    def train_classifier(domain_dir: Path) -> None:
+        if overwrite or not demo_classifier_ready(domain_dir):
+            record = train_demo_classifier(domain_dir)
+            log(
+                f"{domain_dir}: demo classifier trained in {record['train_seconds']:.1f} s, "
+                f"held-out accuracy {record['held_out_accuracy']:.3f}"
+            )
+
+    return build_domain_shards(out, overwrite=overwrite, log=log, each=train_classifier)
+
+
+def domain_demo_ready(out: str | os.PathLike = DEMO_DOMAIN_SHARDS) -> bool:
+    """Whether OUT holds a finished build of both domains, each with a classifier trained on its shards."""
+    return domain_shards_ready(out) and all(demo_classifier_ready(Path(out) / domain) for domain in DOMAINS)
 
 
 def _fit(

@@ -14,9 +14,10 @@ import torch
 from pipeline.data import DEMO_SHARDS
 from pipeline.errors import user_error
 from pipeline.eval.features import FeatureNet, load_feature_net
-from pipeline.eval.metrics import Scorer, reference_stats, to_uint8
+from pipeline.eval.metrics import Scorer, reference_stats
 from pipeline.eval.protocol import protocol_tag
 from pipeline.eval.sampling import sample_latents, standing_stats
+from pipeline.images import to_uint8
 
 
 def feature_net_for(spec, features: str, device) -> FeatureNet:

@@ -22,57 +22,23 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.data.dali import real_images
 from pipeline.data.shards import read_manifest
 from pipeline.errors import user_error
 from pipeline.eval.features import FeatureNet
-from pipeline.images import to_uint8
 from pipeline.safe_files import sha256
 
 CACHE_VERSION = 1
 MAX_KID_FEATURES = 10_000
 # (uint8 images (N, 3, R, R), class labels (N,) or None)
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def real_images(
-    shards_dir: str | os.PathLike, *, resolution: int, batch_size: int = 250, device: str | torch.device = "cpu"
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of the shards in stored order, as uint8 images (B, 3, R, R) and labels (B,) on DEVICE.
-
-    Each image's shorter side is resized to R (DALI's linear filter with antialiasing) and the centre
-    cropped, as training reads it with `crop: center`."""
-    from pipeline.data.dali import DaliLoader, find_shards
-
-    shards = find_shards(shards_dir, what="shards")
-    if shards.manifest is None:
-        raise user_error(
-            f"{shards_dir} has no manifest.json",
-            file=str(shards_dir),
-            hint="evaluate against shards written by `python -m pipeline shards build`",
-        )
-    loader = DaliLoader(
-        shards,
-        min(batch_size, shards.manifest["num_samples"]),
-        resolution,
-        shards.manifest["num_classes"],
-        crop="center",
-        device=device,
-        shuffle=False,
-    )
-    left = loader.dataset_size
-    while left > 0:
-        images, labels = next(loader)
-        assert labels is not None  # a loader given num_classes is labelled
-        images, labels = images[:left], labels[:left]  # the last batch runs on into the next epoch
-        left -= len(labels)
-        yield to_uint8(images), labels
 
 
 @dataclass(frozen=True)

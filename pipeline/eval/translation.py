@@ -52,7 +52,7 @@ def save_translation_grid(g_forward: nn.Module, g_backward: nn.Module, images: t
 
 
 def _source_images(shards_dir: Path, *, resolution: int, num_samples: int | None, batch_size: int, device):
-    from pipeline.eval.metrics import real_images
+    from pipeline.data.dali import real_images
 
     batches, count = [], 0
     for images, labels in real_images(shards_dir, resolution=resolution, batch_size=batch_size, device=device):
