@@ -17,8 +17,8 @@ from torch.nn.utils import parametrize
 from pipeline.blocks import REGISTRY
 from pipeline.blocks.layers import BuildContext
 from pipeline.graph import analyze_spec
+from pipeline.methods.unet_gan import cutmix_mask
 from pipeline.spec.load import load_spec
-from pipeline.train.unet_gan import cutmix_mask
 
 
 def softplus(x: float) -> float:
@@ -340,8 +340,8 @@ def test_progan_critic_loss_by_hand():
     # loss.py:D_wgangp_acgan: D(fake) - D(real) + lambda (||grad D(x_hat)|| - 1)^2 + eps_drift D(real)^2,
     # lambda 10, eps_drift 0.001. A linear critic w = (1.8, 2.4) has ||grad|| = 3 everywhere: GP = 4;
     # real (1, 0) scores 1.8, fake (0, -1) scores -2.4
-    from pipeline.train.losses import get_loss
-    from pipeline.train.regularizers import gradient_penalty
+    from pipeline.methods.losses import get_loss
+    from pipeline.methods.regularizers import gradient_penalty
 
     w = torch.tensor([1.8, 2.4], dtype=torch.float64)
     real, fake = torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.tensor([[0.0, -1.0]], dtype=torch.float64)

@@ -152,7 +152,7 @@ def test_soft_labels_draw_targets_in_their_ranges_and_flip():
     real, fake = spec.method.build(spec)._targets(10000, "cpu")
     assert abs((real <= 0.3).float().mean() - 0.25) < 0.02 and abs((fake >= 0.7).float().mean() - 0.25) < 0.02
     # the D loss is least squares toward those targets
-    from pipeline.train.losses import get_loss
+    from pipeline.methods.losses import get_loss
 
     logits = torch.randn(4, 1)
     t_real, t_fake = torch.full((4,), 0.8), torch.full((4,), 0.1)
@@ -188,7 +188,7 @@ def test_replay_and_logans_second_order_step_exclude_each_other():
 
 
 def test_replay_shows_d_past_fakes_and_resumes_exactly():
-    from pipeline.train.replay import ImageHistory
+    from pipeline.methods.replay import ImageHistory
 
     pool = ImageHistory(4, seed=0, probability=1.0)
     first = torch.arange(4.0).view(4, 1, 1, 1)

@@ -2,7 +2,7 @@
 one of a higher layer, at module level or inside a function, unless ALLOWED below says why. No
 import cycle between modules either. The layers, lowest first:
 
-    errors, precision, images, safe_files, regions, runs   leaves: no other module of pipeline/
+    errors, precision, images, safe_files, registry, regions, runs   leaves
     blocks      the block kinds (each a strict options model and its nn.Module) and their registry
     methods     the methods (each an options model, its phases and objectives, its losses)
     spec        the spec schema: the union of every registered block and method, YAML, overrides
@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
         "pipeline.precision",
         "pipeline.images",
         "pipeline.safe_files",
+        "pipeline.registry",
         "pipeline.regions",
         "pipeline.runs",
     ),

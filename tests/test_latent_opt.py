@@ -1,4 +1,4 @@
-"""LOGAN's latent step (pipeline/train/latent_opt.py): exact no-op at alpha 0, the GD and NGD steps
+"""LOGAN's latent step (pipeline/methods/latent_opt.py): exact no-op at alpha 0, the GD and NGD steps
 against hand computation, ascent on a real G and D, the clip, the second-order term, the
 regulariser, the optimised fraction, bf16 autocast and the meta device."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.train.latent_opt import BIGGAN_DEEP_NGD, latent_step, latent_step_penalty
+from pipeline.methods.latent_opt import BIGGAN_DEEP_NGD, latent_step, latent_step_penalty
 
 Z_DIM = 4
 

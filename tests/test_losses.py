@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.blocks.layers import BuildContext
+from pipeline.methods.losses import LOSSES, GanLoss, get_loss
+from pipeline.methods.regularizers import gradient_penalty, ortho_penalty, ortho_weights, r1_penalty
 from pipeline.train.ema import EMA
-from pipeline.train.losses import LOSSES, GanLoss, get_loss
-from pipeline.train.regularizers import gradient_penalty, ortho_penalty, ortho_weights, r1_penalty
 
 REAL = torch.tensor([2.0, 0.5])
 FAKE = torch.tensor([-2.0, 0.5])

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from pipeline.errors import SpecError
 from pipeline.graph import build_network
 from pipeline.methods import gan
+from pipeline.methods.losses import get_loss
 from pipeline.spec import load_spec
 from pipeline.train import loop
-from pipeline.train.losses import get_loss
 
 FAST = [
     "method.d_steps=2",  # each step reads two batches (the demo's own takes one)

@@ -1,4 +1,4 @@
-"""U-Net GAN's losses, CutMix masks and the consistency regulariser (pipeline/train/unet_gan.py)
+"""U-Net GAN's losses, CutMix masks and the consistency regulariser (pipeline/methods/unet_gan.py)
 against their formulas, on tiny hand-made tensors (CPU and meta, fast)."""
 
 import math
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.train.losses import get_loss
-from pipeline.train.unet_gan import (
+from pipeline.methods.losses import get_loss
+from pipeline.methods.unet_gan import (
     check_pixel_targets,
     consistency_loss,
     cutmix_d_loss,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import typing
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from pipeline.errors import did_you_mean
+from pipeline.registry import Registry
 
 Shape = tuple[int, ...]  # per-sample shape, without the batch dimension
 
@@ -246,22 +247,6 @@ class Weighted(Node):
     init: Init | None = Field(None, description="Weight init of this node; default: the network's `init`.")
 
 
-REGISTRY: dict[str, type[Node]] = {}
-
-
-def register(cls: type[Node]) -> type[Node]:
-    """Class decorator adding a block kind; a kind may be registered once."""
-    kind_field = cls.model_fields.get("kind")
-    if kind_field is None:
-        raise TypeError(f"{cls.__name__} has no `kind` field")
-    (kind,) = typing.get_args(kind_field.annotation)
-    if kind in REGISTRY:
-        raise KeyError(f"block kind {kind!r} registered twice: {REGISTRY[kind].__name__} and {cls.__name__}")
-    REGISTRY[kind] = cls
-    return cls
-
-
-def node_union():
-    """The discriminated union of every registered kind, for the spec schema."""
-    members = tuple(REGISTRY.values())
-    return Annotated[Union[members], Field(discriminator="kind")]  # noqa: UP007 (a union built from a tuple)
+REGISTRY: Registry[Node] = Registry("block kind")
+register = REGISTRY.register  # class decorator adding a block kind
+node_union = REGISTRY.union  # the discriminated union of every registered kind, for the spec schema

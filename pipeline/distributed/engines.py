@@ -116,7 +116,7 @@ class Engine:
         import deepspeed
         from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-        from pipeline.profile.regions import timed
+        from pipeline.regions import timed
 
         self.name, self.networks = name, tuple(modules)
         self.zero_stage = config["zero_optimization"]["stage"]

@@ -1,8 +1,7 @@
 """The evaluation protocol: everything besides the weights that decides a score. Its one default
-(standing statistics), shared by the spec schema, training's periodic evaluation, `eval` and
-`sample`; and the name under which `eval` files the results of one protocol.
-
-Imports nothing heavy: the spec schema reads the default from here.
+(standing statistics, declared with the spec's `eval.standing_stats`), shared by training's
+periodic evaluation, `eval` and `sample`; and the name under which `eval` files the results of
+one protocol.
 """
 
 from __future__ import annotations
@@ -10,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-STANDING_STATS_PASSES = 16
-"""Forward passes of standing BatchNorm statistics before sampling when neither the spec nor a flag
-says otherwise: BigGAN's sampling protocol, and what BENCHMARKS.md's demo numbers use."""
+from pipeline.spec.schema import STANDING_STATS_PASSES
+
+__all__ = ["STANDING_STATS_PASSES", "protocol_tag"]
 
 # keys of a result's protocol that say which weights were scored, not how
 _WEIGHTS_KEYS = ("generator", "ema", "step")

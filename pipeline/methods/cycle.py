@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
 
 from pipeline.errors import Issue
+from pipeline.methods.losses import LOSSES, get_loss
 from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, Schedule, register
+from pipeline.methods.replay import ImageHistory
 from pipeline.precision import full_precision
-from pipeline.profile.regions import region
-from pipeline.train.losses import LOSSES, get_loss
-from pipeline.train.replay import ImageHistory
+from pipeline.regions import region
 
 
 class LrDecay(Options):

@@ -13,13 +13,13 @@ from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 from pipeline.blocks.attention import explicit_attention
 from pipeline.blocks.layers import batch_statistics
 from pipeline.errors import Issue
+from pipeline.methods import latent_opt, unet_gan
+from pipeline.methods.losses import LOSSES, get_loss
 from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, register
+from pipeline.methods.regularizers import gradient_penalty, ortho_penalty, r1_penalty
+from pipeline.methods.replay import ImageHistory
 from pipeline.precision import full_precision
-from pipeline.profile.regions import region
-from pipeline.train import latent_opt, unet_gan
-from pipeline.train.losses import LOSSES, get_loss
-from pipeline.train.regularizers import gradient_penalty, ortho_penalty, r1_penalty
-from pipeline.train.replay import ImageHistory
+from pipeline.regions import region
 
 LossName = Literal["hinge", "non_saturating", "wgan_gp", "least_squares"]
 

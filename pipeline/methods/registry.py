@@ -19,11 +19,12 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Protocol, Union
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from pipeline.blocks.registry import no_bool_for_a_number
+from pipeline.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -228,19 +229,6 @@ class Method(BaseModel):
         """This method's implementation for one run of the spec."""
 
 
-METHODS: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method kind; a kind may be registered once."""
-    (kind,) = cls.model_fields["kind"].annotation.__args__
-    if kind in METHODS:
-        raise KeyError(f"method {kind!r} registered twice: {METHODS[kind].__name__} and {cls.__name__}")
-    METHODS[kind] = cls
-    return cls
-
-
-def method_union():
-    """The discriminated union of every registered method, for the spec schema."""
-    members = tuple(METHODS.values())
-    return Annotated[Union[members], Field(discriminator="kind")]  # noqa: UP007 (a union built from a tuple)
+METHODS: Registry[Method] = Registry("method")
+register = METHODS.register  # class decorator adding a method kind
+method_union = METHODS.union  # the discriminated union of every registered method, for the spec schema

@@ -21,8 +21,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline import regions
 from pipeline.graph import analyze_spec, instantiate
-from pipeline.profile import regions
 from pipeline.train.phases import frozen
 
 

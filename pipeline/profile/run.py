@@ -24,7 +24,7 @@ from pipeline.methods import describe
 from pipeline.precision import DTYPES
 from pipeline.profile.flops import meta_step
 from pipeline.profile.peak import device_peak, matmul_rate
-from pipeline.profile.regions import Regions
+from pipeline.regions import Regions
 from pipeline.runs import Run
 
 SHARED_REGIONS = ("data_wait", "ema", "comm")  # besides each phase's forward, backward and optimizer regions

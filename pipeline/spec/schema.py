@@ -23,7 +23,6 @@ from pydantic import (
 
 from pipeline.blocks import node_union
 from pipeline.blocks.registry import Init, no_bool_for_a_number
-from pipeline.eval.protocol import STANDING_STATS_PASSES
 from pipeline.methods import METHODS, method_union
 
 NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -405,6 +404,11 @@ class TrainSpec(Section):
     )
     keep_checkpoints: PositiveInt = Field(3, description="Checkpoints kept; older ones are deleted.")
     failures: FailureSpec = Field(default_factory=FailureSpec, description="Failure tracking and what it does.")
+
+
+STANDING_STATS_PASSES = 16
+"""Forward passes of standing BatchNorm statistics before sampling when neither the spec nor a flag
+says otherwise: BigGAN's sampling protocol, and what BENCHMARKS.md's demo numbers use."""
 
 
 class EvalSpec(Section):

@@ -23,7 +23,7 @@ from pipeline.distributed import engines as dist
 from pipeline.errors import SpecError
 from pipeline.graph import build_network, compile_network
 from pipeline.precision import DTYPES
-from pipeline.profile.regions import region
+from pipeline.regions import region
 from pipeline.runs import Run, export_files
 from pipeline.train import checkpoint
 from pipeline.train.ema import EMA

@@ -65,8 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.methods.losses import GanLoss, Hinge, LeastSquares, NonSaturating
 from pipeline.precision import full_precision as _promote
-from pipeline.train.losses import GanLoss, Hinge, LeastSquares, NonSaturating
 
 # The authors' defaults (see the module docstring for where each comes from).
 MAX_CUTMIX_PROBABILITY = 0.5
