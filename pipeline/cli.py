@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from pipeline.data import DEMO_DOMAIN_SHARDS, DEMO_SHARDS
 from pipeline.errors import SpecError, user_error
@@ -79,7 +80,7 @@ def cmd_validate(ns) -> int:
     from pipeline.graph.report import print_report
 
     options = ", ".join(f"{k}={v}" for k, v in method.items() if k != "kind")
-    print(f"method {spec.method.kind} ({options}); a step: {phases}")
+    print(f"method {method['kind']} ({options}); a step: {phases}")
     print_report(loaded, plans)
     for issue in advice:
         print("warning: " + issue.format().replace("\n", "\n  "))
@@ -147,7 +148,7 @@ def ensure_demo_shards(loaded) -> None:
     from pipeline.train.preflight import world_size_from_environment
 
     read = {s.shards for s in loaded.spec.data.all_streams().values() if not s.synthetic}
-    missing = []
+    missing: list[tuple[str, Callable[..., dict], str]] = []
     if DEMO_SHARDS in read and not demo_shards_ready():
         missing.append((DEMO_SHARDS, build_demo_shards, "demo"))
     if read & {f"{DEMO_DOMAIN_SHARDS}/a", f"{DEMO_DOMAIN_SHARDS}/b"} and not domain_demo_ready():

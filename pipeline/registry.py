@@ -5,7 +5,7 @@ the spec's discriminated union, so that a spec names it by that value."""
 from __future__ import annotations
 
 import typing
-from typing import Annotated, Generic, TypeVar, Union
+from typing import Annotated, Any, Generic, TypeVar, Union
 
 from pydantic import BaseModel, Field
 
@@ -30,6 +30,6 @@ class Registry(dict[str, type[T]], Generic[T]):
         self[kind] = cls
         return cls
 
-    def union(self):
+    def union(self) -> Any:
         """The discriminated union of every registered kind, for the spec schema."""
         return Annotated[Union[tuple(self.values())], Field(discriminator="kind")]  # noqa: UP007 (built from a tuple)

@@ -17,10 +17,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pipeline.errors import user_error
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.spec.schema import Spec
 
 EXPORT_SPEC = "spec.yaml"  # beside the exported weights: what `sample` and `eval` rebuild them from
 
@@ -68,14 +74,14 @@ class Run:
     def profile(self) -> Path:
         return self.root / "profile"
 
-    def begin(self, spec_dict: dict, step: int) -> None:
+    def begin(self, spec_dict: dict[str, Any], step: int) -> None:
         """A start or a resume from `step`: the resolved spec written, and lines logged after that
         step (by the run that is being resumed) dropped."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.resolved_spec.write_text(yaml.safe_dump(spec_dict, sort_keys=False))
         self.metrics.keep_until(step)
 
-    def write_export(self, networks: dict, spec_dict: dict) -> Path:
+    def write_export(self, networks: dict[str, torch.nn.Module], spec_dict: dict[str, Any]) -> Path:
         """Each network's weights as NAME.safetensors (the caller passes EMAs where there are
         some), and the spec beside them."""
         from safetensors.torch import save_file
@@ -94,11 +100,11 @@ class Metrics:
 
     path: Path
 
-    def append(self, record: dict) -> None:
+    def append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[dict[str, Any]]:
         """Every record (none when the file does not exist yet)."""
         return [json.loads(line) for line in self._lines()] if self.path.exists() else []
 
@@ -108,7 +114,7 @@ class Metrics:
             kept = [line for line in self._lines() if json.loads(line)["step"] <= step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
-    def last(self) -> dict | None:
+    def last(self) -> dict[str, Any] | None:
         """The last complete record, read from the file's end only (None: none readable)."""
         try:
             with open(self.path, "rb") as f:
@@ -146,7 +152,7 @@ class Metrics:
         return lines
 
 
-def export_files(spec) -> list[Path]:
+def export_files(spec: Spec) -> list[Path]:
     """What a finished run of `spec` exports: each exported network's weights."""
     run = Run(spec.run_dir)
     return [run.exported(name) for name in spec.method.exports(spec)]

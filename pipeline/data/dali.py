@@ -539,7 +539,7 @@ def real_images(
         )
     loader = DaliLoader(
         shards,
-        min(batch_size, shards.num_samples),
+        min(batch_size, shards.manifest["num_samples"]),
         resolution,
         shards.manifest["num_classes"],
         crop="center",

@@ -94,7 +94,7 @@ def _translation_evaluator():
 
 def flat_translation_scores(result: dict) -> dict:
     """{"A->B": {"fid": ..}} -> {"fid_a_to_b": ..}: one metrics.jsonl key per figure."""
-    flat = {}
+    flat: dict[str, float] = {}
     for direction, scores in result.items():
         if direction == "protocol":
             continue

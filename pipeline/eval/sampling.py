@@ -14,7 +14,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict, cast
 
 import torch
 import yaml
@@ -25,7 +25,9 @@ from pipeline.images import save_gif, save_png, tile, to_pixels, to_uint8  # noq
 from pipeline.runs import EXPORT_SPEC, is_export
 
 if TYPE_CHECKING:
+    from pipeline.graph import GraphModule
     from pipeline.spec import Spec
+    from pipeline.spec.schema import LatentSpec
 
 TRUNCATION_MODES = ("truncate", "scale")
 INTERPOLATIONS = ("latent", "class")
@@ -152,11 +154,20 @@ class LoadedGenerator:
     home: Path  # the run directory, or the folder of exported weights: where samples go by default
 
     @property
+    def latent(self) -> LatentSpec:
+        """The spec's latent, which sampling draws from."""
+        if self.spec.latent is None:
+            raise user_error(f"{self.source}: the spec has no `latent:`, which sampling draws the latents from")
+        return self.spec.latent
+
+    @property
     def z_dim(self) -> int:
-        return self.spec.latent.z_dim
+        return self.latent.z_dim
 
     @property
     def num_classes(self) -> int:
+        if self.spec.data.num_classes is None:
+            raise user_error(f"{self.source}: the spec has no data.num_classes; sampling draws images per class")
         return self.spec.data.num_classes
 
     @property
@@ -368,6 +379,8 @@ def standing_stats(
             f"standing statistics need num_passes >= 1 and batch_size >= 2 (BatchNorm over one "
             f"value per channel is undefined), got {num_passes} and {batch_size}"
         )
+    from pipeline.blocks.layers import BatchNorm
+
     norms = batch_norms(module)
     device = next(module.parameters()).device
     saved = [(m.momentum, getattr(m, "cross_replica", None)) for m in norms]
@@ -376,7 +389,7 @@ def standing_stats(
         for m in norms:
             m.reset_running_stats()
             m.momentum = None
-            if hasattr(m, "cross_replica"):
+            if isinstance(m, BatchNorm):  # the project's: a cross-replica switch
                 m.cross_replica = False
             m.train()
         for _ in range(num_passes if norms else 0):
@@ -454,22 +467,23 @@ def latent_interpolation(
 
 def class_embeddings(module: nn.Module) -> list[nn.Embedding]:
     """The nodes of a generator graph that read the class labels: all must be embeddings."""
-    label = module.input_names[1] if hasattr(module, "input_names") else None
-    if label is None:
+    if not hasattr(module, "input_names"):
         raise TypeError("class interpolation needs a generator built by pipeline.graph (a GraphModule)")
+    graph = cast("GraphModule", module)  # or a wrapper forwarding its attributes (torch.compile's)
+    label = graph.input_names[1]
     readers = [
         name
-        for name, fields in module.steps
+        for name, fields in graph.steps
         if any(ref.partition(".")[0] == label for _, refs in fields for ref in refs)
     ]
-    others = [name for name in readers if not isinstance(module[name], nn.Embedding)]
+    others = [name for name in readers if not isinstance(graph[name], nn.Embedding)]
     if not readers or others:
         raise user_error(
             f"class interpolation mixes class embeddings, but the generator's labels `{label}` feed "
             + (f"non-embedding nodes ({', '.join(others)})" if others else "no node"),
             hint="use --interpolate latent",
         )
-    return [module[name] for name in readers]
+    return [graph[name] for name in readers]
 
 
 @contextmanager
@@ -513,7 +527,9 @@ def class_interpolation(
     if len(classes) < 2 or num_steps < 2:
         raise ValueError(f"class interpolation needs two classes and two steps, got {classes} and {num_steps}")
     class_embeddings(module)  # fails early and clearly for a graph it cannot mix
-    weights, starts, ends = [], [], []
+    weights: list[torch.Tensor] = []
+    starts: list[torch.Tensor] = []
+    ends: list[torch.Tensor] = []
     for a, b in itertools.pairwise(classes):
         t = torch.linspace(0, 1, num_steps)[0 if not weights else 1 :]  # segments share their end points
         weights.append(t)
@@ -538,6 +554,17 @@ def class_interpolation(
 def default_classes(num_classes: int, num_rows: int = 10) -> list[int]:
     """The classes of the training sample grids: all of them up to `num_rows`, else evenly spread."""
     return torch.linspace(0, num_classes - 1, min(num_rows, num_classes)).long().tolist()
+
+
+class _DrawOptions(TypedDict):
+    """The keyword arguments write_samples gives class_grid and the interpolations."""
+
+    z_dim: int
+    truncation: float | None
+    mode: str
+    distribution: str
+    generator: torch.Generator | None
+    batch_size: int
 
 
 def write_samples(
@@ -582,16 +609,16 @@ def write_samples(
             num_classes=gen.num_classes,
             truncation=truncation,
             mode=mode,
-            distribution=gen.spec.latent.distribution,
+            distribution=gen.latent.distribution,
             generator=torch.Generator().manual_seed(seed + 1),
         )
     module.eval()
     latent_rng = torch.Generator().manual_seed(seed)
-    options = {
+    options: _DrawOptions = {
         "z_dim": gen.z_dim,
         "truncation": truncation,
         "mode": mode,
-        "distribution": gen.spec.latent.distribution,
+        "distribution": gen.latent.distribution,
         "generator": latent_rng,
         "batch_size": batch_size,
     }

@@ -15,7 +15,7 @@ from pipeline.graph.plan import NetworkPlan, context
 def instantiate(loaded, plan: NetworkPlan, device: str | torch.device = "cpu") -> GraphModule:
     """Build the analyzed network with real, initialized weights on `device`."""
     ctx = context(loaded.spec, plan.which, meta=torch.device(device).type == "meta")
-    modules = {}
+    modules: dict[str, nn.Module] = {}
     with torch.device(device):
         growth = plan.growth
         for name, instances in plan.instances.items():

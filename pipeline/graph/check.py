@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import sys
 import types
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,6 +29,9 @@ from pipeline.graph.plan import (
     graph_inputs,
 )
 
+if TYPE_CHECKING:
+    from pipeline.spec.load import LoadedSpec
+
 # Bounds on absurd sizes, checked during analysis (on meta, so nothing is allocated): far above any
 # published GAN (BigGAN-deep 512 has ~56M parameters per network, ~34M values in its largest
 # activation per image), far below what would overflow torch's size arithmetic.
@@ -37,7 +41,7 @@ SIZE_HINT = "a size this large is a typo (an extra zero?) or a unit mistake; che
 
 
 class _Checker(GrowthAnalysis):
-    def __init__(self, loaded, which: str):
+    def __init__(self, loaded: LoadedSpec, which: str):
         self.loaded, self.which = loaded, which
         self.net = loaded.spec.all_networks()[which]
         self.loc = tuple(loaded.spec.network_path(which).split("."))
@@ -295,17 +299,18 @@ class _NoDynamoImport(types.ModuleType):
         self.marked = []
 
 
-def analyze_network(loaded, which: str) -> NetworkPlan:
+def analyze_network(loaded: LoadedSpec, which: str) -> NetworkPlan:
     checker = _Checker(loaded, which)
     inputs = graph_inputs(loaded, which)
     with _NoDynamoImport():
         plan = checker.analyze(inputs)
     if checker.issues:
         raise SpecError(checker.issues)
+    assert plan is not None  # None only with issues, raised above
     return plan
 
 
-def _method_references(loaded) -> list[Issue]:
+def _method_references(loaded: LoadedSpec) -> list[Issue]:
     """The networks and streams the method names, each declared by the spec."""
     spec, issues = loaded.spec, []
     options = {k: v for k, v in spec.method.model_dump().items() if isinstance(v, str) and k != "kind"}
@@ -332,7 +337,7 @@ def _method_references(loaded) -> list[Issue]:
     return issues
 
 
-def analyze_spec(loaded) -> dict[str, NetworkPlan]:
+def analyze_spec(loaded: LoadedSpec) -> dict[str, NetworkPlan]:
     """Check and analyze every network, and how they fit the data, the method and each other."""
     spec, plans = loaded.spec, {}
     issues = _method_references(loaded)
@@ -364,7 +369,7 @@ def analyze_spec(loaded) -> dict[str, NetworkPlan]:
     return plans
 
 
-def output_warnings(loaded) -> list[Issue]:
+def output_warnings(loaded: LoadedSpec) -> list[Issue]:
     """Advice, not errors: a generator whose output node is not bounded to [-1, 1] (a tanh) while
     the real images are scaled to [-1, 1] (ganhacks tip 1; ProGAN's linear output is a deliberate
     exception)."""

@@ -5,6 +5,7 @@ forward (a mixin of GraphModule)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -13,6 +14,11 @@ from pipeline.blocks.layers import SpectralNorm, avgpool2, upsample2
 from pipeline.blocks.registry import BlockError
 from pipeline.errors import did_you_mean
 from pipeline.graph.plan import PROBE_BATCH, NetworkPlan, Row, _shape_str, combined, context, gather, lookup
+
+if TYPE_CHECKING:
+    from pipeline.blocks.registry import Node, Shape
+    from pipeline.spec.load import LoadedSpec
+    from pipeline.spec.schema import NetworkSpec
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,20 @@ class GrowingModule:
     """GraphModule's running of a growing network: choosing its stage and the forward that runs
     that stage (GraphModule's `__init__` sets `growth`, `stage`, `fading` and the buffer `alpha`)."""
 
+    # GraphModule's, declared for the type checker
+    growth: Growth | None
+    stage: int
+    fading: bool
+    alpha: torch.Tensor
+    steps: list[tuple[str, list[tuple[str, list[str]]]]]
+    output_refs: tuple[str, ...]
+
+    if TYPE_CHECKING:  # nn.ModuleDict's and GraphModule's methods (defined here, they would shadow them)
+
+        def __getitem__(self, key: str) -> Any: ...  # a node's module: a block, a Chain, a ModuleList per stage
+
+        def _layout(self, value: Any) -> Any: ...
+
     def set_stage(self, stage: int, fading: bool = False, alpha: float = 1.0) -> None:
         """Run at `stage` (0: the smallest); during a fade-in, blend in the new stage by `alpha`."""
         g = self.growth
@@ -60,6 +80,7 @@ class GrowingModule:
 
     def _grown(self, values: dict):
         g, k, fading = self.growth, self.stage, self.fading
+        assert g is not None  # forward runs _grown only for a growing network
         blocks = self[g.chain]
         old = dict(values)  # the previous stage's path, during a fade-in
         if fading and g.side == "input":
@@ -105,6 +126,15 @@ class GrowthAnalysis:
     """The checker's analysis of a growing network (uses the checker's `net`, `loaded`, `which`
     and `issue`)."""
 
+    # the checker's, declared for the type checker
+    loaded: LoadedSpec
+    which: str
+    net: NetworkSpec
+
+    if TYPE_CHECKING:  # the checker's method (defined here, it would shadow it)
+
+        def issue(self, message: str, *loc: str | int, hint: str | None = None) -> None: ...
+
     # ----- progressive growing
     def analyze_growth(self, plan: NetworkPlan, values: dict) -> None:
         """The stages of a growing network: which nodes are built per stage, each stage's instances
@@ -113,7 +143,9 @@ class GrowthAnalysis:
         if growth is None:
             return
         n, ctx = self.net.nodes[growth.chain].repeat, context(self.loaded.spec, self.which, meta=True)
-        stage_rows, built, sides = [], {name: [] for name in growth.per_stage}, []
+        stage_rows: list[list[Row]] = []
+        built: dict[str, list[tuple[Node, dict]]] = {name: [] for name in growth.per_stage}
+        sides: list[int] = []
         with torch.device("meta"):
             for k in range(n + 1):
                 found = self._stage_nodes(growth, plan, values, k, ctx)
@@ -161,6 +193,7 @@ class GrowthAnalysis:
     def _growth_structure(self, plan: NetworkPlan) -> Growth | None:
         """Which side the image is on and which nodes are built per stage, or None (reported)."""
         net, chain = self.net, self.net.grow
+        assert chain is not None  # analyzed only for a network with `grow:`
         if chain not in net.nodes:
             self.issue(f"grow names {chain!r}, which is not a node", "grow", hint=did_you_mean(chain, net.nodes))
             return None
@@ -212,10 +245,13 @@ class GrowthAnalysis:
         {node: (instance, input shapes)}, the stage's image side), or None (reported)."""
         net, chain = self.net, growth.chain
         n, shapes = net.nodes[chain].repeat, plan.chain_shapes[chain]  # [input, after instance 0, ...]
-        local, feeder, cut = dict(values), None, None
+        local = dict(values)
+        feeder: str | None = None
+        cut: Shape | None = None
         if growth.side == "output":  # the chain's output after k instances
             local[chain] = torch.zeros((PROBE_BATCH, *shapes[k]))
         else:  # the image at the stage's side, entering where instance n - k takes its input
+            assert growth.image is not None  # an input-side growth has its image input
             c, h, w = plan.inputs[growth.image]
             local[growth.image] = torch.zeros((PROBE_BATCH, c, h >> (n - k), w >> (n - k)))
             feeder, cut = net.nodes[chain].refs()["in"][0].partition(".")[0], shapes[n - k]
@@ -223,6 +259,7 @@ class GrowthAnalysis:
         for name in growth.per_stage:
             node = net.nodes[name]
             if name == feeder and "out_channels" in type(node).model_fields:
+                assert cut is not None  # set with the feeder
                 node = node.model_copy(update={"out_channels": cut[0]})
             fields = [(key, mode, node.refs()[key]) for _, key, mode in node.ref_fields()]
             in_shapes = {}

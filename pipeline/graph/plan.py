@@ -16,6 +16,7 @@ from pipeline.errors import Issue, SpecError, did_you_mean
 
 if TYPE_CHECKING:
     from pipeline.graph.growth import Growth
+    from pipeline.spec.load import LoadedSpec
 
 PROBE_BATCH = 2  # BatchNorm in train mode needs more than one value per channel
 
@@ -82,7 +83,7 @@ def gather(values: dict, mode: str, refs: list[str]):
     return items[0] if len(items) == 1 else torch.cat(items, 1)  # joined
 
 
-def graph_inputs(loaded, which: str) -> dict[str, Shape]:
+def graph_inputs(loaded: LoadedSpec, which: str) -> dict[str, Shape]:
     """A network's inputs in call order with their per-sample shapes: those it declares, else
     those its method gives a network of its role (the shorthands: z, y and image, y)."""
     from pipeline.spec.schema import InputSpec
@@ -105,7 +106,9 @@ def graph_inputs(loaded, which: str) -> dict[str, Shape]:
                 )
             ]
         )
-    d, shapes, issues = spec.data, {}, []
+    d = spec.data
+    shapes: dict[str, Shape] = {}
+    issues: list[Issue] = []
     for name, inp in declared.items():
         path = f"{spec.network_path(which)}.inputs.{name}"
         if inp.kind == "latent":

@@ -28,7 +28,7 @@ as the authors' code chains them into one Adam); D_A and D_B each have their own
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +36,13 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model
 
 from pipeline.errors import Issue
 from pipeline.methods.losses import LOSSES, get_loss
-from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, Schedule, register
+from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, Schedule, Where, register
 from pipeline.methods.replay import ImageHistory
 from pipeline.precision import full_precision
 from pipeline.regions import region
+
+if TYPE_CHECKING:
+    from pipeline.graph import NetworkPlan
 
 
 class LrDecay(Options):
@@ -133,7 +136,7 @@ class CycleMethod(Method):
     def exports(self, spec) -> tuple[str, ...]:
         return (self.g_ab, self.g_ba)
 
-    def check(self, spec, plans, where) -> list[Issue]:
+    def check(self, spec, plans: dict[str, NetworkPlan], where: Where) -> list[Issue]:
         issues = []
         for g, target in ((self.g_ab, self.d_b), (self.g_ba, self.d_a)):
             if g in plans and target in plans:

@@ -4,7 +4,7 @@ then one generator step, as in BigGAN, SAGAN, DCGAN and their relatives."""
 from __future__ import annotations
 
 import itertools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,12 +14,15 @@ from pipeline.blocks.attention import explicit_attention
 from pipeline.blocks.layers import batch_statistics
 from pipeline.errors import Issue
 from pipeline.methods import latent_opt, unet_gan
-from pipeline.methods.losses import LOSSES, get_loss
-from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, register
+from pipeline.methods.losses import LOSSES, LeastSquares, NonSaturating, get_loss
+from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, Where, register
 from pipeline.methods.regularizers import gradient_penalty, ortho_penalty, r1_penalty
 from pipeline.methods.replay import ImageHistory
 from pipeline.precision import full_precision
 from pipeline.regions import region
+
+if TYPE_CHECKING:
+    from pipeline.graph import NetworkPlan
 
 LossName = Literal["hinge", "non_saturating", "wgan_gp", "least_squares"]
 
@@ -246,7 +249,7 @@ class GanMethod(Method):
     def exports(self, spec) -> tuple[str, ...]:
         return (self.generator,)
 
-    def check(self, spec, plans, where) -> list[Issue]:
+    def check(self, spec, plans: dict[str, NetworkPlan], where: Where) -> list[Issue]:
         issues = []
         d = spec.data
         image = (d.channels, d.resolution, d.resolution)
@@ -274,11 +277,11 @@ class GanMethod(Method):
                     )
                 )
             elif len(shapes) != 2 or shapes[1] != (d.num_classes,):
-                got = " + ".join("x".join(map(str, s)) or "label" for s in shapes)
+                outputs = " + ".join("x".join(map(str, s)) or "label" for s in shapes)
                 issues.append(
                     Issue(
                         f"with method.aux_classifier, the discriminator's outputs are one logit per image and "
-                        f"{d.num_classes} class logits; got {got}",
+                        f"{d.num_classes} class logits; got {outputs}",
                         path,
                         *where(tuple(path.split("."))),
                         f"add a linear node with out_features: {d.num_classes} on D's pooled features and list it "
@@ -414,10 +417,11 @@ class _GanRun(MethodRun):
         # CutMix's coin and boxes: one generator, the same seed on every rank (the same branch
         # everywhere), its state checkpointed so a resumed run draws what it would have drawn
         self.cutmix_rng = torch.Generator().manual_seed(spec.seed + 31) if m.cutmix is not None else None
-        self.cutmix_step, self.cutmix_mask = None, None  # the step the mask was drawn for, and the mask
+        self.cutmix_step: int | None = None  # the step the mask was drawn for
+        self.cutmix_mask: torch.Tensor | None = None  # and the mask (None: a plain round)
         # LOGAN's element masks, drawn like CutMix's from a generator of the method's own
         self.logan_rng = torch.Generator().manual_seed(spec.seed + 37) if m.logan is not None else None
-        self.separate = None  # whether D sees real and fake apart: decided from D's modules on first use
+        self.separate: bool | None = None  # whether D sees real and fake apart: decided from D's modules on first use
         self.replay = ImageHistory(m.replay.size, spec.seed + 41, m.replay.fraction) if m.replay is not None else None
         self.labels_rng = torch.Generator().manual_seed(spec.seed + 43) if m.soft_labels is not None else None
         self.clip = (-1.0, 1.0) if spec.latent is not None and spec.latent.distribution == "uniform" else None
@@ -426,8 +430,9 @@ class _GanRun(MethodRun):
         latent_grads = m.logan is not None and m.logan.alpha > 0
         # a loss on D's input gradient (R1, WGAN-GP) or on G's through LOGAN's step is differentiated
         # twice: that phase's attention runs by its explicit formula (see explicit_attention)
-        twice_d = bool(m.r1_gamma or m.gp_weight) or (latent_grads and m.logan.second_order)
-        twice_g = latent_grads and m.logan.second_order
+        second_order = latent_grads and m.logan is not None and m.logan.second_order
+        twice_d = bool(m.r1_gamma or m.gp_weight) or second_order
+        twice_g = second_order
         self.phases = [
             Phase(
                 "D",
@@ -463,6 +468,7 @@ class _GanRun(MethodRun):
     def _targets(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft, noisy targets for n real and n fake samples (drawn on the CPU from the method's generator)."""
         s = self.m.soft_labels
+        assert s is not None  # called only with soft labels on (labels_rng is set)
         draw = torch.rand(4, n, generator=self.labels_rng)
         real = s.real[0] + (s.real[1] - s.real[0]) * draw[0]
         fake = s.fake[0] + (s.fake[1] - s.fake[0]) * draw[1]
@@ -472,6 +478,7 @@ class _GanRun(MethodRun):
 
     def _noise_std(self, step) -> float:
         noise = self.m.instance_noise
+        assert noise is not None  # called only with instance noise on
         return noise.std * max(0.0, 1.0 - step.images_seen / noise.anneal_images)
 
     def _latents(self, step, G, D, labels=None):
@@ -506,7 +513,7 @@ class _GanRun(MethodRun):
         # a CutMix round makes its fakes with the real images' labels (the authors' G_D.forward: gy = dy)
         z, y_fake, penalty = self._latents(step, G, D, labels=None if mask is None else y_real)
         # no graph through G, unless D's loss must reach D's parameters through LOGAN's Δz
-        through_delta = penalty is not None and m.logan.second_order
+        through_delta = penalty is not None and m.logan is not None and m.logan.second_order  # a penalty: LOGAN is on
         with region("G_fwd"), torch.set_grad_enabled(through_delta), step.mixed():
             fake = G(z, y_fake)
         if self.replay is not None:
@@ -525,11 +532,14 @@ class _GanRun(MethodRun):
             real_out, fake_out, *mixed_out = self._judge(D, batches, labels)
             real_logits, fake_logits = _logit(real_out), _logit(fake_out)
             aux = m.aux_classifier
-            if mask is not None and m.cutmix.full_batch:  # the authors skip the plain losses on a mixed round
+            # the authors skip the plain losses on a mixed round (a mask: CutMix is on)
+            if mask is not None and m.cutmix is not None and m.cutmix.full_batch:
                 d_loss = real_logits.new_zeros((), dtype=torch.float32)
             elif isinstance(real_out, tuple) and aux is None:  # U-Net D: the encoder's and the decoder's losses
                 d_loss = unet_gan.unet_d_loss(self.loss, real_out, fake_out)
             elif self.labels_rng is not None:
+                # soft labels are refused for the losses without targets (GanMethod's validator)
+                assert isinstance(self.loss, NonSaturating | LeastSquares)
                 d_loss = self.loss.d_targets(real_logits, fake_logits, *self._targets(step.micro, real.device))
             else:
                 d_loss = self.loss.d(real_logits, fake_logits)
@@ -541,6 +551,7 @@ class _GanRun(MethodRun):
             if m.gp_weight:
                 d_loss = d_loss + m.gp_weight * gradient_penalty(lambda x, y: _logit(D(x, y)), real, fake, y_real)
             if mask is not None:
+                assert m.cutmix is not None  # a mask is drawn only with CutMix on
                 cutmix = unet_gan.cutmix_d_loss(self.loss, mixed_out[0], mask)
                 consistency = unet_gan.consistency_loss(mixed_out[0], real_out, fake_out, mask)
                 d_loss = d_loss + cutmix + m.cutmix.consistency * consistency

@@ -17,7 +17,7 @@ method adds the schedule, which the loop applies before each step.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
@@ -26,7 +26,10 @@ from torch.nn import functional as F
 from pipeline.blocks.layers import avgpool2, upsample2
 from pipeline.errors import Issue
 from pipeline.methods.gan import GanMethod, LossName, _GanRun
-from pipeline.methods.registry import Options, Schedule, register
+from pipeline.methods.registry import Options, Schedule, Where, register
+
+if TYPE_CHECKING:
+    from pipeline.graph import NetworkPlan
 
 PAPER_PHASE_IMAGES = 800_000  # real images per fade-in and per stabilisation (paper, sec. A.1)
 
@@ -44,7 +47,8 @@ class StageOverride(Options):
 class ProgressiveMethod(GanMethod):
     """ProGAN's schedule over a growing G and D (both with `grow:`), each step a gan step."""
 
-    kind: Literal["progressive"] = "progressive"
+    # a kind of its own, as the discriminated union of methods needs (mypy sees gan's Literal narrowed)
+    kind: Literal["progressive"] = "progressive"  # type: ignore[assignment]
     loss: LossName = Field("wgan_gp", description="GAN loss (ProGAN: wgan_gp, with its drift term 0.001).")
     gp_weight: float = Field(10.0, ge=0, description="WGAN-GP gradient penalty weight (ProGAN: 10).")
     start_resolution: PositiveInt = Field(4, description="The resolution of the first stage (ProGAN: 4).")
@@ -85,7 +89,7 @@ class ProgressiveMethod(GanMethod):
     def batch_sizes(self, spec) -> dict[str, int]:
         return {f"method.resolutions.{r}.batch_size": o.batch_size for r, o in self.resolutions.items() if o.batch_size}
 
-    def check(self, spec, plans, where) -> list[Issue]:
+    def check(self, spec, plans: dict[str, NetworkPlan], where: Where) -> list[Issue]:
         issues = super().check(spec, plans, where)
         growth = {name: plans[name].growth for name in (self.generator, self.discriminator) if name in plans}
         for name, g in growth.items():
@@ -101,8 +105,10 @@ class ProgressiveMethod(GanMethod):
                 )
         if issues or len(growth) < 2:
             return issues
-        g_res = [s.resolution for s in growth[self.generator].stages]
-        d_res = [s.resolution for s in growth[self.discriminator].stages]
+        g_growth, d_growth = growth[self.generator], growth[self.discriminator]
+        assert g_growth is not None and d_growth is not None  # a network without `grow:` returned above
+        g_res = [s.resolution for s in g_growth.stages]
+        d_res = [s.resolution for s in d_growth.stages]
         if g_res != d_res:
             path = f"{spec.network_path(self.discriminator)}.grow"
             issues.append(
@@ -158,6 +164,8 @@ def _upsampled(images: torch.Tensor, side: int) -> torch.Tensor:
 
 
 class _ProgressiveRun(_GanRun):
+    m: ProgressiveMethod
+
     def __init__(self, m: ProgressiveMethod, spec):
         super().__init__(m, spec)
         self.resolutions = m.stages(spec)

@@ -46,10 +46,15 @@ class NetworkNeed:
 
 
 class StepInputs(Protocol):
-    """What an objective sees: the raw modules of every network, the data streams and latents."""
+    """What an objective sees: the raw modules of every network, the data streams and latents
+    (read-only: an objective reads them, the loop sets them)."""
 
-    nets: Mapping[str, torch.nn.Module]
-    micro: int  # samples per micro-batch on this rank
+    @property
+    def nets(self) -> Mapping[str, torch.nn.Module]: ...
+
+    @property
+    def micro(self) -> int:
+        """Samples per micro-batch on this rank."""
 
     def next(self, stream: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next micro-batch of a stream: images, and labels for a labelled stream (else None)."""
@@ -60,10 +65,22 @@ class StepInputs(Protocol):
     def mixed(self) -> AbstractContextManager:
         """The run's autocast (bf16) context; a no-op in fp32."""
 
-    images_seen: int  # real images read so far, all ranks (schedules follow it)
-    step: int  # steps completed before this one (constant within a step)
-    counting_flops: bool  # True when the phases run on the meta device to count FLOPs
+    @property
+    def images_seen(self) -> int:
+        """Real images read so far, all ranks (schedules follow it)."""
 
+    @property
+    def step(self) -> int:
+        """Steps completed before this one (constant within a step)."""
+
+    @property
+    def counting_flops(self) -> bool:
+        """True when the phases run on the meta device to count FLOPs."""
+
+
+# Where a dotted spec path was written: (file, line) of the nearest key the YAML gave, as
+# LoadedSpec.where returns it (a fixed pair, so `Issue(message, path, *where(loc), hint)` fits)
+Where = Callable[[tuple], tuple[str | None, int | None]]
 
 # losses per stepped engine, and values to log (scalar tensors, averaged over micro-batches)
 Objective = Callable[[StepInputs], tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]]
@@ -158,6 +175,11 @@ class Method(BaseModel):
     # "generate" images from latents (and classes), or "translate" images of one domain into another.
     use: ClassVar[Literal["generate", "translate"]] = "generate"
 
+    if TYPE_CHECKING:  # every registered method declares it, as a Literal field; not a field of the base
+
+        @property
+        def kind(self) -> str: ...
+
     # (a field validator on "*" would also sit on `kind`, which pydantic refuses for a discriminator)
     @model_validator(mode="before")
     @classmethod
@@ -201,7 +223,7 @@ class Method(BaseModel):
         """Global batches other than train.batch_size the method's schedule uses, by spec path."""
         return {}
 
-    def check(self, spec, plans: dict[str, NetworkPlan], where: Callable) -> list[Issue]:
+    def check(self, spec, plans: dict[str, NetworkPlan], where: Where) -> list[Issue]:
         """Cross-network checks after every graph is analyzed (shapes that must fit each other)."""
         return []
 

@@ -218,7 +218,7 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
 
 def verdict(r: dict) -> str:
     phases = {k: v for k, v in r["phases_s"].items() if k not in ("data_wait", "other")}
-    largest = max(phases, key=phases.get)
+    largest = max(phases, key=lambda name: phases[name])
     share = phases[largest] / r["iteration_s"]
     if r["loader_images_per_s"] is not None and r["loader_images_per_s"] < r["model_images_per_s"]:
         return (
@@ -237,7 +237,7 @@ def verdict(r: dict) -> str:
 
 def _gather(value: float) -> list[float]:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        values = [None] * torch.distributed.get_world_size()
+        values: list = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(values, value)
         return values
     return [value]

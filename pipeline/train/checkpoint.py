@@ -95,7 +95,7 @@ def latest_intact(run_dir: Path, before: int | None = None) -> Path | None:
     """The newest checkpoint (of a step below `before`, when given) whose files match their
     checksums; a damaged newer one is skipped with a warning naming the file. None when there is
     no such checkpoint; an error when every one is damaged."""
-    problems = []
+    problems: list[str] = []
     for path in _complete(run_dir):
         if before is not None and int(path.name.removeprefix("step-")) >= before:
             continue
@@ -121,11 +121,12 @@ def read_state(path: Path) -> dict:
     ]
     if missing:
         raise user_error(f"{path / 'state.json'} lacks {', '.join(missing)}", hint=DAMAGED)
+    assert isinstance(state, dict)  # `missing` names every key of anything else
     return state
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
+    out: dict = {}
     for key, value in d.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
@@ -250,6 +251,8 @@ def load(path: Path, *, engines: dict, emas: dict, world, spec_dict: dict) -> tu
 
 def _rank_file(path: Path, rank: int) -> dict:
     local = read_torch(path / f"rank-{rank:05d}.pt")
+    if not isinstance(local, dict):
+        raise user_error(f"{path / f'rank-{rank:05d}.pt'} is not a rank's state (a dict)", hint=DAMAGED)
     if "loader" in local:  # written before streams had names: the one stream of a GAN
         local["streams"] = {"images": local.pop("loader")}
     return local

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pipeline.spec.schema import FailureSpec
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -45,7 +47,7 @@ NORM_WINDOW = 10  # logged values of a gradient norm whose median is its referen
 
 @dataclass
 class FailureTracker:
-    settings: object  # FailureSpec
+    settings: FailureSpec
     bounded_d_loss: bool  # the D losses are bounded below by 0
     history: list[dict] = field(default_factory=list)
     diversity_start: float | None = None

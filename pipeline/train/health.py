@@ -6,12 +6,16 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from pipeline.distributed import engines as dist
+from pipeline.distributed.engines import World
 from pipeline.errors import user_error
+from pipeline.spec.schema import DataSpec
 
 
-def data_health(streams: dict, skipped_before: int, data, world) -> dict[str, int]:
+def data_health(streams: dict[str, Any], skipped_before: int, data: DataSpec, world: World) -> dict[str, int]:
     """Samples skipped (all ranks) for a logged line; stops the run when a stream's shard was
     found damaged (with data.on_bad_sample: error; a warning with skip) or more than
     data.max_bad_samples were skipped. Every rank takes part in the one collective, so every
@@ -23,7 +27,9 @@ def data_health(streams: dict, skipped_before: int, data, world) -> dict[str, in
     damaged_total, skipped_total = (round(v * world.size) for v in totals.values())
     roots = {name: getattr(loader, "shards", None) for name, loader in streams.items()}
     for name, (shard, keys) in damaged:
-        root = roots[name].root if roots[name] is not None else None
+        shards = roots[name]
+        assert shards is not None  # damage is found only in a stream read from shards
+        root = shards.root
         message = (
             f"shard {shard} of stream {name!r} ({root}) no longer matches the SHA-256 in its manifest: it "
             "changed or was damaged after it was written, and images read from it may be corrupt"
@@ -34,7 +40,7 @@ def data_health(streams: dict, skipped_before: int, data, world) -> dict[str, in
         if data.on_bad_sample == "error":
             raise user_error(
                 message,
-                path=roots[name].path if roots[name] is not None else "data.shards",
+                path=shards.path,
                 hint=f"`python -m pipeline shards check {root}` names the damaged samples; rebuild the shard, "
                 "or set data.on_bad_sample=skip to train on with a warning",
             )
@@ -50,14 +56,15 @@ def data_health(streams: dict, skipped_before: int, data, world) -> dict[str, in
     return {"data_skipped": skipped_total}
 
 
-def _new_damage(loader) -> list[tuple[str, list[str]]]:
-    return loader.new_damage() if hasattr(loader, "new_damage") else []  # a synthetic stream has no shards
+def _new_damage(loader: Any) -> list[tuple[str, list[str]]]:
+    return list(loader.new_damage()) if hasattr(loader, "new_damage") else []  # a synthetic stream has no shards
 
 
 @functools.cache
-def _malloc_trim():
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim  # glibc
+        return trim
     except (AttributeError, OSError):
         return None
 

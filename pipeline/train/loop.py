@@ -14,14 +14,14 @@ import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline.data.parts import PartsLoader, share
 from pipeline.distributed import engines as dist
 from pipeline.errors import SpecError
-from pipeline.graph import build_network, compile_network
+from pipeline.graph import GraphModule, build_network, compile_network
 from pipeline.precision import DTYPES
 from pipeline.regions import region
 from pipeline.runs import Run, export_files
@@ -34,6 +34,7 @@ from pipeline.train.preflight import (
     rank_from_environment,
     world_size_from_environment,
 )
+from pipeline.train.progress import Progress
 from pipeline.train.run_lock import run_lock
 from pipeline.train.stops import Interrupted, StopSignal, TrainingStopped, out_of_memory, stopped, stopped_out_of_memory
 from pipeline.train.streams import close, open_streams
@@ -44,14 +45,15 @@ from pipeline.train.tasks import (
     FailureWatch,
     LogLines,
     MetricsWriter,
-    Progress,
     RolledBack,
     RunLog,
     SampleGrids,
+    Task,
 )
 
 if TYPE_CHECKING:
     from pipeline.methods.registry import MethodRun, Schedule
+    from pipeline.spec.load import LoadedSpec
     from pipeline.spec.schema import Spec, TrainSpec
 
 __all__ = ["Evaluator", "Interrupted", "RunSummary", "Trainer", "TrainingStopped", "batch_plan", "frozen", "train"]
@@ -66,7 +68,7 @@ class RunSummary:
     images_seen: int
 
 
-def already_complete(spec) -> RunSummary | None:
+def already_complete(spec: Spec) -> RunSummary | None:
     """The summary of a run that needs nothing more: its latest checkpoint is at (or past)
     `train.max_steps` for this very spec and its export is written. Nothing is built for it."""
     run_dir = spec.run_dir
@@ -93,7 +95,7 @@ class Trainer:
     # ----- what the spec fixes
     spec: Spec
     t: TrainSpec  # spec.train
-    spec_dict: dict  # the resolved spec, as checkpoints and the export store it
+    spec_dict: dict[str, Any]  # the resolved spec, as checkpoints and the export store it
     run_dir: Path
     world: dist.World
     dtype: torch.dtype  # bf16: convolutions and matrix products in bf16; norms, losses, master weights fp32
@@ -101,7 +103,7 @@ class Trainer:
     spec_micro: int  # samples per micro-batch on this rank, as train.batch_size makes it
     # ----- what it builds
     method: MethodRun  # the phases of a step, and the method's own state
-    nets: dict[str, torch.nn.Module]
+    nets: dict[str, GraphModule]
     emas: dict[str, EMA]
     engines: dict[str, dist.Engine]
     latent_rng: torch.Generator  # one draw for the global batch; each rank takes its slice
@@ -111,8 +113,8 @@ class Trainer:
     step: int
     images_seen: int  # real images read, all ranks together
     images_last_step: int
-    rollbacks: list[dict]  # every rollback so far (each scales some learning rates)
-    failures_state: dict  # the failure detectors' history, as checkpointed
+    rollbacks: list[dict[str, Any]]  # every rollback so far (each scales some learning rates)
+    failures_state: dict[str, Any]  # the failure detectors' history, as checkpointed
     parts: int  # the data's parts (data/parts.py): one per rank of the run's first start
     # ----- the method's schedule and the data streams opened for it
     schedule: Schedule | None  # the coming (or last taken) step's; None: the method has none
@@ -122,9 +124,9 @@ class Trainer:
     streams: dict[str, PartsLoader]
     skipped_before: int  # bad samples skipped by readers of earlier stages
     lrs: dict[str, float]  # each engine's learning rate now, as logged
-    _scheduled_lr: tuple[dict, float] | None  # the schedule's learning rates that lrs were set for
+    _scheduled_lr: tuple[dict[str, float], float] | None  # the schedule's learning rates that lrs were set for
 
-    def __init__(self, loaded, *, device: str | None = None, resume: bool = True):
+    def __init__(self, loaded: LoadedSpec, *, device: str | None = None, resume: bool = True):
         spec, t = loaded.spec, loaded.spec.train
         self.spec, self.t = spec, t
         self.world = world = dist.setup(device, spec.run.collective_timeout_s)
@@ -172,7 +174,8 @@ class Trainer:
         counters, RNG states, the method's state, rollbacks so far (their learning-rate scale), and
         the data streams reopened at their positions."""
         world = self.world
-        self.step, self.images_seen, self.rollbacks, local = 0, 0, [], {}
+        local: dict[str, Any] = {}
+        self.step, self.images_seen, self.rollbacks = 0, 0, []
         self.failures_state, self.phase, self.parts = {}, None, world.size
         if path is not None:
             written = checkpoint.read_state(path)
@@ -193,7 +196,7 @@ class Trainer:
             self.method.load_state_dict(local.get("method", {}))
         self.apply_schedule(positions=local.get("streams", {}))
 
-    def apply_schedule(self, positions: dict | None = None) -> None:
+    def apply_schedule(self, positions: dict[str, Any] | None = None) -> None:
         """The method's schedule for the coming step (ProGAN's growth; most methods have none): the
         growing networks' stage and alpha, the learning rates, and the data streams, reopened at
         their positions when the resolution or the batch changes (or `positions` are given: the
@@ -208,7 +211,7 @@ class Trainer:
                     engine.reset_optimizer()
             self.phase = s.phase
             for net in [*self.nets.values(), *(ema.module for ema in self.emas.values())]:
-                if getattr(net, "growth", None) is not None:
+                if isinstance(net, GraphModule) and net.growth is not None:
                     net.set_stage(s.stage, s.fading, s.alpha)
             if s.batch_size is not None:  # preflight checked that it splits
                 micro = s.batch_size // (self.accum * world.size)
@@ -243,9 +246,10 @@ class Trainer:
             self.lrs[f"lr_{name.lower()}"] = lr * scale
 
     def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        world, classes = self.world, self.spec.data.num_classes
-        shape = (n * world.size, self.spec.latent.z_dim)
-        if self.spec.latent.distribution == "uniform":
+        world, classes, latent = self.world, self.spec.data.num_classes, self.spec.latent
+        assert latent is not None, "a method that draws latents has a spec with `latent`"
+        shape = (n * world.size, latent.z_dim)
+        if latent.distribution == "uniform":
             z = torch.rand(shape, generator=self.latent_rng) * 2 - 1
         else:
             z = torch.randn(shape, generator=self.latent_rng)
@@ -257,7 +261,7 @@ class Trainer:
     def run_step(self) -> list[str]:
         """One step; returns what became non-finite in it ('loss_g became nan'), usually nothing
         (one host synchronisation)."""
-        start_images, losses = self.images_seen, {}
+        start_images, losses = self.images_seen, dict[str, torch.Tensor]()
         self.apply_schedule()
         for phase in self.method.phases:
             for _ in range(phase.repeat):
@@ -303,14 +307,14 @@ class Trainer:
         if bad:
             raise stopped(bad, self.step, self.run_dir)
 
-    def read(self, stream: str):
+    def read(self, stream: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next micro-batch of a stream, counted as real images seen (all ranks together)."""
         with region("data_wait"):
             batch = next(self.streams[stream])
         self.images_seen += self.micro * self.world.size
         return batch
 
-    def roll_back(self, target: Path, rollback: dict, *, reseed: bool) -> None:
+    def roll_back(self, target: Path, rollback: dict[str, Any], *, reseed: bool) -> None:
         """Back to checkpoint `target`, with one more rollback scaling the learning rates and
         (`reseed`) latents drawn afresh, so that the run does not replay the same draws."""
         rollbacks = [*self.rollbacks, rollback]
@@ -326,7 +330,7 @@ class Trainer:
         self.images_seen = images_seen
         self.apply_schedule()
 
-    def rank_state(self) -> dict:
+    def rank_state(self) -> dict[str, Any]:
         """What each rank checkpoints of its own: its streams' positions, the method's state, the latents' RNG."""
         return {
             "streams": {name: loader.state_dict() for name, loader in self.streams.items()},
@@ -339,7 +343,7 @@ class Trainer:
 
 
 def train(
-    loaded, *, device: str | None = None, stop_after: int | None = None, evaluate: Evaluator | None = None
+    loaded: LoadedSpec, *, device: str | None = None, stop_after: int | None = None, evaluate: Evaluator | None = None
 ) -> RunSummary:
     """Train (or resume) the run a spec describes; say where it ended. `evaluate` scores the
     exported networks every `eval.every` steps (the CLI passes the method's evaluation in).
@@ -355,7 +359,7 @@ def train(
         return _train(loaded, device=device, stop_after=stop_after, evaluate=evaluate)
 
 
-def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Evaluator | None) -> RunSummary:
+def _train(loaded: LoadedSpec, *, device: str | None, stop_after: int | None, evaluate: Evaluator | None) -> RunSummary:
     # ----- build and restore: networks, engines, data streams, at the latest checkpoint if any
     tr = Trainer(loaded, device=device)
     run, main = Run(tr.run_dir), tr.world.is_main
@@ -368,7 +372,7 @@ def _train(loaded, *, device: str | None, stop_after: int | None, evaluate: Eval
     progress = Progress(tr.t.max_steps, tr.step, enabled=main)
     evaluation = Evaluation(tr, metrics, evaluate)
     checkpoints = Checkpoints(tr, watch)
-    tasks = [LogLines(tr, metrics, watch, progress), SampleGrids(tr, run), evaluation, progress]
+    tasks: list[Task] = [LogLines(tr, metrics, watch, progress), SampleGrids(tr, run), evaluation, progress]
 
     done = 0  # steps trained by this call
     with ExitStack() as cleanup:

@@ -4,13 +4,19 @@ networks a phase's loss backpropagates through without updating them (`frozen`).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING
+
+import torch
 
 from pipeline.precision import autocast
 
+if TYPE_CHECKING:
+    from pipeline.train.loop import Trainer
+
 
 @contextmanager
-def frozen(*modules) -> Iterator[tuple]:
+def frozen(*modules: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, ...]]:
     """No gradient reaches these modules' parameters inside (D during the G step). With DeepSpeed,
     D's next backward fails ("gradient computed twice") unless D is frozen here."""
     for module in modules:
@@ -26,7 +32,7 @@ class StepInputs:
     """What the method's objectives see: the networks' raw modules, the data streams (each read
     counted as real images seen, all ranks together) and latents drawn for the global batch."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer: Trainer):
         self.tr = trainer
         self.nets = trainer.nets
 
@@ -35,13 +41,13 @@ class StepInputs:
         """Samples per micro-batch on this rank (a method's schedule may change it between steps)."""
         return self.tr.micro
 
-    def next(self, stream: str):
+    def next(self, stream: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.tr.read(stream)
 
-    def latents(self, n: int):
+    def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.tr.latents(n)
 
-    def mixed(self):
+    def mixed(self) -> AbstractContextManager[None]:
         return autocast(self.tr.world.device.type, self.tr.t.precision)
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 
 class Progress:
@@ -38,7 +39,7 @@ class Progress:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, left=self.time_left(step))
 
-    def update(self, step: int, record: dict) -> None:
+    def update(self, step: int, record: dict[str, Any]) -> None:
         losses = "  ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
         info = f"{record['images_per_s']:.0f} img/s  {losses}"
         if self.bar is not None:

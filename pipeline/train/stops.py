@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline.errors import Issue, SpecError
 from pipeline.train import checkpoint
+
+if TYPE_CHECKING:
+    from pipeline.train.loop import Trainer
 
 
 class TrainingStopped(SpecError):
@@ -25,19 +30,22 @@ class StopSignal:
     """Inside: Ctrl-C and SIGTERM are noted (`signum`) instead of interrupting; the loop finishes
     the step, checkpoints and stops. The previous handlers come back on leaving."""
 
-    def __enter__(self):
+    signum: int | None
+    previous: dict[signal.Signals, Any]
+
+    def __enter__(self) -> StopSignal:
         self.signum = None
         self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
-    def _note(self, signum, _frame):
+    def _note(self, signum: int, _frame: FrameType | None) -> None:
         self.signum = signum
 
     @property
     def noted(self) -> bool:
         return self.signum is not None
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
@@ -63,7 +71,7 @@ def out_of_memory(exc: RuntimeError) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(exc)
 
 
-def stopped_out_of_memory(exc: RuntimeError, tr) -> TrainingStopped:
+def stopped_out_of_memory(exc: RuntimeError, tr: Trainer) -> TrainingStopped:
     """Out of memory in a step: which step, batch and stage, and how to make it fit."""
     batch = tr.micro * tr.accum * tr.world.size
     stage = tr.schedule.record() if tr.schedule is not None else {}

@@ -3,23 +3,28 @@ into the data's parts (data/parts.py) so that a run resumes on any number of ran
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from pipeline.data.dali import loader_from_spec
 from pipeline.data.parts import PartsLoader
+from pipeline.distributed.engines import World
 from pipeline.errors import user_error
+from pipeline.spec.schema import Spec
 
 
 def open_streams(
-    spec, world, *, resolution: int, micro: int, parts: int, dtype: torch.dtype, positions: dict
+    spec: Spec, world: World, *, resolution: int, micro: int, parts: int, dtype: torch.dtype, positions: dict[str, Any]
 ) -> dict[str, PartsLoader]:
     """Every stream of the method at `resolution`, `micro` samples per micro-batch on this rank,
     each continuing from its position in `positions` (absent: from the start). Streams read as
     pairs share a seed, so paired shards give pairs."""
     together = spec.method.read_together(spec)
 
-    def part_reader(name: str, labelled: bool, seed_offset: int):
-        def make(part: int, batch: int, state):
+    def part_reader(name: str, labelled: bool, seed_offset: int) -> Callable[[int, int, Any], Any]:
+        def make(part: int, batch: int, state: Any) -> Any:
             return loader_from_spec(
                 spec,
                 stream=name,
@@ -54,7 +59,7 @@ def open_streams(
     return streams
 
 
-def close(streams: dict) -> None:
+def close(streams: dict[str, Any]) -> None:
     """Release the readers now (see DaliLoader.close) rather than when they are collected."""
     for loader in streams.values():
         if hasattr(loader, "close"):

@@ -13,10 +13,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from pipeline.distributed import engines as dist
+from pipeline.distributed.engines import World
 from pipeline.images import save_png
 from pipeline.runs import Run
 from pipeline.spec.schema import due
@@ -26,15 +28,23 @@ from pipeline.train.health import data_health, return_freed_host_memory
 from pipeline.train.progress import Progress
 from pipeline.train.stops import non_finite_weights, stopped
 
+if TYPE_CHECKING:
+    from pipeline.train.loop import Trainer
+
 # evaluate(networks to score by name, the spec) -> scores to log; the CLI passes one in
-Evaluator = Callable[[dict[str, torch.nn.Module], object], dict]
+Evaluator = Callable[[dict[str, torch.nn.Module], Any], dict[str, Any]]
+
+
+class Task(Protocol):
+    def after_step(self, step: int, images_before: int) -> None:
+        """After every step: whatever this step is the time for (`step` taken, from `images_before`)."""
 
 
 class RolledBack(Exception):
     """A failure rolled the run back to an earlier checkpoint: this step's other tasks are skipped."""
 
 
-def _last(tr, step: int) -> bool:
+def _last(tr: Trainer, step: int) -> bool:
     return step == tr.t.max_steps
 
 
@@ -46,7 +56,7 @@ class MetricsWriter:
         self.file, self.enabled = run.metrics, enabled
         self.tensorboard = _tensorboard(run.tensorboard) if enabled else None
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.file.append(record)
@@ -60,7 +70,7 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
-def _tensorboard(folder: Path):
+def _tensorboard(folder: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional; metrics.jsonl has everything
@@ -73,19 +83,19 @@ class FailureWatch:
     detection does: a warning in the line, a stop, or a rollback to the newest checkpoint from
     before the symptom began with the learning rates scaled."""
 
-    def __init__(self, tr, metrics: MetricsWriter):
+    def __init__(self, tr: Trainer, metrics: MetricsWriter):
         self.tr, self.metrics, self.settings = tr, metrics, tr.t.failures
         self.tracker = None
         if self.settings.on_failure != "off":
             self.tracker = FailureTracker(self.settings, bounded_d_loss=tr.spec.method.d_loss_bounded())
             self.tracker.reset(tr.failures_state)
-        self._probe = None  # (network, its fixed inputs): the method's diversity probe, drawn once
+        self._probe: tuple[Any, ...] | None = None  # (network, its inputs): the method's diversity probe, drawn once
 
-    def state_dict(self) -> dict | None:
+    def state_dict(self) -> dict[str, Any] | None:
         """The detectors' history, checkpointed so that a resumed run judges against it."""
         return self.tracker.state_dict() if self.tracker is not None else None
 
-    def check(self, record: dict) -> list[Failure]:
+    def check(self, record: dict[str, Any]) -> list[Failure]:
         """What the detectors find in a logged line (rank 0's finding, on every rank); the line
         says what was found in it."""
         found = self.tracker.check(record, self._diversity()) if self.tracker is not None else []
@@ -141,8 +151,8 @@ class FailureWatch:
         # the engines whose gradient norm fired have their learning rates scaled; every engine when
         # another detector fired (D at 0, G fooling D, collapse: the balance, not one network)
         of_key = {f"grad_norm_{name.lower()}": name for name in tr.engines}
-        named = {of_key.get(f.key) for f in found}
-        engines = sorted(named) if None not in named else sorted(tr.engines)
+        named = [of_key.get(f.key or "") for f in found]
+        engines = sorted({n for n in named if n is not None}) if None not in named else sorted(tr.engines)
         rollback = {"at_step": step, "reason": reason, "lr_scale": settings.rollback.lr_scale, "engines": engines}
         tr.roll_back(target, rollback, reseed=settings.rollback.reseed)
         assert self.tracker is not None  # a rollback needs the detectors on
@@ -154,7 +164,7 @@ class FailureWatch:
             print(f"warning: rolled back from step {step} to {target} ({reason})", file=sys.stderr)
 
 
-def _agreed(found: list[Failure], world) -> list[Failure]:
+def _agreed(found: list[Failure], world: World) -> list[Failure]:
     """Rank 0's failures, on every rank (each rank's logged means are its own): one collective."""
     if world.size == 1:
         return found
@@ -195,7 +205,7 @@ class LogLines:
     last line, the learning rates, the stage, the data's health and images/s, judged by the
     failure detectors, written to metrics.jsonl and shown on the progress bar."""
 
-    def __init__(self, tr, metrics: MetricsWriter, watch: FailureWatch, progress: Progress):
+    def __init__(self, tr: Trainer, metrics: MetricsWriter, watch: FailureWatch, progress: Progress):
         self.tr, self.metrics, self.watch, self.progress = tr, metrics, watch, progress
         self._restart_clock()
 
@@ -228,7 +238,7 @@ class SampleGrids:
     """Every `train.sample_every` and at the last step, rank 0: the method's sample grids of fixed
     inputs (chosen once) as RUN/samples/step-N*.png."""
 
-    def __init__(self, tr, run: Run):
+    def __init__(self, tr: Trainer, run: Run):
         self.tr, self.run = tr, run
         self.grid = tr.spec.method.sample_grid(tr.spec, tr.world.device) if tr.world.is_main else None
 
@@ -252,7 +262,7 @@ class Evaluation:
     networks (their EMAs where kept), logged to metrics.jsonl; and once before a fresh run's first
     step, the untrained networks' baseline the scores fall from."""
 
-    def __init__(self, tr, metrics: MetricsWriter, evaluate: Evaluator | None):
+    def __init__(self, tr: Trainer, metrics: MetricsWriter, evaluate: Evaluator | None):
         self.tr, self.metrics = tr, metrics
         self.evaluate = evaluate if tr.spec.eval.every and tr.world.is_main else None
 
@@ -275,7 +285,7 @@ class Checkpoints:
     a checkpoint, written only when every weight is finite (else the run stops, naming the last
     good one)."""
 
-    def __init__(self, tr, watch: FailureWatch):
+    def __init__(self, tr: Trainer, watch: FailureWatch):
         self.tr, self.watch = tr, watch
         self.last_saved: Path | None = None
 
@@ -289,7 +299,8 @@ class Checkpoints:
 
     def save(self, step: int) -> Path:
         tr = self.tr
-        state = {"step": step, "images_seen": tr.images_seen, "world_size": tr.world.size, "data_parts": tr.parts}
+        state: dict[str, Any] = {"step": step, "images_seen": tr.images_seen, "world_size": tr.world.size}
+        state["data_parts"] = tr.parts
         state["spec"] = tr.spec_dict
         state["rollbacks"] = tr.rollbacks
         if (failures := self.watch.state_dict()) is not None:

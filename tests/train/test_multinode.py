@@ -14,14 +14,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_train import PATIENCE_S, wait_for_steps
+from helpers import PATIENCE_S, wait_for_steps
 
 from pipeline.distributed.engines import free_port
 from pipeline.train import checkpoint
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 # a run whose ranks read their own parts of the demo shards, with cross-replica BN across the
-# nodes; Adam's eps as in test_two_ranks_equal_one_rank (tests/test_train.py)
+# nodes; Adam's eps as in test_two_ranks_equal_one_rank (tests/train/test_train.py)
 COMMON = [
     "spec=demo",
     "method.d_steps=2",  # each step reads two batches

@@ -6,10 +6,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from helpers import PATIENCE_S, wait_for_steps
 from safetensors.torch import load_file
 
 from pipeline.errors import SpecError
@@ -30,34 +30,8 @@ FAST = [
 ]  # evaluation has its own tests (test_evaluate.py)
 
 
-# How long a subprocess may take to log the steps a test waits for; a bound for a hung run only,
-# far above what a loaded machine needs.
-PATIENCE_S = 900
-
-
 def overrides(demo_shards, run_dir, *extra):
     return [f"data.shards={demo_shards}", f"run.dir={run_dir}", *FAST, *extra]
-
-
-def wait_for_steps(proc: subprocess.Popen, run_dir, num_steps: int, stderr_path) -> None:
-    """Return once the training subprocess PROC has logged NUM_STEPS lines to RUN_DIR/metrics.jsonl;
-    fail with its stderr if it exits first, or if they have not come after PATIENCE_S."""
-    log = run_dir / "metrics.jsonl"
-    start = time.monotonic()
-    # complete lines only: the one being written may not be JSON yet
-    while not (log.exists() and log.read_text().count("\n") >= num_steps):
-        if proc.poll() is not None:
-            pytest.fail(
-                f"training exited with status {proc.returncode} before logging {num_steps} steps:\n"
-                + stderr_path.read_text()[-3000:]
-            )
-        if time.monotonic() - start > PATIENCE_S:
-            proc.kill()
-            proc.wait()
-            pytest.fail(
-                f"training had not logged {num_steps} steps after {PATIENCE_S} s:\n" + stderr_path.read_text()[-3000:]
-            )
-        time.sleep(0.2)
 
 
 def test_demo_trains_through_the_cli(cli, demo_shards, tmp_path, metrics):

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.spec import load
 
-FIXTURES = sorted((Path(__file__).parent / "fixtures" / "invalid").glob("*.yaml"))
+FIXTURES = sorted((Path(__file__).parents[1] / "fixtures" / "invalid").glob("*.yaml"))
 
 
 def expectations(path: Path) -> list[str]:

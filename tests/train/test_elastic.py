@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from test_train import PATIENCE_S
+from helpers import PATIENCE_S
 
-# global BN and Adam's eps as in test_two_ranks_equal_one_rank (tests/test_train.py): runs on
+# global BN and Adam's eps as in test_two_ranks_equal_one_rank (tests/train/test_train.py): runs on
 # different numbers of ranks then agree to that test's tolerance
 COMMON = [
     "spec=demo",

@@ -195,7 +195,7 @@ def test_flops_follow_the_cycle_phases(tmp_path):
 
 @pytest.mark.slow
 def test_csgan_on_two_ranks_and_after_sigkill(domain_shards, tmp_path, root, clean_env, metrics):
-    from test_train import PATIENCE_S, wait_for_steps
+    from helpers import PATIENCE_S, wait_for_steps
 
     killed, stderr_path = tmp_path / "killed", tmp_path / "stderr.txt"
     args = cycle_overrides(domain_shards, killed, "train.max_steps=6", "train.batch_size=4")

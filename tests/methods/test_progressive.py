@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import PATIENCE_S, wait_for_steps
+from helpers import PATIENCE_S, wait_for_steps
 
 from pipeline.errors import SpecError
 from pipeline.graph import analyze_spec, build_network
