@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args()
 
-    from pipeline.cli import split_spec_args
+    from pipeline.commands import split_spec_args
 
     spec_arg, overrides = split_spec_args(ns.args, default="biggan_deep_128_ch32")
     if ns.child:

@@ -31,7 +31,7 @@ def test_missing_shards_are_refused_before_anything_is_built(cli, nothing_is_bui
 
 
 def test_a_batch_that_does_not_split_is_refused_before_launching(cli, nothing_is_built, monkeypatch, demo_shards):
-    monkeypatch.setattr("pipeline.cli.launch", lambda *a: pytest.fail("launched ranks"))
+    monkeypatch.setattr("pipeline.commands.run.launch", lambda *a: pytest.fail("launched ranks"))
     result = cli("train", "spec=demo", f"data.shards={demo_shards}", "train.batch_size=10", "procs=3")
     assert result.code == 2
     assert "train.batch_size 10 is not a multiple of batch_per_rank 3 x 3 rank(s)" in result.err

@@ -10,7 +10,7 @@ import cycle between modules either. The layers, lowest first:
     data, distributed   shards, the DALI pipeline, parts; the DeepSpeed engines
     train       the loop, the tasks between steps, checkpoints
     profile, eval       throughput runs; sampling and metrics of trained networks
-    cli         the command line
+    cli, commands   the command line and its commands
 
 The spec comes above blocks and methods because its schema is made of their options models; what
 a method computes needs only torch, blocks and its own losses, never a spec module.
@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline.data", "pipeline.distributed"),
     ("pipeline.train",),
     ("pipeline.profile", "pipeline.eval"),
-    ("pipeline.cli", "pipeline.__main__"),
+    ("pipeline.cli", "pipeline.commands", "pipeline.__main__"),
 ]
 
 # (importer, imported): why this import may run up the layers. Each is function-local.
