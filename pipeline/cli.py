@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from pipeline.commands.data import cmd_demo_data, cmd_shards_build, cmd_shards_check, cmd_shards_index
-from pipeline.commands.inspect import cmd_schema, cmd_validate
 from pipeline.commands.results import cmd_eval, cmd_sample
 from pipeline.commands.run import cmd_profile, cmd_train
+from pipeline.commands.specs import cmd_schema, cmd_validate
 from pipeline.data import DEMO_DOMAIN_SHARDS, DEMO_SHARDS
 from pipeline.errors import SpecError
 

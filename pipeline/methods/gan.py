@@ -251,6 +251,15 @@ class GanMethod(Method):
 
     def check(self, spec, plans: dict[str, NetworkPlan], where: Where) -> list[Issue]:
         issues = []
+        if spec.latent is None:  # G's step draws z (and the sample grid shows fixed z) from latent:
+            issues.append(
+                Issue(
+                    f"method {self.kind!r} draws the generator's latents from `latent:`, which the spec does not have",
+                    "latent",
+                    *where(("latent",)),
+                    "add e.g. `latent: {z_dim: 128}`",
+                )
+            )
         d = spec.data
         image = (d.channels, d.resolution, d.resolution)
         if self.generator in plans and plans[self.generator].output_shapes[0] != image:
