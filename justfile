@@ -78,3 +78,7 @@ profile *args:
 # FID / KID / IS / class accuracy of a run: just eval runs/demo [--truncation 0.25,0.5,1,none] [--features inception:PATH]
 eval *args:
     @{{python}} -m pipeline eval "$@"
+
+# a trained generator as an ONNX model: just export RUN_OR_WEIGHTS --onnx OUT [--truncation T] [--standing-stats N] [--force]
+export *args:
+    @{{python}} -m pipeline export "$@"

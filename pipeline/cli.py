@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from pipeline.commands.data import cmd_demo_data, cmd_shards_build, cmd_shards_check, cmd_shards_index
+from pipeline.commands.export import cmd_export
 from pipeline.commands.results import cmd_eval, cmd_sample
 from pipeline.commands.run import cmd_profile, cmd_train
 from pipeline.commands.specs import cmd_schema, cmd_validate
@@ -175,6 +176,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for the JSON and plot (default RUN/eval)")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser(
+        "export", help="write a trained generator as an ONNX model: latent (and class) in, image in [-1, 1] out"
+    )
+    p.add_argument(
+        "source",
+        metavar="RUN_OR_WEIGHTS",
+        help="a run directory (its latest checkpoint; the EMA when there is one), a checkpoint, an "
+        "export directory or a generator.safetensors file",
+    )
+    p.add_argument("--onnx", metavar="OUT", required=True, help="the ONNX file to write (its directory must exist)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--truncation",
+        type=float,
+        help="the truncation the model will be sampled at: the standing statistics are measured there and "
+        "it is recorded in the model; the model takes z as given (draw it truncated). Default: none",
+    )
+    p.add_argument(
+        "--truncation-mode",
+        choices=("truncate", "scale"),
+        default="truncate",
+        help="truncate: values beyond the threshold redrawn; scale: the standard deviation multiplied",
+    )
+    p.add_argument(
+        "--standing-stats",
+        type=int,
+        metavar="N",
+        help="passes of standing BatchNorm statistics frozen into the model; 0: the running statistics "
+        f"as trained (default: the spec's eval.standing_stats, {STANDING_STATS_PASSES} unless it says otherwise)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per standing-statistics pass (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="the statistics use seed + 1, as `sample --seed` does")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="for the standing statistics (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("schema", help="write the JSON Schema of specs (for editor completion)")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
     p.set_defaults(func=cmd_schema)

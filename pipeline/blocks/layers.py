@@ -92,6 +92,30 @@ def _share_parametrized_class(layer: nn.Module) -> nn.Module:
     return layer
 
 
+@torch.no_grad()
+def bake_parametrizations(module: nn.Module) -> nn.Module:
+    """Replace every parametrized weight of `module` (spectral norm, equalized LR) in place by its
+    current value as a plain parameter: the network computes the same outputs in eval mode, where
+    spectral norm's u and v stay fixed, without recomputing weight / sigma in each forward (an
+    exported graph then holds the weights it uses and no power-iteration buffers).
+
+    torch's remove_parametrizations deletes the weight property from the layer's class, which
+    layers share here (see _share_parametrized_class), so it would strip the other layers of theirs:
+    all values are read first, then each layer is given back its base class."""
+    baked = [
+        (layer, name, getattr(layer, name).detach().clone())
+        for layer in module.modules()
+        if parametrize.is_parametrized(layer)
+        for name in cast(nn.ModuleDict, layer.parametrizations)
+    ]
+    for layer, name, value in baked:
+        if parametrize.is_parametrized(layer):  # the layer's first baked name: unparametrize it
+            del layer._modules["parametrizations"]
+            layer.__class__ = type(layer).__bases__[0]
+        layer.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    return module
+
+
 # the layers that `BuildContext._finish` initialises and parametrizes
 _Weighted = nn.Linear | nn.Conv2d | nn.ConvTranspose2d | nn.Embedding
 

@@ -263,3 +263,29 @@ def test_spectral_norm_of_bf16_weights_keeps_fp32_state():
     out = sn(w.to(torch.bfloat16))  # DeepSpeed's bf16 casts parameters, not the u/v buffers
     assert out.dtype == torch.bfloat16 and sn._u.dtype == torch.float32
     assert torch.allclose(out.float(), sn(w), atol=2e-2)
+
+
+def test_baked_parametrizations_give_the_same_outputs_as_plain_weights():
+    from torch.nn.utils import parametrize
+
+    from pipeline.blocks.layers import bake_parametrizations
+
+    torch.manual_seed(0)
+    ctx = BuildContext(num_classes=10, image_channels=3, meta=False, sn=True, init="equalized_lr")
+    # two layers of each class: their parametrized class is shared (_share_parametrized_class),
+    # so unparametrizing one must leave the other's weight alone
+    net = nn.Sequential(ctx.conv(3, 8), ctx.conv(8, 8), nn.Flatten(), ctx.linear(8 * 4 * 4, 5), ctx.linear(5, 5)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    want = net(x)
+    expected = [layer.weight.detach().clone() for layer in (net[0], net[1], net[3], net[4])]
+    # equalized LR then spectral norm: the baked weight is both, as the parametrized one is
+    first = net[0].parametrizations.weight
+    sigma_free = first.original * first[0].scale
+    torch.testing.assert_close(expected[0], first[1](sigma_free))
+    bake_parametrizations(net)
+    assert not any(parametrize.is_parametrized(m) for m in net.modules())
+    assert [type(m) for m in net] == [nn.Conv2d, nn.Conv2d, nn.Flatten, nn.Linear, nn.Linear]
+    for layer, weight in zip((net[0], net[1], net[3], net[4]), expected, strict=True):
+        assert isinstance(layer.weight, nn.Parameter) and torch.equal(layer.weight, weight)
+    assert not any(name.endswith(("_u", "_v", "original")) for name in net.state_dict())
+    torch.testing.assert_close(net(x), want, rtol=0, atol=1e-6)
