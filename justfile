@@ -82,3 +82,7 @@ eval *args:
 # a trained generator as an ONNX model: just export RUN_OR_WEIGHTS --onnx OUT [--truncation T] [--standing-stats N] [--force]
 export *args:
     @{{python}} -m pipeline export "$@"
+
+# seconds to export shipped specs (random weights) to ONNX, and onnxruntime's images against torch's
+bench-onnx *args:
+    @{{python}} benchmarks/onnx_export.py "$@"

@@ -74,36 +74,48 @@ def test_a_conditional_generator_gives_torchs_images_at_other_batch_sizes(export
     assert np.abs(two[0] - two[1]).max() > 1e-3
 
 
-def test_an_unconditional_generator_takes_z_alone(exports, tmp_path):
+def test_an_unconditional_generator_takes_z_alone_and_the_protocol_is_recorded(exports, tmp_path):
+    import onnx
+
     gen = load_generator(exports["dcgan_demo"])
+    norm = next(m for m in gen.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    before = norm.running_var.clone()
     out = tmp_path / "dcgan.onnx"
-    record = export_onnx(gen, out, REQUEST)
+    record = export_onnx(gen, out, OnnxRequest(truncation=0.5, standing_passes=2, batch_size=8, seed=4))
+    assert not torch.equal(norm.running_var, before)  # measured, then frozen into the graph
     assert not record["conditional"] and record["max_abs_diff"] < TOLERANCE
     s = session(out)
     assert [(i.name, i.shape) for i in s.get_inputs()] == [("z", ["batch", 100])]
-    z = sample_latents(7, 100, None, generator=torch.Generator().manual_seed(3))
+    z = sample_latents(7, 100, 0.5, generator=torch.Generator().manual_seed(3))
     got = s.run(None, {"z": z.numpy()})[0]
     with torch.no_grad():
         want = gen.module(z, None).numpy()
     diff = np.abs(got - want).max()
     print(f"dcgan_demo, batch 7: max |onnx - torch| = {diff:.2e}")
     assert got.shape == (7, 3, 32, 32) and diff < TOLERANCE
-
-
-def test_standing_statistics_are_measured_at_the_truncation_and_recorded(exports, tmp_path):
-    import onnx
-
-    gen = load_generator(exports["dcgan_demo"])
-    norm = next(m for m in gen.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
-    before = norm.running_var.clone()
-    out = tmp_path / "g.onnx"
-    export_onnx(gen, out, OnnxRequest(truncation=0.5, standing_passes=2, batch_size=8, seed=4))
-    assert not torch.equal(norm.running_var, before)  # measured, then frozen into the graph
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["truncation"] == "0.5" and meta["truncation_mode"] == "truncate"
-    assert meta["standing_stats"] == "2 passes of 8, seed 5"
+    assert meta["standing_stats"] == "2 passes of 8, seed 5" and meta["labels"] == "none (unconditional)"
     assert meta["image"] == "image: float32 [N, 3, 32, 32] (NCHW), in [-1, 1]"
-    assert "truncated (truncate at 0.5) by the caller" in meta["latent"]
+    assert meta["latent"] == "z: float32 [N, 100], normal, truncated (truncate at 0.5) by the caller"
+
+
+def test_the_model_draws_what_sample_draws_for_the_same_latents(cli, exports, tmp_path):
+    """`export` and `sample` with the same --truncation, --standing-stats, --batch-size and --seed
+    measure the same statistics: the ONNX model, fed sample's latents, gives sample's PNGs."""
+    from PIL import Image
+
+    options = ("--truncation", "0.5", "--standing-stats", "2", "--batch-size", "8", "--seed", "2")
+    result = cli("export", exports["demo"], "--onnx", tmp_path / "g.onnx", *options)
+    assert result.code == 0, result.err
+    result = cli("sample", exports["demo"], "--out", tmp_path / "s", "--classes", "1,6", "--num", "2", *options)
+    assert result.code == 0, result.err
+    z = sample_latents(4, 64, 0.5, generator=torch.Generator().manual_seed(2))  # sample's latents: --seed
+    images = session(tmp_path / "g.onnx").run(None, {"z": z.numpy(), "y": np.array([1, 1, 6, 6])})[0]
+    pixels = (images.transpose(0, 2, 3, 1) + 1) * 127.5
+    for i, name in enumerate(["class1-000", "class1-001", "class6-000", "class6-001"]):
+        png = np.asarray(Image.open(tmp_path / "s" / "images" / f"{name}.png"), dtype=np.float32)
+        assert np.abs(pixels[i] - png).max() <= 0.5 + 1e-3  # PNG's rounding, nothing more
 
 
 # ----- refusals: nothing written, nothing lost -----
