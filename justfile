@@ -13,7 +13,7 @@ default:
 train *args:
     @{{python}} -m pipeline train "$@"
 
-# check a spec and report shapes, parameters and FLOPs per node (no weights are allocated)
+# check a spec and report shapes, parameters and FLOPs per node (no weights are allocated); gpus=N: memory per rank
 validate *args:
     @{{python}} -m pipeline validate "$@"
 

@@ -25,8 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("validate", help="check a spec; report shapes, parameters and FLOPs (no weights allocated)")
-    p.add_argument("args", nargs="*", metavar="SPEC|key=value", help="spec=NAME or a path, then overrides")
+    p.add_argument(
+        "args",
+        nargs="*",
+        metavar="SPEC|key=value",
+        help="spec=NAME or a path, then overrides; gpus=N or procs=N (and nodes=N): check the batch split "
+        "over that many ranks and estimate memory per rank",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="memory per device, e.g. 80GiB: estimate memory per rank and the largest batch per rank that fits "
+        "(default with gpus=N: 80GiB, an H100's)",
+    )
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("train", help="train (or resume) the run a spec describes; default: the demo")
     p.add_argument(
@@ -34,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="SPEC|key=value",
         help="spec=NAME (default demo), overrides, procs=N (CPU ranks) or gpus=N, device=cpu|cuda",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="memory per GPU, e.g. 80GiB, for the warning given before gpus=N trains a batch split that would not "
+        "fit (default: what nvidia-smi reports, else 80GiB)",
     )
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("profile", help="time training steps of a spec: images/s, phases, FLOPs, MFU, a trace")

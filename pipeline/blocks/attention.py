@@ -38,6 +38,7 @@ class SelfAttention(nn.Module):
 
 
 _explicit = False  # see explicit_attention
+_fused_on_meta = False  # see fused_attention_on_meta
 
 
 @contextlib.contextmanager
@@ -53,20 +54,37 @@ def explicit_attention(on: bool = True):
         _explicit = before
 
 
+@contextlib.contextmanager
+def fused_attention_on_meta():
+    """While open, attention on the meta device runs the fused kernel's meta function (queries and
+    keys zero-padded as on a real device) instead of the explicit formula, so that what autograd
+    saves for the backward is what the fused kernels save (queries, keys, values, the output and
+    one log-sum-exp per query), not the (queries x keys) map: memory estimates use it."""
+    global _fused_on_meta
+    before, _fused_on_meta = _fused_on_meta, True
+    try:
+        yield
+    finally:
+        _fused_on_meta = before
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """softmax(query keyᵀ) value, unscaled as in SAGAN, through scaled_dot_product_attention's fused
     kernels, which never hold the (queries x keys) map in memory: 4096 x 1024 per image at 64x64.
     Those kernels (flash, on CPU and GPU) need queries and keys as wide as the values (C/8 against
     C/2 here), so queries and keys are zero-padded, which changes no product. On the meta device
-    (shape inference, FLOP counts: they count the model, not the padding) and under
-    `explicit_attention`, the explicit formula."""
-    if _explicit or query.device.type == "meta":
+    (shape inference, FLOP counts: they count the model, not the padding; memory estimates open
+    `fused_attention_on_meta`) and under `explicit_attention`, the explicit formula."""
+    meta = query.device.type == "meta"
+    if _explicit or (meta and not _fused_on_meta):
         return torch.softmax(query @ key.transpose(-2, -1), dim=-1) @ value
     pad = value.shape[-1] - query.shape[-1]
     if pad > 0:
         query, key = F.pad(query, (0, pad)), F.pad(key, (0, pad))
     # the fused kernels also need the channels contiguous (free for channels-last feature maps)
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    if meta:  # fused_attention_on_meta: the flash kernel's meta function saves what the GPU kernels save
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, scale=1.0)[0]
     return F.scaled_dot_product_attention(query, key, value, scale=1.0)
 
 

@@ -7,7 +7,9 @@ in one place, and skips init on the `meta` device, where weights have no storage
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import cast
 
@@ -228,6 +230,22 @@ class BuildContext:
         return ClassBatchNorm(channels, self)
 
 
+_meta_replicas = 1  # see meta_replicas
+
+
+@contextlib.contextmanager
+def meta_replicas(world_size: int) -> Iterator[None]:
+    """While open, cross-replica BatchNorm on the meta device runs the synchronized path, as it
+    would on `world_size` ranks (the all-reduce skipped: a meta tensor has no values), so that
+    memory estimates see what that path saves for the backward."""
+    global _meta_replicas
+    before, _meta_replicas = _meta_replicas, world_size
+    try:
+        yield
+    finally:
+        _meta_replicas = before
+
+
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over (N, C) or (N, C, H, W) with a cross-replica switch.
 
@@ -238,7 +256,8 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     statistics, identically on every rank. This applies only while training, under an
     initialised process group of more than one rank; otherwise (a single process, eval mode,
     shape inference on the meta device) it is plain BatchNorm, since there the local batch is the
-    global batch. `process_group` (None: the default group) restricts synchronisation to a group.
+    global batch; on the meta device inside `meta_replicas(N > 1)` it takes the synchronized path
+    (memory estimates). `process_group` (None: the default group) restricts synchronisation to a group.
 
     Every rank of the group must run the forward together: a train-mode forward on one rank only
     (sampling, standing statistics) waits forever for the others; use eval mode there, or set
@@ -256,10 +275,11 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _synchronized(self, x: torch.Tensor) -> bool:
         dist = torch.distributed
+        if x.device.type == "meta":
+            return self.training and self.cross_replica and _meta_replicas > 1
         return (
             self.training
             and self.cross_replica
-            and x.device.type != "meta"
             and dist.is_available()
             and dist.is_initialized()
             and dist.get_world_size(self.process_group) > 1

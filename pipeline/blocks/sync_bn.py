@@ -76,7 +76,8 @@ def sync_batch_norm(
             torch.full((1,), x.numel() // max(channels, 1), dtype=dtype, device=x.device),
         ]
     )
-    total = funcol.all_reduce(local, "sum", group)  # one collective: [S1 (C), S2 (C), n (1)]
+    # one collective: [S1 (C), S2 (C), n (1)]; none on the meta device (memory estimates: no values)
+    total = local if x.device.type == "meta" else funcol.all_reduce(local, "sum", group)
     s1, s2, n = total[:channels], total[channels : 2 * channels], total[2 * channels :]
 
     mean = s1 / n

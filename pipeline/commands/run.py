@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from pipeline.commands import split_spec_args
+from pipeline.commands import device_memory, memory_report, split_spec_args
 from pipeline.data import DEMO_DOMAIN_SHARDS, DEMO_SHARDS
 from pipeline.errors import user_error
 
@@ -84,6 +84,40 @@ def ensure_demo_shards(loaded) -> None:
         build(where)
 
 
+def local_gpu_memory() -> float | None:
+    """Bytes of this machine's first GPU as nvidia-smi reports them (no CUDA context is created in
+    this process, which only launches the ranks); None without nvidia-smi."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
+        return float(out[0]) * 2**20  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def warn_if_too_big(loaded, ranks: int, gpu_memory: str | None) -> None:
+    """Before `train gpus=N` builds anything: warn when the memory estimate per rank of the
+    configured batch split exceeds the GPUs' memory, and say which split would fit."""
+    from pipeline.profile.memory import DEFAULT_GPU_MEMORY, fit_warning
+
+    memory = (device_memory(gpu_memory, True) if gpu_memory else local_gpu_memory()) or DEFAULT_GPU_MEMORY
+    est = memory_report(loaded, ranks)
+    warning = fit_warning(est, memory) if est is not None else None
+    if warning:
+        print(f"warning: {warning} (`validate ... gpus={ranks}` shows the estimate)", file=sys.stderr)
+
+
 def cmd_train(ns) -> int:
     from pipeline.spec import load_spec
     from pipeline.train.preflight import check_before_building, world_size_from_environment
@@ -94,6 +128,9 @@ def cmd_train(ns) -> int:
     ensure_demo_shards(loaded)  # once, before any rank starts
     if ranks > 1:
         check_before_building(loaded.spec, ranks)  # one refusal, not one per rank
+    if any(arg.startswith("gpus=") for arg in ns.args) or ns.gpu_memory:
+        warn_if_too_big(loaded, ranks, ns.gpu_memory)
+    if ranks > 1:
         return launch(ranks, "train", rest + ([f"device={device}"] if device else []))
     from pipeline.eval.during_training import evaluator_for
     from pipeline.train.loop import train

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import sys
 
-from pipeline.commands import split_spec_args
+from pipeline.commands import device_memory, memory_report, split_spec_args
 
 
 def _network_json(plan) -> dict:
@@ -27,15 +27,41 @@ def _network_json(plan) -> dict:
     }
 
 
+def split_rank_args(args: list[str]) -> tuple[int, bool, list[str]]:
+    """(ranks, whether they are GPUs, the rest) from `gpus=N` or `procs=N` (as `train` takes them)
+    and `nodes=N` (machines of that many ranks each, as a launcher would start them)."""
+    from pipeline.commands.run import split_run_args
+    from pipeline.errors import user_error
+
+    nodes, rest, gpus = 1, [], False
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key == "nodes":
+            if not value.isdigit() or int(value) < 1:
+                raise user_error(f"nodes={value}: give a number of machines, e.g. nodes=2")
+            nodes = int(value)
+        else:
+            gpus = gpus or key == "gpus"
+            rest.append(arg)
+    ranks, _, rest = split_run_args(rest)
+    return nodes * ranks, gpus, rest
+
+
 def cmd_validate(ns) -> int:
     from pipeline.graph import analyze_spec, output_warnings
     from pipeline.spec import load_spec
     from pipeline.train.preflight import preflight
 
-    spec_arg, overrides = split_spec_args(ns.args)
+    ranks, gpus, rest = split_rank_args(ns.args)
+    spec_arg, overrides = split_spec_args(rest)
     loaded = load_spec(spec_arg, overrides, check_graphs=False)
     plans = analyze_spec(loaded)
-    train_needs = preflight(loaded.spec, world_size=1)  # a valid spec may still lack its data
+    train_needs = preflight(loaded.spec, world_size=ranks)  # a valid spec may still lack its data
+    memory = device_memory(ns.gpu_memory, gpus)
+    # the estimate runs each phase on the meta device (seconds for the largest specs): asked for
+    # by a rank count or a device size
+    asked = memory is not None or any(a.partition("=")[0] in ("gpus", "procs", "nodes") for a in ns.args)
+    estimate = memory_report(loaded, ranks) if asked else None
     advice = output_warnings(loaded)
     from pipeline.methods import describe
 
@@ -53,6 +79,7 @@ def cmd_validate(ns) -> int:
             **{which: _network_json(plan) for which, plan in plans.items()},
             "train_needs": [issue.format() for issue in train_needs],
             "warnings": [issue.format() for issue in advice],
+            **({"memory": _memory_json(estimate, memory)} if estimate is not None else {}),
         }
         print(json.dumps(out, indent=2))
         return 0
@@ -63,14 +90,46 @@ def cmd_validate(ns) -> int:
     print_report(loaded, plans)
     for issue in advice:
         print("warning: " + issue.format().replace("\n", "\n  "))
+    if estimate is not None:
+        from pipeline.profile.memory import describe as describe_memory
+
+        print("\n".join(describe_memory(estimate, memory)))
+    on = f"{ranks} rank{'s' if ranks > 1 else ''}"
     if train_needs:
         missing = "1 thing is" if len(train_needs) == 1 else f"{len(train_needs)} things are"
-        print(f"The spec is valid. Before `train` can run it (on 1 rank), {missing} missing:")
+        print(f"The spec is valid. Before `train` can run it (on {on}), {missing} missing:")
         for issue in train_needs:
             print("  " + issue.format().replace("\n", "\n  "))
     else:
-        print("The spec is valid, and `train` has what it needs to start (data found, batch splits over 1 rank).")
+        print(f"The spec is valid, and `train` has what it needs to start (data found, batch splits over {on}).")
     return 0
+
+
+def _memory_json(est, memory: float | None) -> dict:
+    from pipeline.profile.memory import HEADROOM
+
+    split = est.split(memory) if memory is not None else None
+    return {
+        "ranks": est.world_size,
+        "batch_per_rank": est.micro,
+        "accumulation": est.accum,
+        "bytes_per_rank": round(est.per_rank()),
+        "state_bytes": est.state,
+        "activation_bytes_per_sample": {p.name: round(p.per_sample) for p in est.phases},
+        "activation_bytes_fixed": {p.name: p.fixed for p in est.phases},
+        **(
+            {
+                "device_bytes": round(memory),
+                "headroom": HEADROOM,
+                "fits": est.per_rank() <= memory * (1 - HEADROOM),
+                "largest_batch_per_rank": est.largest_micro(memory),
+                "suggested": {"batch_per_rank": split[0], "accumulation": split[1]} if split else None,
+            }
+            if memory is not None
+            else {}
+        ),
+        "notes": est.notes,
+    }
 
 
 def cmd_schema(ns) -> int:

@@ -365,7 +365,12 @@ class TrainSpec(Section):
         return data
 
     batch_size: PositiveInt = Field(256, description="Global batch = batch_per_rank x grad_accum x world size.")
-    batch_per_rank: PositiveInt | None = Field(None, description="Micro-batch per rank; default: batch_size.")
+    batch_per_rank: PositiveInt | None = Field(
+        None,
+        description="Samples per micro-batch (one forward and backward) on each rank; default: batch_size / ranks, "
+        "no accumulation. Smaller: gradients accumulate over batch_size / (batch_per_rank x ranks) micro-batches "
+        "per step, the same batch in less memory (`validate gpus=N` estimates what fits).",
+    )
     g_opt: OptimizerSpec = Field(
         default_factory=lambda: OptimizerSpec(lr=1e-4), description="Adam of the networks in the generator role."
     )
