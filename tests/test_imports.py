@@ -9,7 +9,7 @@ import cycle between modules either. The layers, lowest first:
     graph       a spec's networks checked on the meta device and assembled into modules
     data, distributed   shards, the DALI pipeline, parts; the DeepSpeed engines
     train       the loop, the tasks between steps, checkpoints
-    profile, eval       throughput runs; sampling and metrics of trained networks
+    profile, eval, weights   throughput runs; sampling and metrics of trained networks; other formats' weights
     cli, commands   the command line and its commands
 
 The spec comes above blocks and methods because its schema is made of their options models; what
@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline.graph",),
     ("pipeline.data", "pipeline.distributed"),
     ("pipeline.train",),
-    ("pipeline.profile", "pipeline.eval"),
+    ("pipeline.profile", "pipeline.eval", "pipeline.weights"),
     ("pipeline.cli", "pipeline.commands", "pipeline.__main__"),
 ]
 

@@ -261,13 +261,16 @@ class BigGANDeepDownNode(_DownBlockNode):
 
 
 class GOutput(nn.Module):
-    def __init__(self, c_in, c_out, kernel_size, ctx):
+    def __init__(self, c_in, c_out, kernel_size, ctx, conv_channels=None):
         super().__init__()
         self.bn = ctx.batch_norm(c_in)
-        self.conv = ctx.conv(c_in, c_out, kernel_size)
+        self.conv = ctx.conv(c_in, conv_channels or c_out, kernel_size)
+        # the image is the conv's first c_out channels; None: the conv has no others
+        self.keep = c_out if conv_channels not in (None, c_out) else None
 
     def forward(self, x):
-        return torch.tanh(self.conv(F.relu(self.bn(x))))
+        h = self.conv(F.relu(self.bn(x)))
+        return torch.tanh(h if self.keep is None else h[:, : self.keep])
 
 
 @register
@@ -278,13 +281,25 @@ class GOutputNode(Weighted):
     in_: Ref = Field(alias="in")
     out_channels: PositiveInt | None = Field(None, description="Default: data.channels.")
     kernel_size: PositiveInt = 3
+    conv_channels: PositiveInt | None = Field(
+        None,
+        description="Output channels of the conv, of which the first out_channels are the image and the rest are "
+        "dropped (TF-Hub's BigGAN-deep convolves to ch channels, so its spectral norm spans all of them); "
+        "default: out_channels.",
+    )
 
     def bounded_output(self) -> bool:
         return True
 
     def build(self, inputs, ctx):
         c, _, _ = feature_map(inputs["in"])
-        return GOutput(c, self.out_channels or ctx.image_channels, self.kernel_size, ctx)
+        out = self.out_channels or ctx.image_channels
+        if self.conv_channels is not None and self.conv_channels < out:
+            raise BlockError(
+                f"{self.conv_channels} is below the image's {out} channels, which are the conv's first ones",
+                "conv_channels",
+            )
+        return GOutput(c, out, self.kernel_size, ctx, self.conv_channels)
 
 
 class DHead(nn.Module):

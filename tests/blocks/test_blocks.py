@@ -211,6 +211,23 @@ def test_biggan_deep_down_skip_concatenates():
     assert torch.allclose(module(x), torch.cat([pooled, module.conv_sc(pooled)], 1), atol=1e-6)
 
 
+def test_g_output_conv_channels_keeps_the_first_image_channels():
+    """TF-Hub's BigGAN-deep: the conv maps to more channels (spectral norm over all of them), the
+    image is the first 3."""
+    module = build({"kind": "g_output", "in": "x", "conv_channels": 16, "sn": True}, {"in": X[1:]})
+    x = torch.randn(X)
+    with torch.no_grad():
+        module.bn.running_mean.normal_()
+        module.eval()
+        h = F.relu(module.bn(x))
+        weight = module.conv.weight  # the whole 16-channel weight over its spectral norm
+        assert weight.shape == (16, 16, 3, 3)
+        expected = torch.tanh(F.conv2d(h, weight, module.conv.bias, padding=1)[:, :3])
+        assert torch.allclose(module(x), expected, atol=1e-6)
+    with pytest.raises(BlockError, match="below the image's 3 channels"):
+        build({"kind": "g_output", "in": "x", "conv_channels": 2}, {"in": X[1:]})
+
+
 def test_d_head_projection_formula():
     module = build({"kind": "d_head", "in": "x", "y": "y"}, {"in": X[1:], "y": Y})
     x, y = torch.randn(X), torch.randint(0, 10, (4,))
