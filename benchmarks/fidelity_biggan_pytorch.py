@@ -43,7 +43,8 @@ def overrides(deep: bool, ch: int) -> list[str]:
         out += [f"generator.nodes.{n}.each.out_channels=[{','.join(str(m * ch) for m in ms)}]" for n, ms in ups.items()]
         out.append(f"discriminator.nodes.stem.out_channels={ch}")
         out += [
-            f"discriminator.nodes.{n}.each.out_channels=[{','.join(str(m * ch) for m in ms)}]" for n, ms in downs.items()
+            f"discriminator.nodes.{n}.each.out_channels=[{','.join(str(m * ch) for m in ms)}]"
+            for n, ms in downs.items()
         ]
     else:
         for name, m in zip(("up_8", "up_16", "up_32", "up_64", "up_128"), (16, 8, 4, 2, 1), strict=True):

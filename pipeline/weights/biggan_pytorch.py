@@ -43,7 +43,7 @@ tensors (`safe_files.read_torch`).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -54,33 +54,22 @@ from pipeline.blocks.attention import SelfAttention
 from pipeline.blocks.biggan import DBlock, DeepDBlock, DeepGBlock, DHead, GBlock, GOutput
 from pipeline.blocks.layers import SpectralNorm
 from pipeline.errors import user_error
+from pipeline.weights import network_of
 
 if TYPE_CHECKING:
+    from pipeline.graph import GraphModule
     from pipeline.spec.load import LoadedSpec
 
 FORMAT = "biggan-pytorch"
 # role -> the file `utils.save_weights` writes (no suffix: the released models have none)
 FILES = {"G": "G.pth", "G_ema": "G_ema.pth", "D": "D.pth"}
 HOLDS = "G, its EMA G_ema and D (BigGAN and BigGAN-deep), as utils.save_weights writes them"
-LACKS = "the optimizers' states (G_optim.pth, D_optim.pth) and counters (state_dict.pth): a fine-tuning run starts those afresh"
-ROLE_NETWORK = {"G": "generator", "G_ema": "generator", "D": "discriminator"}  # the method's role of each file
+LACKS = (
+    "the optimizers' states (G_optim.pth, D_optim.pth) and counters (state_dict.pth): a fine-tuning run starts "
+    "those afresh"
+)
 
 State = dict[str, torch.Tensor]
-
-
-def network_for(loaded: LoadedSpec, role: str) -> str:
-    """The spec's network a file converts into: the one in the method's generator (G, G_ema) or
-    discriminator (D) role."""
-    spec = loaded.spec
-    wanted = ROLE_NETWORK[role]
-    names = [name for name, need in spec.method.networks(spec).items() if need.role == wanted]
-    if len(names) != 1:
-        raise user_error(
-            f"the spec's method {spec.method.kind!r} has {len(names)} networks in the {wanted} role; "
-            f"{FILES[role]} converts into exactly one",
-            hint="use a spec of method gan (biggan_128, biggan_deep_128, ...)",
-        )
-    return names[0]
 
 
 def convert(states: dict[str, object], loaded: LoadedSpec, *, dtype: torch.dtype | None = None) -> dict[str, State]:
@@ -126,7 +115,7 @@ class _Mapping:
         """A conv, linear or embedding, with or without spectral norm."""
         sn = parametrize.is_parametrized(module, "weight")
         if sn:
-            chain = list(module.parametrizations["weight"])  # type: ignore[index,union-attr,arg-type]
+            chain = list(cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)["weight"]))
             if len(chain) != 1 or not isinstance(chain[0], SpectralNorm):
                 raise user_error(
                     f"the spec's {ours} has a weight parametrization other than spectral norm alone "
@@ -177,7 +166,8 @@ class _Mapping:
             )
         self.put(f"{ours}.running_mean", mean, f"{theirs} mean")
         self.put(f"{ours}.running_var", var, f"{theirs} var")
-        self.put(f"{ours}.num_batches_tracked", count if count is not None else torch.zeros((), dtype=torch.long), theirs)
+        count = count if count is not None else torch.zeros((), dtype=torch.long)
+        self.put(f"{ours}.num_batches_tracked", count, theirs)
         if module.affine:  # layers.bn: gain and bias as parameters of its own
             self.put(f"{ours}.weight", self.take(f"{theirs}.gain"), f"{theirs}.gain")
             self.put(f"{ours}.bias", self.take(f"{theirs}.bias"), f"{theirs}.bias")
@@ -227,11 +217,11 @@ def sn_vectors(
     return u, v
 
 
-def _units(module: nn.Module) -> list[tuple[str, nn.Module]]:
+def _units(module: GraphModule) -> list[tuple[str, nn.Module]]:
     """Our nodes that hold state, in the order the graph runs them, a repeated node's instances each."""
     out: list[tuple[str, nn.Module]] = []
-    for name, _ in module.steps:  # type: ignore[attr-defined]
-        node = module[name]  # type: ignore[index]
+    for name, _ in module.steps:
+        node = module[name]
         if not any(True for _ in node.state_dict()):
             continue
         if isinstance(node, nn.ModuleList):
@@ -285,7 +275,7 @@ def convert_network(state: object, loaded: LoadedSpec, role: str, *, dtype: torc
 
     file = FILES[role]
     theirs = check_state(state, file)
-    network = network_for(loaded, role)
+    network = network_of(loaded, role)
     model = build_network(loaded, network, "meta", compile=False)
     target = model.state_dict()
     sn_eps = loaded.spec.all_networks()[network].sn_eps
