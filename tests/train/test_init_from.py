@@ -27,6 +27,7 @@ def source_export(demo_shards, tmp_path_factory):
     return run_dir / "export"
 
 
+@pytest.mark.slow  # trains the source run (a module fixture)
 def test_a_run_starts_from_another_runs_export(demo_shards, source_export, tmp_path, capsys):
     spec = load_spec(
         "demo", [f"data.shards={demo_shards}", f"run.dir={tmp_path}", f"train.init_from={source_export}", *FAST]
@@ -50,6 +51,7 @@ def test_a_run_starts_from_another_runs_export(demo_shards, source_export, tmp_p
     close(tr.streams)
 
 
+@pytest.mark.slow  # two training calls
 def test_init_from_is_ignored_on_resume(demo_shards, source_export, tmp_path, capsys):
     args = [f"data.shards={demo_shards}", f"run.dir={tmp_path}", f"train.init_from={source_export}", *FAST]
     loop.train(load_spec("demo", [*args, "train.max_steps=1"]))
