@@ -80,18 +80,6 @@ def get(name: str) -> Format:
     return FORMATS[name]
 
 
-def describe() -> list[tuple[str, str, str, str]]:
-    """(name, summary, holds, lacks) of every format; holds and lacks say so where its module is absent."""
-    rows = []
-    for f in FORMATS.values():
-        try:
-            module = f.load()
-            rows.append((f.name, f.summary, str(module.HOLDS), str(module.LACKS)))
-        except SpecError:
-            rows.append((f.name, f.summary, "(not available in this version)", ""))
-    return rows
-
-
 # ----- reading the source -----
 def source_files(module: ModuleType, path: Path) -> tuple[dict[str, Path], list[str]]:
     """The source's files by role, and the file names it lacks. PATH is a folder holding some of
