@@ -21,6 +21,10 @@ validate *args:
 sample *args:
     @{{python}} -m pipeline sample "$@"
 
+# convert published weights into an export directory: just import-weights FORMAT PATH --spec NAME --out DIR [key=value ...]
+import-weights *args:
+    @{{python}} -m pipeline import-weights "$@"
+
 # write the JSON Schema of specs (editors can complete and check spec YAML with it)
 schema *args:
     @{{python}} -m pipeline schema "$@"

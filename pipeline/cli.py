@@ -14,6 +14,7 @@ from pipeline.commands.export import cmd_export
 from pipeline.commands.results import cmd_eval, cmd_sample
 from pipeline.commands.run import cmd_profile, cmd_train
 from pipeline.commands.specs import cmd_schema, cmd_validate
+from pipeline.commands.weights import cmd_import_weights
 from pipeline.data import DEMO_DOMAIN_SHARDS, DEMO_SHARDS
 from pipeline.errors import SpecError
 
@@ -229,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="for the standing statistics (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser(
+        "import-weights", help="convert published weights (BigGAN-PyTorch, ...) into an export directory of a spec"
+    )
+    p.add_argument("format", help="biggan-pytorch (G.pth, G_ema.pth, D.pth) or pretrained-biggan (pytorch_model.bin)")
+    p.add_argument("path", help="the folder holding the format's files, or one of them")
+    p.add_argument("--spec", required=True, help="the spec the weights belong to (a name in specs/ or a path)")
+    p.add_argument("--out", required=True, help="the export directory to write (new or empty)")
+    p.add_argument("args", nargs="*", metavar="key=value", help="overrides of the spec")
+    p.set_defaults(func=cmd_import_weights)
     p = sub.add_parser("schema", help="write the JSON Schema of specs (for editor completion)")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
     p.set_defaults(func=cmd_schema)

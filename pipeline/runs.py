@@ -5,7 +5,9 @@ RUN/metrics.jsonl          one JSON record per logged step, evaluation and rollb
 RUN/tensorboard/           the same scalars for TensorBoard (when it is installed)
 RUN/samples/step-N*.png    the method's sample grids
 RUN/checkpoints/step-N/    checkpoints (their inside: train/checkpoint.py)
-RUN/export/NAME.safetensors and spec.yaml: the finished run's networks (EMAs where kept)
+RUN/export/NAME.safetensors and spec.yaml: the finished run's networks (EMAs where kept); an
+                           import of published weights (pipeline/weights) writes the same, and
+                           may add NAME-train.safetensors and a discriminator
 RUN/LOCK                   the process writing the run (train/run_lock.py)
 RUN/profile/               `profile`'s reports
 """
@@ -156,6 +158,12 @@ def export_files(spec: Spec) -> list[Path]:
     """What a finished run of `spec` exports: each exported network's weights."""
     run = Run(spec.run_dir)
     return [run.exported(name) for name in spec.method.exports(spec)]
+
+
+def trained_weights(export: Path, network: str) -> Path:
+    """EXPORT/NETWORK-train.safetensors: a network's own weights where NETWORK.safetensors holds its
+    EMA (an import of published weights that has both; `train.init_from` starts from them)."""
+    return export / f"{network}-train.safetensors"
 
 
 def is_export(path: Path) -> bool:

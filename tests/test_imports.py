@@ -7,9 +7,10 @@ import cycle between modules either. The layers, lowest first:
     methods     the methods (each an options model, its phases and objectives, its losses)
     spec        the spec schema: the union of every registered block and method, YAML, overrides
     graph       a spec's networks checked on the meta device and assembled into modules
-    data, distributed   shards, the DALI pipeline, parts; the DeepSpeed engines
+    data, distributed, weights   shards, the DALI pipeline, parts; the DeepSpeed engines; published
+                weights converted into a spec's networks
     train       the loop, the tasks between steps, checkpoints
-    profile, eval, weights   throughput runs; sampling and metrics of trained networks; other formats' weights
+    profile, eval   throughput runs; sampling and metrics of trained networks
     cli, commands   the command line and its commands
 
 The spec comes above blocks and methods because its schema is made of their options models; what
@@ -39,9 +40,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline.methods",),
     ("pipeline.spec",),
     ("pipeline.graph",),
-    ("pipeline.data", "pipeline.distributed"),
+    ("pipeline.data", "pipeline.distributed", "pipeline.weights"),
     ("pipeline.train",),
-    ("pipeline.profile", "pipeline.eval", "pipeline.weights"),
+    ("pipeline.profile", "pipeline.eval"),
     ("pipeline.cli", "pipeline.commands", "pipeline.__main__"),
 ]
 

@@ -409,6 +409,23 @@ class TrainSpec(Section):
     )
     keep_checkpoints: PositiveInt = Field(3, description="Checkpoints kept; older ones are deleted.")
     failures: FailureSpec = Field(default_factory=FailureSpec, description="Failure tracking and what it does.")
+    init_from: str | None = Field(
+        None,
+        description=(
+            "Start from these weights instead of a random init: an export directory (a run's RUN/export, a run "
+            "directory, or `import-weights`' output). Each network takes NAME-train.safetensors, else "
+            "NAME.safetensors (an EMA where the source kept one); its EMA takes NAME.safetensors; a network "
+            "with neither starts at random. Optimizers start afresh at step 0. Ignored when the run has "
+            "checkpoints (it resumes from them)."
+        ),
+    )
+    init_classes: Literal["slice", "reinit"] | None = Field(
+        None,
+        description=(
+            "With init_from from a source with another data.num_classes: slice keeps the class embeddings' "
+            "first rows (fewer classes only); reinit leaves them at the random init. Required when the counts differ."
+        ),
+    )
 
 
 STANDING_STATS_PASSES = 16

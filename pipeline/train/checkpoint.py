@@ -40,6 +40,8 @@ MAY_DIFFER = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.failures",
+    "train.init_from",  # read at a run's start only
+    "train.init_classes",
     "data.max_bad_samples",
     "data.shards",
     "data.num_threads",

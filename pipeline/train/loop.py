@@ -11,6 +11,7 @@ counted in real images read from the data streams. Re-running the same command r
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from pipeline.graph import GraphModule, build_network, compile_network
 from pipeline.precision import DTYPES
 from pipeline.regions import region
 from pipeline.runs import Run, export_files
-from pipeline.train import checkpoint
+from pipeline.train import checkpoint, init_from
 from pipeline.train.ema import EMA
 from pipeline.train.phases import StepInputs, frozen
 from pipeline.train.preflight import (
@@ -143,11 +144,19 @@ class Trainer:
         # ----- networks, EMAs and engines: identical initial weights on every rank
         torch.manual_seed(spec.seed)
         self.nets = {name: build_network(loaded, name, world.device, compile=False) for name in needs}
+        last = checkpoint.latest_intact(self.run_dir) if resume else None
+        ema_files = {}
+        if t.init_from is not None:  # a new run starts from exported weights; a resumed one from its checkpoint
+            if last is None:
+                ema_files = init_from.load_networks(spec, self.nets, report=world.is_main)
+            elif world.is_main:
+                print(f"train.init_from ignored: resuming from {last}", file=sys.stderr)
         self.emas = {}
         for name in needs:  # an eager copy, kept in fp32 even under bf16
             ema = spec.ema_of(name)
             if ema is not None:
                 self.emas[name] = EMA(self.nets[name], ema.decay, ema.start_images, dtype=torch.float32)
+        init_from.load_emas(self.emas, ema_files, spec)
         for net in self.nets.values():
             compile_network(net, spec.compile)
         config = dist.engine_config(t, self.micro, self.accum, world.size)
@@ -162,8 +171,8 @@ class Trainer:
         # run on N ranks draws the same z as a run on one
         self.latent_rng = torch.Generator().manual_seed(spec.seed)
 
-        # ----- resume, and the data: one reader per stream, each at its checkpointed position
-        last = checkpoint.latest_intact(self.run_dir) if resume else None
+        # ----- resume (from `last`, found above), and the data: one reader per stream, each at its
+        # checkpointed position
         self.restore(last)
         self.inputs = StepInputs(self)
         self.log = RunLog(world.device)

@@ -39,6 +39,13 @@ from pipeline.spec import LoadedSpec, Spec
 from pipeline.spec.yaml_io import SourceMap
 
 WEIGHTS_NAME = "pytorch_model.bin"  # the package's file name (model.py: WEIGHTS_NAME)
+# what `pipeline.weights` (the formats' registry) reads of this format
+FILES = {"G": WEIGHTS_NAME}
+HOLDS = "the generator of TF-Hub's BigGAN-deep 128, 256 or 512 (DeepMind released its EMA weights)"
+LACKS = (
+    "a discriminator (TF-Hub published none: fine-tuning starts D at random) and BatchNorm statistics "
+    "for more than one truncation (those at 1.0 are kept)"
+)
 TFHUB_EPS = 1e-4  # the package's config.eps for every released size: BatchNorm's epsilon
 DEFAULT_TRUNCATION = 1.0
 BOTTOM = 4  # the fc's output is (4, 4, 16·ch) in every released size
