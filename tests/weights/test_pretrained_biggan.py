@@ -12,6 +12,7 @@ from pytorch_pretrained_biggan.convert_tf_to_pytorch import BigGAN128, BigGAN256
 from pytorch_pretrained_biggan.model import BigGANBatchNorm
 
 from pipeline.errors import SpecError
+from pipeline.eval.sampling import load_generator
 from pipeline.graph import NetworkPlan, analyze_network, instantiate
 from pipeline.spec import load_spec
 from pipeline.weights import pretrained_biggan as tfhub
@@ -36,12 +37,12 @@ def small_config(resolution: int, ch: int = 8, z_dim: int = 16, num_classes: int
     )
 
 
-def our_spec(config: BigGANConfig):
-    """The shipped `*_tfhub` spec with the config's width, latent and classes as overrides."""
+def overrides(config: BigGANConfig) -> list[str]:
+    """The overrides that give the shipped `*_tfhub` spec the config's width, latent and classes."""
     ch, at = config.channel_width, config.attention_layer_position
     outs = [ch * out for _, _, out in config.layers]
     ups = [str(up).lower() for up, _, _ in config.layers]
-    overrides = [
+    return [
         f"latent.z_dim={config.z_dim}",
         f"data.num_classes={config.num_classes}",
         f"generator.nodes.shared.embedding_dim={config.z_dim}",
@@ -53,7 +54,10 @@ def our_spec(config: BigGANConfig):
         f"generator.nodes.up_from_attn.each.upsample=[{', '.join(ups[at:])}]",
         f"generator.nodes.rgb.conv_channels={ch}",
     ]
-    return load_spec(f"biggan_deep_{config.output_dim}_tfhub", overrides)
+
+
+def our_spec(config: BigGANConfig):
+    return load_spec(f"biggan_deep_{config.output_dim}_tfhub", overrides(config))
 
 
 def latents(config: BigGANConfig, n: int, seed: int, truncation: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,3 +267,26 @@ def test_check_reads_the_file_or_its_folder(tmp_path):
         tfhub.check(tmp_path / "other.bin")
     with pytest.raises(SpecError, match="does not exist"):
         tfhub.check(tmp_path / "missing")
+
+
+@torch.no_grad()
+def test_import_weights_writes_an_export_that_draws_the_packages_images(small_128, cli, tmp_path):
+    """The command end to end: the package's file in, an export out that `sample` and `eval` load
+    (statistics of truncation 1.0, the default), the same images as the package's forward."""
+    model, _ = small_128
+    source = tmp_path / "biggan-deep-128"
+    source.mkdir()
+    torch.save(model.state_dict(), source / tfhub.WEIGHTS_NAME)
+    out = tmp_path / "out"
+    args = ["import-weights", "pretrained-biggan", source, "--out", out, "--spec", "biggan_deep_128_tfhub"]
+    result = cli(*args, *overrides(model.config))
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in out.iterdir()) == ["generator.safetensors", "import.json", "spec.yaml"]
+    z, y = latents(model.config, 3, seed=11)
+    ours = load_generator(out).module(z, y).double()
+    one_hot = F.one_hot(y, model.config.num_classes)
+    theirs32 = model(z, one_hot.float(), 1.0).double()
+    theirs64 = model.double()(z.double(), one_hot.double(), 1.0)
+    model.float()
+    # as close to the exact images as the package's own float32 forward is (assert_same_images)
+    assert (ours - theirs64).abs().max() < max(1e-5, 2 * (theirs32 - theirs64).abs().max().item())
