@@ -260,7 +260,9 @@ class FIDInceptionV3(nn.Module):
         return features, torch.mm(features, self.fc.weight.t())
 
 
-def _source_pixels(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _source_pixels(
+    in_size: int, out_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each output pixel, TensorFlow 1.x's two source pixels and the weight of the second.
     TensorFlow computes in float32: scale = in / out, source = out_index * scale."""
     scale = torch.tensor(in_size / out_size, dtype=torch.float32)
@@ -325,7 +327,9 @@ def read_weights(path: str | os.PathLike, *, what: str = "features") -> dict[str
     missing = [k for k in expected if k not in state and k not in optional]
     unknown = [k for k in state if k not in expected]
     if missing:
-        raise _refuse(path, what, f"{len(missing)} of its {len(expected) - len(optional)} tensors are missing: {_few(missing)}")
+        raise _refuse(
+            path, what, f"{len(missing)} of its {len(expected) - len(optional)} tensors are missing: {_few(missing)}"
+        )
     if unknown:
         raise _refuse(path, what, f"it holds {len(unknown)} tensor(s) the network has no place for: {_few(unknown)}")
     misshaped = [
