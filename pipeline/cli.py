@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
         "weights file; nothing is downloaded). Default: the spec's eval.features, demo unless it says otherwise",
     )
     p.add_argument("--shards", help="real data to compare with (default: the spec's data.shards)")
+    p.add_argument(
+        "--real-stats",
+        metavar="NPZ",
+        help="published statistics of the real data instead of --shards: an .npz with mu and sigma (TTUR, "
+        "BigGAN-PyTorch, clean-fid), of the --features network's features; FID only, KID needs real features",
+    )
     p.add_argument("--seed", type=int, help="seed of the latents (default: the spec's seed, as in training)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", choices=("cpu", "cuda"))

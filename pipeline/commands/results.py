@@ -105,20 +105,32 @@ def cmd_eval(ns) -> int:
         batch_size=ns.batch_size,
         device=device,
         shards=ns.shards,
+        real_stats=ns.real_stats,
         out_dir=ns.out,
     )
     if ns.json:
         print(json.dumps(record, indent=2))
         return 0
     first = record["results"][0]["protocol"]
+    weights = f", {first['feature_net_weights']}" if "feature_net_weights" in first else ""
     print(
         f"{record['source']}: {first['num_samples']} samples, {first['feature_net']} features "
-        f"(sha256 {first['feature_net_sha256'][:12]}), standing stats: {first['standing_stats_passes']} passes"
+        f"(sha256 {first['feature_net_sha256'][:12]}{weights}), standing stats: {first['standing_stats_passes']} passes"
     )
+    if first.get("real_stats_sha256"):
+        print(f"real statistics: {first['real_stats']} (sha256 {first['real_stats_sha256'][:12]}); KID not computed")
+
+    def show(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     print(f"{'truncation':>10}  {'FID':>9}  {'KID':>9}  {'IS':>7}  {'class acc':>9}")
     for r in record["results"]:
         t = r["protocol"]["truncation"]
-        acc = f"{r['class_accuracy']:.1%}" if r["class_accuracy"] is not None else "-"
-        print(f"{'none' if t is None else t:>10}  {r['fid']:9.3f}  {r['kid_mean']:9.4f}  {r['is_mean']:7.3f}  {acc:>9}")
+        print(
+            f"{'none' if t is None else t:>10}  {show(r['fid'], '9.3f')}  {show(r['kid_mean'], '9.4f')}  "
+            f"{show(r['is_mean'], '7.3f')}  {show(r['class_accuracy'], '.1%'):>9}"
+        )
+        if r.get("non_finite"):
+            print(f"{'':>10}  non-finite, written as null: {', '.join(r['non_finite'])}")
     print(f"written to {record['json']}" + (f" and {record['plot']}" if "plot" in record else ""))
     return 0

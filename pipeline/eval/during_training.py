@@ -24,8 +24,9 @@ def describe_scores(record: dict, use: str) -> str:
             for a, b in (("a", "b"), ("b", "a"))
         )
     protocol, accuracy = record.get("eval_protocol", {}), record.get("class_accuracy")
+    fid, is_mean = (record[k] for k in ("fid", "is_mean"))  # None when non-finite
     return (
-        f"FID {record['fid']:.2f}, IS {record['is_mean']:.2f}"
+        f"FID {'-' if fid is None else format(fid, '.2f')}, IS {'-' if is_mean is None else format(is_mean, '.2f')}"
         + (f", class accuracy {accuracy:.1%}" if accuracy is not None else "")
         + f" ({protocol.get('num_samples', '?')} samples, {protocol.get('feature_net', '?')} features, "
         f"standing statistics {protocol.get('standing_stats_passes', '?')} passes, "

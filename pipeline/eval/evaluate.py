@@ -14,7 +14,7 @@ import torch
 from pipeline.data import DEMO_SHARDS
 from pipeline.errors import user_error
 from pipeline.eval.features import FeatureNet, load_feature_net
-from pipeline.eval.metrics import Scorer, reference_stats
+from pipeline.eval.metrics import Scorer, published_stats, reference_stats
 from pipeline.eval.protocol import protocol_tag
 from pipeline.eval.sampling import sample_latents, standing_stats
 from pipeline.images import to_uint8
@@ -36,9 +36,21 @@ def feature_net_for(spec, features: str, device) -> FeatureNet:
     return load_feature_net(features, device, what="eval.features")
 
 
-def make_scorer(spec, features: str, device, *, shards: str | None = None, resolution: int | None = None) -> Scorer:
+def make_scorer(
+    spec,
+    features: str,
+    device,
+    *,
+    shards: str | None = None,
+    resolution: int | None = None,
+    real_stats: str | None = None,
+) -> Scorer:
     """A scorer against the real statistics of the spec's shards (computed once, cached there) at
-    `resolution` (default data.resolution; a growing generator's current stage)."""
+    `resolution` (default data.resolution; a growing generator's current stage), or against the
+    published statistics in `real_stats` (an .npz with mu and sigma: FID only, no KID)."""
+    if real_stats is not None:
+        net = feature_net_for(spec, features, device)
+        return Scorer(net, published_stats(real_stats, net))
     shards = shards or spec.data.shards
     if not shards or spec.data.synthetic:
         raise user_error(
@@ -145,6 +157,7 @@ def evaluate(
     batch_size: int = 100,
     device: str = "cpu",
     shards: str | None = None,
+    real_stats: str | None = None,
     out_dir: str | None = None,
 ) -> dict:
     """Evaluate a run's generator (its EMA when it has one) or exported weights at each
@@ -163,7 +176,7 @@ def evaluate(
     truncations = [protocol.truncation] if truncations is None else list(truncations)
     standing_passes = protocol.standing_stats if standing_passes is None else standing_passes
     seed = gen.spec.seed if seed is None else seed
-    scorer = make_scorer(gen.spec, features, device, shards=shards)
+    scorer = make_scorer(gen.spec, features, device, shards=shards, real_stats=real_stats)
     results = []
     for truncation in truncations:
         result = evaluate_module(
@@ -187,7 +200,7 @@ def evaluate(
     if len(results) > 1:
         record["plot"] = str(out / f"{stem}-fid-is.png")
         plot_sweep(results, Path(record["plot"]), title=gen.source)
-    Path(record["json"]).write_text(json.dumps(record, indent=2) + "\n")
+    Path(record["json"]).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")  # scores: None, never NaN
     return record
 
 
@@ -199,6 +212,7 @@ def plot_sweep(results: list[dict], path: Path, *, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
+    results = [r for r in results if r["is_mean"] is not None and r["fid"] is not None]  # non-finite: not plotted
     ax.plot([r["is_mean"] for r in results], [r["fid"] for r in results], "o-", color="#4c72b0")
     for r in results:
         t = r["protocol"]["truncation"]

@@ -7,8 +7,10 @@ sha256 and how it resizes its input are recorded next to every score (`protocol(
 `load_feature_net` takes one of:
   demo            the demo classifier at shards/demo/classifier.safetensors (`just demo-data` trains it)
   demo:PATH       a demo classifier saved elsewhere
-  inception:PATH  the standard FID Inception-v3 (TensorFlow 2015-12-05 weights as torch-fidelity converts
-                  them), from a local weights file; nothing is downloaded at run time
+  inception:PATH  the standard FID Inception-v3 (`pipeline.eval.inception`, written here: no torch-fidelity,
+                  no torchvision) with the TensorFlow 2015-12-05 weights in torch-fidelity's file, from a
+                  local path; nothing is downloaded at run time. Whether the file is the official one
+                  (its sha256) is recorded in the protocol
   inception       the same, from where torch-fidelity itself caches the file (torch hub's checkpoints)
 """
 
@@ -24,10 +26,12 @@ from torch import nn
 from pipeline.data import DEMO_SHARDS
 from pipeline.errors import user_error
 from pipeline.eval.classifier import INPUT_SIZE, WEIGHTS_FILE, load_demo_classifier
+from pipeline.eval.inception import INPUT_SIZE as INCEPTION_INPUT_SIZE
+from pipeline.eval.inception import OFFICIAL_SHA256, load_fid_inception
+from pipeline.eval.inception import WEIGHTS_FILE as INCEPTION_WEIGHTS
+from pipeline.eval.inception import WEIGHTS_URL as INCEPTION_URL
 from pipeline.safe_files import sha256
 
-INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS}"
 KINDS = ("demo", "inception")
 
 
@@ -76,26 +80,33 @@ class DemoFeatureNet(FeatureNet):
 
 
 class InceptionFeatureNet(FeatureNet):
-    """torch-fidelity's Inception-v3: pool3 (2048) features and the unbiased logits that IS uses."""
+    """The FID Inception-v3 (`pipeline.eval.inception`): pool3 (2048) features and the unbiased
+    logits that IS uses, from torch-fidelity's weights file, read safely and checked."""
 
     name = "inception-v3-compat"
-    input_size = 299
+    input_size = INCEPTION_INPUT_SIZE
     # the resize the published TensorFlow FID and IS numbers used (torchmetrics' default antialias differs)
-    resize_filter = "bilinear as TensorFlow 1.x, no antialiasing (torch-fidelity)"
+    resize_filter = "bilinear as TensorFlow 1.x, no antialiasing (as torch-fidelity)"
     num_features, num_classes = 2048, 1008
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, what: str = "features"):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        self.net, self.checksum = load_fid_inception(path, what=what)
+        self.official = self.checksum == OFFICIAL_SHA256
 
-        self.net = FeatureExtractorInceptionV3(
-            self.name, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
+    def weights_note(self) -> str:
+        if self.official:
+            return "the official FID weights"
+        return (
+            f"NOT the official FID weights (sha256 {OFFICIAL_SHA256[:12]}...): "
+            "scores are not comparable with published ones"
         )
-        self.checksum = sha256(path)
+
+    def protocol(self) -> dict:
+        return super().protocol() | {"feature_net_official": self.official, "feature_net_weights": self.weights_note()}
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features, logits = self.net(images)
-        return features, logits
+        return self.net(images)
 
 
 def default_inception_path() -> Path:
@@ -133,14 +144,5 @@ def load_feature_net(spec: str, device: str | torch.device = "cpu", *, what: str
                 f"inception:PATH (or put it at {default_inception_path()}); nothing is downloaded "
                 "at run time",
             )
-        try:
-            import torch_fidelity  # noqa: F401
-        except ImportError:
-            raise user_error(
-                "the Inception feature network needs torch-fidelity, which is not installed",
-                path=what,
-                hint="install the `inception` extra: pip install -e '.[inception]' (it needs the "
-                "torchvision that matches your torch)",
-            ) from None
-        net = InceptionFeatureNet(path)
+        net = InceptionFeatureNet(path, what=what)
     return net.to(device).eval().requires_grad_(False)

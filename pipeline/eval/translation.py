@@ -132,6 +132,7 @@ def evaluate_translation(
             g.eval()
         for direction, (source, target) in DIRECTIONS.items():
             reference = reference_stats(shards[target], nets[target], batch_size=batch_size)
+            assert reference.resolution is not None  # (computed from shards, not published)
             scorer = Scorer(nets[target], reference, seed=seed)
             batches = _source_images(
                 shards[source],

@@ -153,6 +153,31 @@ def test_the_protocol_is_recorded_with_the_scores(reference):
     json.dumps(scores)  # written next to every score as it is
 
 
+def test_non_finite_scores_are_null_named_and_warned_about(reference):
+    class Overflowing(QuadrantNet):
+        def forward(self, images):
+            features, logits = super().forward(images)
+            features[:3] = float("inf")  # as a feature network that overflows on 3 images a batch
+            return features, logits
+
+    images, labels = make_images()
+    with pytest.warns(UserWarning, match="fid, kid_mean, kid_std came out NaN or infinite.*12 of 400 generated"):
+        scores = Scorer(Overflowing(), reference, **FAST)(batches(images, labels))
+    assert (
+        scores["fid"] is None and scores["kid_mean"] is None and scores["non_finite"] == ["fid", "kid_mean", "kid_std"]
+    )
+    assert scores["is_mean"] == pytest.approx(NUM_CLASSES, rel=0.2)  # the logits were finite
+    json.dumps(scores, allow_nan=False)  # valid JSON
+
+
+def test_kid_and_is_follow_the_reference_protocol_by_default(reference):
+    images, labels = make_images(seed=2)
+    scores = Scorer(QuadrantNet(), reference, **FAST)(batches(images, labels))
+    protocol = scores["protocol"]
+    assert protocol["seed"] == 2020 and "RandomState(seed).choice(generated)" in protocol["scores_follow"]
+    assert "ddof 0" in protocol["scores_follow"]
+
+
 def test_scoring_checks_its_inputs(reference):
     images, _ = make_images()
     with pytest.raises(SpecError, match="computed with"):
@@ -209,14 +234,14 @@ def test_reference_stats_are_cached_once_reused_and_invalidated_when_the_manifes
 
     again = reference_stats(tmp_path, net, batch_size=16)
     assert net.num_calls == calls  # read from the file, not computed
-    assert torch.equal(again.features_cov_sum, first.features_cov_sum) and again.num_samples == 40
+    assert torch.equal(again.sigma, first.sigma) and again.num_samples == 40
     assert torch.equal(again.kid_features, first.kid_features) and again.classes == CLASSES
 
     write_tiny_shards(tmp_path, seed=1)  # another shuffle: another manifest
     rebuilt = reference_stats(tmp_path, net, batch_size=16)
     assert net.num_calls > calls
     assert rebuilt.path == first.path
-    assert torch.allclose(rebuilt.features_sum, first.features_sum)  # the same images in another order
+    assert torch.allclose(rebuilt.mu, first.mu)  # the same images in another order
     calls = net.num_calls
     reference_stats(tmp_path, net, batch_size=16)
     assert net.num_calls == calls  # the new file is current again
@@ -229,7 +254,9 @@ def test_reference_stats_match_the_images_in_the_shards(tmp_path):
     images = torch.cat([i for i, _ in read])
     net = QuadrantNet()
     stats = reference_stats(tmp_path, net)
-    assert torch.allclose(stats.features_sum.float(), net(images)[0].sum(0), rtol=1e-5)
+    features = net(images)[0].double()
+    assert torch.allclose(stats.mu, features.mean(0)) and torch.allclose(stats.sigma, features.T.cov())
+    assert torch.equal(stats.kid_features, features.float())  # all of them, in the shards' order
 
 
 def test_reference_stats_need_a_finished_build(tmp_path):
@@ -245,18 +272,6 @@ def test_missing_inception_weights_are_a_user_error_naming_the_file_and_where_to
     issue = info.value.issues[0]
     assert str(missing) in issue.message and issue.path == "eval.features"
     assert INCEPTION_WEIGHTS in issue.hint and "inception:PATH" in issue.hint and "torch-fidelity" in issue.hint
-
-
-def test_missing_torch_fidelity_is_a_user_error_naming_the_extra(tmp_path, monkeypatch):
-    import sys
-
-    weights = tmp_path / INCEPTION_WEIGHTS
-    weights.write_bytes(b"not read before torch-fidelity is found")
-    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # makes `import torch_fidelity` fail
-    with pytest.raises(SpecError) as info:
-        load_feature_net(f"inception:{weights}")
-    issue = info.value.issues[0]
-    assert "torch-fidelity" in issue.message and "[inception]" in issue.hint
 
 
 def test_unknown_or_missing_feature_networks_are_user_errors(tmp_path):
