@@ -21,7 +21,7 @@ validate *args:
 sample *args:
     @{{python}} -m pipeline sample "$@"
 
-# write the JSON Schema of specs (editors can complete and check spec YAML with it)
+# write the JSON Schema of specs to spec.schema.json (editors complete and check spec YAML with it); --stdout prints it; --markdown FILE: the readable reference (docs/spec-reference.md)
 schema *args:
     @{{python}} -m pipeline schema "$@"
 

@@ -7,12 +7,13 @@ it, and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.commands.data import cmd_demo_data, cmd_shards_build, cmd_shards_check, cmd_shards_index
 from pipeline.commands.results import cmd_eval, cmd_sample
 from pipeline.commands.run import cmd_profile, cmd_train
-from pipeline.commands.specs import cmd_schema, cmd_validate
+from pipeline.commands.specs import SCHEMA_FILE, cmd_schema, cmd_validate
 from pipeline.data import DEMO_DOMAIN_SHARDS, DEMO_SHARDS
 from pipeline.errors import SpecError
 
@@ -175,8 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for the JSON and plot (default RUN/eval)")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("schema", help="write the JSON Schema of specs (for editor completion)")
-    p.add_argument("-o", "--output", help="file to write (default: standard output)")
+    p = sub.add_parser(
+        "schema", help="write the JSON Schema of specs (for editor completion), or the spec reference in Markdown"
+    )
+    p.add_argument(
+        "output", nargs="?", metavar="FILE", help=f"file to write (default {SCHEMA_FILE}); - prints it instead"
+    )
+    p.add_argument("-o", "--output", dest="output_option", metavar="FILE", help="the same as FILE")
+    p.add_argument("--stdout", action="store_true", help="print the JSON Schema instead of writing a file")
+    p.add_argument(
+        "--markdown",
+        metavar="FILE",
+        help="write the spec reference (every section, field, type, default and description; methods and "
+        "block kinds) as Markdown to FILE, e.g. docs/spec-reference.md; the JSON only if asked for as well",
+    )
     p.set_defaults(func=cmd_schema)
     return parser
 
@@ -210,8 +223,18 @@ def main(argv: list[str] | None = None) -> int:
         ns.args += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(ns, "output_option", None):
+        ns.output = ns.output_option
     try:
-        return ns.func(ns)
+        code = ns.func(ns)
+        sys.stdout.flush()  # a broken pipe shows here, not in the flush at exit
+        return code
+    except BrokenPipeError:
+        # the reader of our output went away (`schema --stdout | head`): no traceback, and no second
+        # error when Python flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a process the signal ended
     except SpecError as exc:
         print_refusal(exc)
         return 2
