@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild the shards and retrain the classifier even if complete ones are there",
     )
     p.set_defaults(func=cmd_demo_data)
-    from pipeline.eval.protocol import STANDING_STATS_PASSES
+    from pipeline.eval.protocol import STANDING_STATS_BATCH, STANDING_STATS_PASSES
 
     # sample and eval: what is not given follows the protocol of the run's own spec (`eval:`)
     p = sub.add_parser("sample", help="write sample grids, per-image PNGs and interpolations of a trained generator")
@@ -120,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="forward passes of standing BatchNorm statistics before sampling; 0: off (default: the "
         f"spec's eval.standing_stats, {STANDING_STATS_PASSES} unless the spec says otherwise)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=STANDING_STATS_BATCH,
+        help=f"images per forward pass, and per standing-statistics pass (default {STANDING_STATS_BATCH})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
     p.add_argument("--out", help="output directory (default RUN/samples/sample-TIME-seedS, or beside the weights)")
     p.add_argument(
@@ -171,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shards", help="real data to compare with (default: the spec's data.shards)")
     p.add_argument("--seed", type=int, help="seed of the latents (default: the spec's seed, as in training)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=STANDING_STATS_BATCH,
+        help=f"images per forward pass, and per standing-statistics pass (default {STANDING_STATS_BATCH})",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--out", help="directory for the JSON and plot (default RUN/eval)")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
