@@ -37,6 +37,10 @@ schema *args:
 test *args:
     @DS_ACCELERATOR=cpu {{python}} -m pytest -q "$@"
 
+# the unit tests alone, in under 2 minutes: neither `slow` nor `integration` (trains, compiles, starts processes; tests/conftest.py)
+test-fast *args:
+    @DS_ACCELERATOR=cpu {{python}} -m pytest -q -m "not slow and not integration" "$@"
+
 # lint, format and type check (ruff and mypy, configured in pyproject.toml); `just lint --fix` fixes what ruff can
 lint *args:
     @{{python}} -m ruff check "$@" .
