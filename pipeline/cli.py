@@ -7,13 +7,14 @@ it, and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.commands.data import cmd_demo_data, cmd_shards_build, cmd_shards_check, cmd_shards_index
 from pipeline.commands.export import cmd_export
 from pipeline.commands.results import cmd_eval, cmd_sample
 from pipeline.commands.run import cmd_profile, cmd_train
-from pipeline.commands.specs import cmd_schema, cmd_validate
+from pipeline.commands.specs import SCHEMA_FILE, cmd_schema, cmd_validate
 from pipeline.commands.weights import cmd_import_weights
 from pipeline.data import DEMO_DOMAIN_SHARDS, DEMO_SHARDS
 from pipeline.errors import SpecError
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild the shards and retrain the classifier even if complete ones are there",
     )
     p.set_defaults(func=cmd_demo_data)
-    from pipeline.eval.protocol import STANDING_STATS_PASSES
+    from pipeline.eval.protocol import STANDING_STATS_BATCH, STANDING_STATS_PASSES
 
     # sample and eval: what is not given follows the protocol of the run's own spec (`eval:`)
     p = sub.add_parser("sample", help="write sample grids, per-image PNGs and interpolations of a trained generator")
@@ -139,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="forward passes of standing BatchNorm statistics before sampling; 0: off (default: the "
         f"spec's eval.standing_stats, {STANDING_STATS_PASSES} unless the spec says otherwise)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=STANDING_STATS_BATCH,
+        help=f"images per forward pass, and per standing-statistics pass (default {STANDING_STATS_BATCH})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
     p.add_argument("--out", help="output directory (default RUN/samples/sample-TIME-seedS, or beside the weights)")
     p.add_argument(
@@ -196,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         "BigGAN-PyTorch, clean-fid), of the --features network's features; FID only, KID needs real features",
     )
     p.add_argument("--seed", type=int, help="seed of the latents (default: the spec's seed, as in training)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=STANDING_STATS_BATCH,
+        help=f"images per forward pass, and per standing-statistics pass (default {STANDING_STATS_BATCH})",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--out", help="directory for the JSON and plot (default RUN/eval)")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -231,7 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="passes of standing BatchNorm statistics frozen into the model; 0: the running statistics "
         f"as trained (default: the spec's eval.standing_stats, {STANDING_STATS_PASSES} unless it says otherwise)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images per standing-statistics pass (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=STANDING_STATS_BATCH,
+        help=f"images per standing-statistics pass (default {STANDING_STATS_BATCH})",
+    )
     p.add_argument("--seed", type=int, default=0, help="the statistics use seed + 1, as `sample --seed` does")
     p.add_argument("--device", choices=("cpu", "cuda"), help="for the standing statistics (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -245,8 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the export directory to write (new or empty)")
     p.add_argument("args", nargs="*", metavar="key=value", help="overrides of the spec")
     p.set_defaults(func=cmd_import_weights)
-    p = sub.add_parser("schema", help="write the JSON Schema of specs (for editor completion)")
-    p.add_argument("-o", "--output", help="file to write (default: standard output)")
+    p = sub.add_parser(
+        "schema", help="write the JSON Schema of specs (for editor completion), or the spec reference in Markdown"
+    )
+    p.add_argument(
+        "output", nargs="?", metavar="FILE", help=f"file to write (default {SCHEMA_FILE}); - prints it instead"
+    )
+    p.add_argument("-o", "--output", dest="output_option", metavar="FILE", help="the same as FILE")
+    p.add_argument("--stdout", action="store_true", help="print the JSON Schema instead of writing a file")
+    p.add_argument(
+        "--markdown",
+        metavar="FILE",
+        help="write the spec reference (every section, field, type, default and description; methods and "
+        "block kinds) as Markdown to FILE, e.g. docs/spec-reference.md; the JSON only if asked for as well",
+    )
     p.set_defaults(func=cmd_schema)
     return parser
 
@@ -280,8 +308,18 @@ def main(argv: list[str] | None = None) -> int:
         ns.args += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(ns, "output_option", None):
+        ns.output = ns.output_option
     try:
-        return ns.func(ns)
+        code = ns.func(ns)
+        sys.stdout.flush()  # a broken pipe shows here, not in the flush at exit
+        return code
+    except BrokenPipeError:
+        # the reader of our output went away (`schema --stdout | head`): no traceback, and no second
+        # error when Python flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a process the signal ended
     except SpecError as exc:
         print_refusal(exc)
         return 2

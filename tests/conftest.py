@@ -128,3 +128,31 @@ def demo_shards_with_classifier(demo_shards, tmp_path_factory):
 
 
 sys.path.insert(0, str(ROOT))
+
+
+# ----- `just test-fast`: the tests that are neither `slow` nor `integration` -----
+# A test is an integration test when it trains, compiles, starts processes or builds the demo
+# data: marked `@pytest.mark.integration` where it says so, and here by the fixtures it uses (a
+# fixture that trains or builds, or a subprocess's environment) and by module (one whose tests
+# train for the most part).
+INTEGRATION_FIXTURES = {
+    "demo_shards",  # the demo shards, built once per session
+    "demo_shards_with_classifier",  # and the demo classifier trained beside them
+    "clean_env",  # a `python -m pipeline` subprocess
+    "domains",  # eval/test_translation_eval.py: the two-domain digits and their classifiers
+    "domain_shards",  # methods/test_methods.py: the same
+    "tiny_run",  # eval/test_sampling.py: a trained run
+}
+INTEGRATION_MODULES = {
+    "graph/test_compile.py",  # torch.compile
+    "blocks/test_sync_bn.py",  # two gloo ranks in processes of their own
+    "methods/test_logan_unet.py",  # trains LOGAN and U-Net GAN specs
+    "profile/test_profile.py",  # profiles training steps
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.relative_to(ROOT / "tests").as_posix()
+        if module in INTEGRATION_MODULES or INTEGRATION_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)

@@ -375,6 +375,7 @@ def test_absurd_network_sizes_are_validation_errors(override, node, message):
     assert any(issue.path == node and message in issue.message for issue in info.value.issues), str(info.value)
 
 
+@pytest.mark.integration
 def test_a_refusal_under_a_launcher_is_printed_by_rank_0_only(tmp_path):
     said = {}
     for rank in ("0", "1"):  # as DeepSpeed's launcher starts them: one process per rank, RANK and WORLD_SIZE set

@@ -132,14 +132,30 @@ def _memory_json(est, memory: float | None) -> dict:
     }
 
 
+SCHEMA_FILE = "spec.schema.json"
+
+
 def cmd_schema(ns) -> int:
+    from pathlib import Path
+
     from pipeline.spec import Spec
 
+    if ns.markdown:
+        from pipeline.spec.reference import schema_markdown
+
+        Path(ns.markdown).write_text(schema_markdown(Spec), encoding="utf-8")
+        print(f"wrote the spec reference to {ns.markdown}", file=sys.stderr)
+        if ns.output is None and not ns.stdout:
+            return 0
     text = json.dumps(Spec.model_json_schema(), indent=2)
-    if ns.output:
-        with open(ns.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        print(f"wrote {ns.output}", file=sys.stderr)
-    else:
+    if ns.stdout or ns.output == "-":
         print(text)
+        return 0
+    output = ns.output or SCHEMA_FILE
+    Path(output).write_text(text + "\n", encoding="utf-8")
+    print(
+        f"wrote the JSON Schema of specs to {output}; point an editor at it, e.g. a first line "
+        f"`# yaml-language-server: $schema={Path(output).resolve()}` in a spec (--stdout prints it instead)",
+        file=sys.stderr,
+    )
     return 0

@@ -40,6 +40,23 @@ from pipeline.precision import DTYPES
 
 MEAN_STD = 127.5  # uint8 [0, 255] -> [-1, 1]
 
+# DALI is an extra of the project, not a dependency: its wheels are per CUDA major version
+DALI_EXTRAS_HINT = (
+    "install the project with the DALI build for this machine: pip install -e '.[cuda13]' (CUDA 13, "
+    "NVIDIA driver >= 580), '.[cuda12]' (CUDA 12, driver >= 525.60) or '.[cpu]' (no GPU); "
+    "README: Install"
+)
+
+
+def require_dali() -> None:
+    """A user error naming the extras when NVIDIA DALI cannot be imported."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as exc:
+        raise user_error(
+            f"the input pipeline needs NVIDIA DALI, which cannot be imported ({exc})", hint=DALI_EXTRAS_HINT
+        ) from None
+
 
 def _graph(
     shards: ShardSet,
@@ -131,6 +148,7 @@ def build_pipeline(
 ):
     """Build (and start) the DALI pipeline; `device_id=None` runs it entirely on the CPU. An
     unlabelled pipeline reads only the images (shards need no .cls) and yields them alone."""
+    require_dali()
     from nvidia.dali import pipeline_def
 
     make = pipeline_def(enable_checkpointing=True)(_graph)

@@ -15,7 +15,7 @@ from pipeline.data import DEMO_SHARDS
 from pipeline.errors import user_error
 from pipeline.eval.features import FeatureNet, load_feature_net
 from pipeline.eval.metrics import Scorer, published_stats, reference_stats
-from pipeline.eval.protocol import protocol_tag
+from pipeline.eval.protocol import STANDING_STATS_BATCH, protocol_tag
 from pipeline.eval.sampling import sample_latents, standing_stats
 from pipeline.images import to_uint8
 
@@ -97,7 +97,7 @@ def evaluate_module(
     mode: str = "truncate",
     standing_passes: int | None = None,
     seed: int = 0,
-    batch_size: int = 100,
+    batch_size: int = STANDING_STATS_BATCH,
 ) -> dict:
     """Scores of `module`'s samples. Standing statistics (by default the spec's
     `eval.standing_stats` passes) are taken on a copy: `module` is unchanged."""
@@ -154,7 +154,7 @@ def evaluate(
     mode: str = "truncate",
     standing_passes: int | None = None,
     seed: int | None = None,
-    batch_size: int = 100,
+    batch_size: int = STANDING_STATS_BATCH,
     device: str = "cpu",
     shards: str | None = None,
     real_stats: str | None = None,

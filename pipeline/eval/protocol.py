@@ -1,5 +1,5 @@
-"""The evaluation protocol: everything besides the weights that decides a score. Its one default
-(standing statistics, declared with the spec's `eval.standing_stats`), shared by training's
+"""The evaluation protocol: everything besides the weights that decides a score. Its defaults
+(standing statistics, declared with the spec's `eval.standing_stats`, and their batch), shared by training's
 periodic evaluation, `eval` and `sample`; and the name under which `eval` files the results of
 one protocol.
 """
@@ -11,7 +11,13 @@ import json
 
 from pipeline.spec.schema import STANDING_STATS_PASSES
 
-__all__ = ["STANDING_STATS_PASSES", "protocol_tag"]
+__all__ = ["STANDING_STATS_BATCH", "STANDING_STATS_PASSES", "protocol_tag"]
+
+STANDING_STATS_BATCH = 64
+"""Images per forward pass of `sample`, `eval` and training's evaluation unless --batch-size says
+otherwise, and so the batch of each standing-statistics pass: BigGAN-PyTorch's sample.py runs its
+standing statistics (utils.accumulate_standing_stats) on a batch of max(G_batch_size, batch_size),
+64 by default (utils.prepare_parser, commit 98459431)."""
 
 # keys of a result's protocol that say which weights were scored, not how
 _WEIGHTS_KEYS = ("generator", "ema", "step")

@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from pipeline.errors import Issue, SpecError, user_error
+from pipeline.eval.protocol import STANDING_STATS_BATCH
 from pipeline.images import save_gif, save_png, tile, to_pixels, to_uint8  # noqa: F401  (also used from here)
 from pipeline.runs import EXPORT_SPEC, is_export
 
@@ -576,7 +577,7 @@ def write_samples(
     truncation: float | None = None,
     mode: str = "truncate",
     standing_passes: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = STANDING_STATS_BATCH,
     seed: int = 0,
     interpolate: str | None = None,
     num_steps: int = 8,

@@ -12,6 +12,7 @@ checkpointed and an existing run is not resumed or touched.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import time
@@ -28,6 +29,17 @@ from pipeline.regions import Regions
 from pipeline.runs import Run
 
 SHARED_REGIONS = ("data_wait", "ema", "comm")  # besides each phase's forward, backward and optimizer regions
+
+
+# kineto, torch.profiler's engine, writes its USDT trace markers to stderr ("USDT:... profiler_start",
+# "profiler_stop", at its highest severity, 5, above ERROR, which torch otherwise sets as the
+# threshold). It reads the threshold from KINETO_LOG_LEVEL once, when the process's first profiler
+# starts (pytorch/kineto 114171df, libkineto/src/init.cpp: libkineto_init, suppressLibkinetoLogMessages).
+KINETO_QUIET = "6"  # above every severity; KINETO_LOG_LEVEL=4 in the environment shows errors again
+
+
+def quiet_kineto() -> None:
+    os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_QUIET)
 
 
 def _sync(device: torch.device) -> None:
@@ -140,6 +152,7 @@ def profile(loaded, *, steps: int, warmup: int, trace_steps: int = 2, device: st
     out_dir = _out_dir(loaded)
     trace_path = None
     if trace_steps:
+        quiet_kineto()
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []
         )

@@ -225,6 +225,17 @@ def test_no_shards_match(tmp_path):
         find_shards(tmp_path / "nothing-*.tar")
 
 
+def test_missing_dali_names_the_extras_to_install(shard_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` raise ImportError
+    with pytest.raises(SpecError) as info:
+        build_pipeline(find_shards(shard_dir), batch_size=2, resolution=32)
+    text = str(info.value)
+    assert "needs NVIDIA DALI" in text
+    assert all(extra in text for extra in ("'.[cuda13]'", "'.[cuda12]'", "'.[cpu]'"))
+
+
 def test_missing_index_files(tmp_path):
     write_tar(tmp_path / "a.tar", [("k1.jpg", jpeg()), ("k1.cls", b"1")])
     (tmp_path / "a.idx").unlink()

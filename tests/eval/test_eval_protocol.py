@@ -69,6 +69,7 @@ def test_the_schema_documents_zero_as_off():
     assert every["default"] == 0 and every["minimum"] == 0 and "0: never" in every["description"]
 
 
+@pytest.mark.integration
 def test_training_with_evaluation_off_does_not_evaluate(tmp_path, metrics):
     """Synthetic data has no real images to compare with: an evaluation would stop the run."""
     from pipeline.train.loop import train

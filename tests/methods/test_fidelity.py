@@ -282,6 +282,7 @@ def test_parameter_counts_equal_the_authors(name, g_params, d_params):
     assert plans["discriminator"].params == d_params
 
 
+@pytest.mark.integration
 def test_cyclegan_learning_rate_decays_linearly_to_zero(tmp_path):
     # models/networks.py:get_scheduler('linear'): constant for n_epochs, then linearly to 0 over
     # n_epochs_decay; counted here in the run's real images (an a and a b image per pair)

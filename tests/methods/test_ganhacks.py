@@ -66,6 +66,7 @@ def test_d_sees_real_and_fake_apart_when_it_has_batch_statistics(spec_name, laye
     assert not torch.allclose(joint_1, joint_2)
 
 
+@pytest.mark.integration
 def test_d_without_batch_statistics_keeps_one_joint_batch(monkeypatch):
     spec, nets = _gan("tiny_biggan")
     assert not batch_statistics(nets["discriminator"])
@@ -204,6 +205,7 @@ def test_replay_shows_d_past_fakes_and_resumes_exactly():
     assert torch.equal(again(second, torch.arange(10, 14))[0], shown)
 
 
+@pytest.mark.integration
 def test_instance_noise_falls_to_zero_over_its_images():
     spec, nets = _gan("dcgan_32", "train.batch_size=8", "method.instance_noise={std: 0.2, anneal_images: 1000}")
     run = spec.method.build(spec)
@@ -317,6 +319,7 @@ discriminator:
 """
 
 
+@pytest.mark.integration
 def test_the_auxiliary_classifier_adds_class_cross_entropies_to_both_losses(write_spec):
     import torch.nn.functional as F
 

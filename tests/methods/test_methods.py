@@ -176,6 +176,7 @@ def test_csgan_sample_and_eval_commands(cli, domain_shards, tmp_path):
         assert scores[direction]["fid"] > 0 and 0 <= scores[direction]["content_accuracy"] <= 1
 
 
+@pytest.mark.integration
 def test_flops_follow_the_cycle_phases(tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
 

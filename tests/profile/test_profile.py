@@ -4,6 +4,7 @@ the loader alone, 2 ranks, the verdict and the peak table."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.blocks.attention import explicit_attention
 from pipeline.profile.flops import step_flops
 from pipeline.profile.peak import GPU_PEAK_TFLOPS, gpu_peak
-from pipeline.profile.run import verdict
+from pipeline.profile.run import quiet_kineto, verdict
 from pipeline.spec import load_spec
 from pipeline.train.loop import Trainer
 
@@ -211,3 +212,27 @@ def test_the_cpu_peak_bounds_what_this_machine_reaches(precision, monkeypatch):
     monkeypatch.delenv("PIPELINE_CPU_MAX_GHZ", raising=False)
     peak, what = cpu_peak(precision)
     assert matmul_rate(precision, seconds=0.3) <= peak, what
+
+
+PROFILE_ONCE = """
+import torch
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+    torch.ones(4) @ torch.ones(4)
+"""
+
+
+def test_the_profiler_prints_no_kineto_markers(root, clean_env, monkeypatch):
+    # without quiet_kineto, kineto writes "USDT: ... profiler_start" and "profiler_stop" to stderr
+    monkeypatch.delenv("KINETO_LOG_LEVEL", raising=False)
+    default = {k: v for k, v in clean_env.items() if k != "KINETO_LOG_LEVEL"}
+    quiet_kineto()  # what `profile` does before its trace: the environment its profiler then starts in
+    quiet = default | {"KINETO_LOG_LEVEL": os.environ["KINETO_LOG_LEVEL"]}
+    err = {
+        name: subprocess.run(
+            [sys.executable, "-c", PROFILE_ONCE], cwd=root, env=env, capture_output=True, text=True, check=True
+        ).stderr
+        for name, env in (("default", default), ("quiet", quiet))
+    }
+    if "profiler_start" not in err["default"]:
+        pytest.skip("this torch's kineto prints no trace markers to silence")
+    assert "USDT" not in err["quiet"] and "profiler_st" not in err["quiet"], err["quiet"]

@@ -1,6 +1,7 @@
 """Every shipped spec validates and builds; the BigGAN family matches the published reference."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -33,6 +34,35 @@ def test_every_spec_validates_on_meta(shipped_spec):
         # analysis never allocates weights: every tensor it built lives on the meta device
         for module in plan.modules.values():
             assert all(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
+
+
+def header_claims(path) -> tuple[list[int], list[str]]:
+    """The parameter counts (integers written with thousands separators) and GFLOP/img figures
+    in the sentences of a spec's leading comment that speak of parameters or FLOPs."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# "))
+    sentences = re.split(r"(?<=\.)\s+", " ".join(lines))
+    counted = [s for s in sentences if re.search(r"param|GFLOP", s, re.IGNORECASE)]
+    params = [int(n.replace(",", "")) for s in counted for n in re.findall(r"\b\d{1,3}(?:,\d{3})+\b", s)]
+    gflops = [g for s in counted for g in re.findall(r"\b(\d+\.\d+)(?: and \d+\.\d+)? GFLOP", s)]
+    gflops += [g for s in counted for g in re.findall(r"\b\d+\.\d+ and (\d+\.\d+) GFLOP", s)]
+    return params, gflops
+
+
+def test_header_numbers_are_what_validate_reports(shipped_spec, root):
+    params, gflops = header_claims(root / "specs" / f"{shipped_spec}.yaml")
+    if not params and not gflops:
+        pytest.skip("its header states no parameter count or FLOPs")
+    plans = analyze_spec(load_spec(shipped_spec, check_graphs=False)).values()
+    counts = {p.params for p in plans} | {s.params for p in plans if p.growth for s in p.growth.stages}
+    for n in params:
+        assert n in counts, f"specs/{shipped_spec}.yaml's header says {n:,} parameters; validate: {sorted(counts)}"
+    figures = {f"{p.flops_per_image / 1e9:.2f}" for p in plans}
+    for g in gflops:
+        assert g in figures, f"specs/{shipped_spec}.yaml's header says {g} GFLOP/img; validate: {sorted(figures)}"
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
