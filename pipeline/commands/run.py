@@ -84,17 +84,33 @@ def ensure_demo_shards(loaded) -> None:
         build(where)
 
 
+def check_and_prepare(spec, world_size: int) -> None:
+    """Before any rank builds anything or a run directory is made: refuse with every problem the
+    spec and its files show (the evaluation's included), then train the feature classifier the
+    evaluation needs, if missing. Nothing for a run that is already complete."""
+    from pipeline.eval.during_training import evaluation_issues, prepare_evaluation
+    from pipeline.train.loop import already_complete
+    from pipeline.train.preflight import check_before_building, rank_from_environment
+
+    if already_complete(spec) is not None:
+        return
+    check_before_building(spec, world_size, evaluation_issues(spec))
+    if rank_from_environment() == 0:  # the rank that evaluates
+        prepare_evaluation(spec)
+
+
 def cmd_train(ns) -> int:
     from pipeline.spec import load_spec
-    from pipeline.train.preflight import check_before_building, world_size_from_environment
+    from pipeline.train.preflight import world_size_from_environment
 
     ranks, device, rest = split_run_args(ns.args)
     spec_arg, overrides = split_spec_args(rest, default="demo")
     loaded = load_spec(spec_arg, overrides)
     ensure_demo_shards(loaded)  # once, before any rank starts
     if ranks > 1:
-        check_before_building(loaded.spec, ranks)  # one refusal, not one per rank
+        check_and_prepare(loaded.spec, ranks)  # one refusal, not one per rank
         return launch(ranks, "train", rest + ([f"device={device}"] if device else []))
+    check_and_prepare(loaded.spec, world_size_from_environment())
     from pipeline.eval.during_training import evaluator_for
     from pipeline.train.loop import train
 

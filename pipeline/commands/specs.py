@@ -35,7 +35,10 @@ def cmd_validate(ns) -> int:
     spec_arg, overrides = split_spec_args(ns.args)
     loaded = load_spec(spec_arg, overrides, check_graphs=False)
     plans = analyze_spec(loaded)
-    train_needs = preflight(loaded.spec, world_size=1)  # a valid spec may still lack its data
+    from pipeline.eval.during_training import classifier_to_train, evaluation_issues
+
+    # a valid spec may still lack its data, or what its evaluation needs
+    train_needs = preflight(loaded.spec, world_size=1) + evaluation_issues(loaded.spec)
     advice = output_warnings(loaded)
     from pipeline.methods import describe
 
@@ -70,6 +73,12 @@ def cmd_validate(ns) -> int:
             print("  " + issue.format().replace("\n", "\n  "))
     else:
         print("The spec is valid, and `train` has what it needs to start (data found, batch splits over 1 rank).")
+    if not train_needs and (shards := classifier_to_train(spec)) is not None:
+        print(
+            f"Evaluation (eval.every={spec.eval.every}, eval.features=demo): `train` first trains the feature "
+            f"classifier on {shards} (once; seconds to a minute), or give eval.features=inception:PATH; "
+            "eval.every=0 switches evaluation off."
+        )
     return 0
 
 

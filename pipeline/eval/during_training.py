@@ -1,12 +1,89 @@
 """The evaluation `train` runs every `eval.every` steps, by method: the CLI builds it here and
 hands it to the loop, which calls it with the networks to score (their EMAs where they have
-one) and logs what it returns to metrics.jsonl."""
+one) and logs what it returns to metrics.jsonl. Before anything is built, `evaluation_issues`
+says why it could not run (`validate` lists them, `train` refuses with them) and
+`prepare_evaluation` trains the feature classifier it needs, when missing."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
+
+from pipeline.errors import Issue
+
+SWITCH_OFF = "or switch evaluation during training off: eval.every=0"
+
+
+def say(message: str) -> None:
+    """A progress line of evaluation (stderr, beside `train`'s other messages)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def evaluation_issues(spec) -> list[Issue]:
+    """Why the evaluation during training (`eval.every`) could not run, from the spec and the files
+    it names alone; none when it is off. Missing shards are the data check's to report."""
+    if not spec.eval.every or spec.method.use != "generate":
+        return []
+    from pipeline.data.shards import read_manifest
+    from pipeline.eval.classifier import classifier_problem
+    from pipeline.eval.features import INCEPTION_URL, INCEPTION_WEIGHTS, KINDS, default_inception_path
+
+    d, features = spec.data, spec.eval.features
+    if d.synthetic or not d.shards:
+        return [
+            Issue(
+                "evaluation during training compares generated images with real ones, and the spec reads no shards",
+                path="eval.every",
+                hint=f"give data.shards=DIR, {SWITCH_OFF}",
+            )
+        ]
+    kind, _, given = features.partition(":")
+    if kind not in KINDS:
+        return [
+            Issue(
+                f"unknown feature network {features!r}",
+                path="eval.features",
+                hint="give demo, demo:PATH or inception:PATH",
+            )
+        ]
+    if kind == "demo" and not given:
+        manifest = read_manifest(d.shards)
+        problem = classifier_problem(manifest) if manifest is not None else None
+        hint = f"give eval.features=inception:PATH (the standard FID network), {SWITCH_OFF}"
+        return [Issue(problem, path="eval.features", hint=hint)] if problem else []
+    path = Path(given).expanduser() if given else default_inception_path()
+    if path.is_file():
+        return []
+    if kind == "demo":
+        hint = f"give the path of a classifier.safetensors, or plain `demo` (trained on the shards), {SWITCH_OFF}"
+    else:
+        hint = f"download {INCEPTION_WEIGHTS} once from {INCEPTION_URL}, give its path as inception:PATH, {SWITCH_OFF}"
+    return [Issue(f"{path} does not exist", path="eval.features", hint=hint)]
+
+
+def classifier_to_train(spec) -> Path | None:
+    """The shards `prepare_evaluation` would first train the feature classifier on; None if none."""
+    if not spec.eval.every or spec.method.use != "generate" or spec.eval.features != "demo":
+        return None
+    if spec.data.synthetic or not spec.data.shards:
+        return None
+    from pipeline.eval.classifier import FALLBACK_DIR, demo_classifier_ready
+
+    shards = Path(spec.data.shards)
+    ready = any(demo_classifier_ready(shards, home=home) for home in (shards, spec.run_dir / FALLBACK_DIR))
+    return None if ready else shards
+
+
+def prepare_evaluation(spec, log=say) -> None:
+    """What the evaluation during training needs before the run starts: the feature classifier of
+    `eval.features: demo`, trained on the spec's shards when missing (`ensure_classifier`)."""
+    if classifier_to_train(spec) is None:
+        return
+    from pipeline.eval.classifier import FALLBACK_DIR, ensure_classifier
+
+    ensure_classifier(spec.data.shards, resolution=spec.data.resolution, fallback=spec.run_dir / FALLBACK_DIR, log=log)
 
 
 def evaluator_for(spec):

@@ -20,19 +20,21 @@ from pipeline.eval.sampling import sample_latents, standing_stats
 from pipeline.images import to_uint8
 
 
-def feature_net_for(spec, features: str, device) -> FeatureNet:
-    """The feature network `features` names. Plain `demo` is the classifier beside the spec's
-    shards, trained there first (seconds) if those are the demo shards and it is missing."""
+def feature_net_for(spec, features: str, device, *, shards: str | None = None) -> FeatureNet:
+    """The feature network `features` names. Plain `demo` is the classifier beside the shards
+    compared with (the spec's unless given), trained there first if it is missing: the demo's in
+    seconds, on other shards at their resolution (`classifier.ensure_classifier`)."""
     if features == "demo":
-        from pipeline.data.demo import DEMO_SOURCE
-        from pipeline.data.shards import read_manifest
-        from pipeline.eval.classifier import WEIGHTS_FILE, demo_classifier_ready, train_demo_classifier
+        from pipeline.eval.classifier import FALLBACK_DIR, ensure_classifier
+        from pipeline.eval.during_training import say
 
-        shards = Path(spec.data.shards or DEMO_SHARDS)
-        manifest = read_manifest(shards)
-        if not demo_classifier_ready(shards) and manifest is not None and manifest["source"] == DEMO_SOURCE:
-            train_demo_classifier(shards)
-        features = f"demo:{shards / WEIGHTS_FILE}"
+        path = ensure_classifier(
+            shards or spec.data.shards or DEMO_SHARDS,
+            resolution=spec.data.resolution,
+            fallback=spec.run_dir / FALLBACK_DIR,
+            log=say,
+        )
+        features = f"demo:{path}"
     return load_feature_net(features, device, what="eval.features")
 
 
@@ -46,7 +48,7 @@ def make_scorer(spec, features: str, device, *, shards: str | None = None, resol
             path="data.shards",
             hint="give --shards DIR (the shards the model was trained on)",
         )
-    net = feature_net_for(spec, features, device)
+    net = feature_net_for(spec, features, device, shards=shards)
     return Scorer(net, reference_stats(shards, net, resolution=resolution or spec.data.resolution))
 
 

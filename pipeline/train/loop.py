@@ -355,8 +355,26 @@ def train(
     check_before_building(loaded.spec, world_size_from_environment())  # before anything is built or written
     if rank_from_environment() != 0:
         return _train(loaded, device=device, stop_after=stop_after, evaluate=evaluate)
-    with run_lock(loaded.spec.run_dir):  # one writer per run directory
-        return _train(loaded, device=device, stop_after=stop_after, evaluate=evaluate)
+    run_dir = loaded.spec.run_dir
+    fresh = not run_dir.exists()
+    try:
+        with run_lock(run_dir):  # one writer per run directory
+            return _train(loaded, device=device, stop_after=stop_after, evaluate=evaluate)
+    except SpecError as exc:
+        if fresh and not isinstance(exc, TrainingStopped):  # a refusal, not a run that stopped
+            remove_if_unused(run_dir)
+        raise
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove a run directory that this call made and that holds nothing a person could use (no
+    checkpoint, export, sample or logged line): a refused start leaves nothing behind."""
+    import shutil
+
+    run = Run(run_dir)
+    kept = [run.checkpoints / "step-*", run.export, run.metrics.path, run.root / "samples" / "*.png"]
+    if not any(any(run_dir.glob(str(p.relative_to(run_dir)))) for p in kept):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _train(loaded: LoadedSpec, *, device: str | None, stop_after: int | None, evaluate: Evaluator | None) -> RunSummary:
