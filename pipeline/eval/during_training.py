@@ -6,19 +6,15 @@ says why it could not run (`validate` lists them, `train` refuses with them) and
 
 from __future__ import annotations
 
-import sys
+import time
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import Issue
+from pipeline.train.progress import say
 
 SWITCH_OFF = "or switch evaluation during training off: eval.every=0"
-
-
-def say(message: str) -> None:
-    """A progress line of evaluation (stderr, beside `train`'s other messages)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def evaluation_issues(spec) -> list[Issue]:
@@ -102,7 +98,7 @@ def describe_scores(record: dict, use: str) -> str:
         )
     protocol, accuracy = record.get("eval_protocol", {}), record.get("class_accuracy")
     return (
-        f"FID {record['fid']:.2f}, IS {record['is_mean']:.2f}"
+        f"FID {record['fid']:.2f}, KID {record['kid_mean']:.4f}, IS {record['is_mean']:.2f}"
         + (f", class accuracy {accuracy:.1%}" if accuracy is not None else "")
         + f" ({protocol.get('num_samples', '?')} samples, {protocol.get('feature_net', '?')} features, "
         f"standing statistics {protocol.get('standing_stats_passes', '?')} passes, "
@@ -129,9 +125,10 @@ def _gan_evaluator():
         from pipeline.eval.evaluate import evaluate_module, make_scorer
 
         e, name = spec.eval, spec.method.exports(spec)[0]
+        start = time.perf_counter()
         side = _side(nets[name], spec)
         if side not in scorers:
-            scorers[side] = make_scorer(spec, e.features, _device(nets), resolution=side)
+            scorers[side] = make_scorer(spec, e.features, _device(nets), resolution=side, log=say)
         scorer = scorers[side]
         result = evaluate_module(
             nets[name],
@@ -141,11 +138,14 @@ def _gan_evaluator():
             truncation=e.truncation,
             standing_passes=e.standing_stats,
             seed=spec.seed,
+            log=say,
         )
         from pipeline.eval.sampling import has_ema
 
         protocol = result.pop("protocol") | {"ema": has_ema(spec, name)}
-        return result | {"eval_protocol": protocol}
+        record = result | {"eval_protocol": protocol}
+        say(f"  {describe_scores(record, spec.method.use)} [{time.perf_counter() - start:.1f} s]")
+        return record
 
     return evaluate
 
@@ -154,6 +154,7 @@ def _translation_evaluator():
     def evaluate(nets: dict, spec) -> dict:
         from pipeline.eval.translation import evaluate_translation
 
+        start = time.perf_counter()
         m, streams = spec.method, spec.data.all_streams()
         result = evaluate_translation(
             nets[m.g_ab],
@@ -164,7 +165,9 @@ def _translation_evaluator():
             num_samples=spec.eval.num_samples,
             seed=spec.seed,
         )
-        return flat_translation_scores(result) | {"eval_protocol": result["protocol"]}
+        record = flat_translation_scores(result) | {"eval_protocol": result["protocol"]}
+        say(f"  {describe_scores(record, spec.method.use)} [{time.perf_counter() - start:.1f} s]")
+        return record
 
     return evaluate
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ def feature_net_for(spec, features: str, device, *, shards: str | None = None) -
     seconds, on other shards at their resolution (`classifier.ensure_classifier`)."""
     if features == "demo":
         from pipeline.eval.classifier import FALLBACK_DIR, ensure_classifier
-        from pipeline.eval.during_training import say
+        from pipeline.train.progress import say
 
         path = ensure_classifier(
             shards or spec.data.shards or DEMO_SHARDS,
@@ -38,9 +40,18 @@ def feature_net_for(spec, features: str, device, *, shards: str | None = None) -
     return load_feature_net(features, device, what="eval.features")
 
 
-def make_scorer(spec, features: str, device, *, shards: str | None = None, resolution: int | None = None) -> Scorer:
+def make_scorer(
+    spec,
+    features: str,
+    device,
+    *,
+    shards: str | None = None,
+    resolution: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Scorer:
     """A scorer against the real statistics of the spec's shards (computed once, cached there) at
-    `resolution` (default data.resolution; a growing generator's current stage)."""
+    `resolution` (default data.resolution; a growing generator's current stage). `log` hears
+    when those statistics are computed (slow: every real image)."""
     shards = shards or spec.data.shards
     if not shards or spec.data.synthetic:
         raise user_error(
@@ -49,7 +60,18 @@ def make_scorer(spec, features: str, device, *, shards: str | None = None, resol
             hint="give --shards DIR (the shards the model was trained on)",
         )
     net = feature_net_for(spec, features, device, shards=shards)
-    return Scorer(net, reference_stats(shards, net, resolution=resolution or spec.data.resolution))
+    return Scorer(net, reference_stats(shards, net, resolution=resolution or spec.data.resolution, log=log))
+
+
+def counted(batches: Iterator, num: int, log: Callable[[str], None] | None, *, every_s: float = 10.0) -> Iterator:
+    """BATCHES as they are, with a line to `log` every `every_s` seconds: how many of `num` images are scored."""
+    done, said = 0, time.perf_counter()
+    for batch in batches:
+        yield batch
+        done += len(batch[0])
+        if log is not None and done < num and time.perf_counter() - said >= every_s:
+            said = time.perf_counter()
+            log(f"  scored {done:,} of {num:,} samples")
 
 
 def fake_batches(
@@ -88,14 +110,18 @@ def evaluate_module(
     standing_passes: int | None = None,
     seed: int = 0,
     batch_size: int = 100,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Scores of `module`'s samples. Standing statistics (by default the spec's
-    `eval.standing_stats` passes) are taken on a copy: `module` is unchanged."""
+    `eval.standing_stats` passes) are taken on a copy: `module` is unchanged. `log` hears how far
+    it is (a line every 10 s while scoring)."""
     if standing_passes is None:
         standing_passes = spec.eval.standing_stats
     was_training = module.training
     net = copy.deepcopy(module) if standing_passes else module
     if standing_passes:
+        if log is not None:
+            log(f"  standing statistics: {standing_passes} passes of {batch_size}")
         standing_stats(
             net,
             num_passes=standing_passes,
@@ -106,22 +132,22 @@ def evaluate_module(
             truncation=truncation,
             mode=mode,
             generator=torch.Generator().manual_seed(seed + 1),
+            log=log,
         )
     net.eval()
     try:
-        result = scorer(
-            fake_batches(
-                net,
-                num=num,
-                z_dim=spec.latent.z_dim,
-                distribution=spec.latent.distribution,
-                num_classes=spec.data.num_classes,
-                truncation=truncation,
-                mode=mode,
-                seed=seed,
-                batch_size=batch_size,
-            )
+        batches = fake_batches(
+            net,
+            num=num,
+            z_dim=spec.latent.z_dim,
+            distribution=spec.latent.distribution,
+            num_classes=spec.data.num_classes,
+            truncation=truncation,
+            mode=mode,
+            seed=seed,
+            batch_size=batch_size,
         )
+        result = scorer(counted(batches, num, log))
     finally:
         module.train(was_training)
     result["protocol"] |= {
@@ -165,9 +191,13 @@ def evaluate(
     truncations = [protocol.truncation] if truncations is None else list(truncations)
     standing_passes = protocol.standing_stats if standing_passes is None else standing_passes
     seed = gen.spec.seed if seed is None else seed
-    scorer = make_scorer(gen.spec, features, device, shards=shards)
+    from pipeline.train.progress import say
+
+    scorer = make_scorer(gen.spec, features, device, shards=shards, log=say)
     results = []
-    for truncation in truncations:
+    for i, truncation in enumerate(truncations, 1):
+        start = time.perf_counter()
+        say(f"truncation {'none' if truncation is None else truncation} ({i} of {len(truncations)}): {num:,} samples")
         result = evaluate_module(
             gen.module,
             gen.spec,
@@ -178,9 +208,11 @@ def evaluate(
             standing_passes=standing_passes,
             seed=seed,
             batch_size=batch_size,
+            log=say,
         )
         result["protocol"] |= {"generator": gen.source, "ema": gen.ema, "step": gen.step}
         results.append(result)
+        say(f"  {describe_result(result)} [{time.perf_counter() - start:.1f} s]")
     out = Path(out_dir) if out_dir else gen.home / "eval"
     out.mkdir(parents=True, exist_ok=True)
     weights = f"step-{gen.step:08d}" if gen.step is not None else "weights"
@@ -191,6 +223,14 @@ def evaluate(
         plot_sweep(results, Path(record["plot"]), title=gen.source)
     Path(record["json"]).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def describe_result(result: dict) -> str:
+    """A result's scores in one line (class accuracy only where it was scored: conditional samples)."""
+    accuracy = result.get("class_accuracy")
+    return f"FID {result['fid']:.2f}, KID {result['kid_mean']:.4f}, IS {result['is_mean']:.2f}" + (
+        f", class accuracy {accuracy:.1%}" if accuracy is not None else ""
+    )
 
 
 def plot_sweep(results: list[dict], path: Path, *, title: str) -> None:

@@ -1,11 +1,21 @@
 """The progress a person watches: a bar with images/s and the time left on a terminal, a line
-per log interval otherwise (rank 0 only)."""
+per log interval otherwise (rank 0 only); and `say`, a line about what the run is doing now
+(building, resuming, compiling, evaluating), so that no phase longer than a few seconds is silent."""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import Any
+
+
+def say(message: str) -> None:
+    """A line about what is happening (stderr, flushed: it shows at once in a log file too)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def quiet(message: str) -> None:
+    """`say` on a rank other than 0: nothing."""
 
 
 class Progress:
