@@ -115,10 +115,13 @@ def cmd_eval(ns) -> int:
         f"{record['source']}: {first['num_samples']} samples, {first['feature_net']} features "
         f"(sha256 {first['feature_net_sha256'][:12]}), standing stats: {first['standing_stats_passes']} passes"
     )
-    print(f"{'truncation':>10}  {'FID':>9}  {'KID':>9}  {'IS':>7}  {'class acc':>9}")
+    # an unconditional generator: FID and KID only (no classes to match; IS of a digit classifier misleads)
+    labelled = first.get("classes") is not None
+    print(f"{'truncation':>10}  {'FID':>9}  {'KID':>9}" + (f"  {'IS':>7}  {'class acc':>9}" if labelled else ""))
     for r in record["results"]:
         t = r["protocol"]["truncation"]
         acc = f"{r['class_accuracy']:.1%}" if r["class_accuracy"] is not None else "-"
-        print(f"{'none' if t is None else t:>10}  {r['fid']:9.3f}  {r['kid_mean']:9.4f}  {r['is_mean']:7.3f}  {acc:>9}")
+        row = f"{'none' if t is None else t:>10}  {r['fid']:9.3f}  {r['kid_mean']:9.4f}"
+        print(row + (f"  {r['is_mean']:7.3f}  {acc:>9}" if labelled else ""))
     print(f"written to {record['json']}" + (f" and {record['plot']}" if "plot" in record else ""))
     return 0

@@ -151,6 +151,7 @@ def lost_peer_message(spec, exc: RuntimeError) -> str:
 def train_report(summary, spec) -> str:
     """What a finished `train` says: where the run stands and the scores of its last evaluation."""
     from pipeline.eval.during_training import describe_scores
+    from pipeline.eval.evaluate import conditional
     from pipeline.runs import Run
 
     run = Run(summary.run_dir)
@@ -163,7 +164,9 @@ def train_report(summary, spec) -> str:
         lines = [f"{run.root}: trained to step {summary.step} of {summary.max_steps} ({summary.images_seen:,} images)"]
     evals = [record for record in run.metrics.records() if "eval_protocol" in record]
     if evals:
-        lines.append(f"last evaluation, step {evals[-1]['step']}: {describe_scores(evals[-1], spec.method.use)}")
+        labelled = spec.method.use != "generate" or conditional(spec)
+        scores = describe_scores(evals[-1], spec.method.use, labelled=labelled)
+        lines.append(f"last evaluation, step {evals[-1]['step']}: {scores}")
     exported = sorted(run.export.glob("*.safetensors"))
     if exported:
         lines.append("exported weights: " + ", ".join(str(f) for f in exported))

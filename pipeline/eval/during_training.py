@@ -89,18 +89,19 @@ def evaluator_for(spec):
     return {"generate": _gan_evaluator, "translate": _translation_evaluator}[spec.method.use]()
 
 
-def describe_scores(record: dict, use: str) -> str:
-    """A logged evaluation in one line, for `train`'s closing report."""
+def describe_scores(record: dict, use: str, *, labelled: bool = True) -> str:
+    """A logged evaluation in one line, for `train`'s closing report: FID and KID, with IS and the
+    class accuracy of a class-conditional generator (`labelled`; `evaluate.describe_result`)."""
     if use == "translate":  # both directions
         return "; ".join(
             f"{a}->{b}: FID {record[f'fid_{a}_to_{b}']:.2f}, content kept {record[f'content_accuracy_{a}_to_{b}']:.1%}"
             for a, b in (("a", "b"), ("b", "a"))
         )
-    protocol, accuracy = record.get("eval_protocol", {}), record.get("class_accuracy")
-    return (
-        f"FID {record['fid']:.2f}, KID {record['kid_mean']:.4f}, IS {record['is_mean']:.2f}"
-        + (f", class accuracy {accuracy:.1%}" if accuracy is not None else "")
-        + f" ({protocol.get('num_samples', '?')} samples, {protocol.get('feature_net', '?')} features, "
+    from pipeline.eval.evaluate import describe_result
+
+    protocol = record.get("eval_protocol", {})
+    return describe_result(record, labelled=labelled) + (
+        f" ({protocol.get('num_samples', '?')} samples, {protocol.get('feature_net', '?')} features, "
         f"standing statistics {protocol.get('standing_stats_passes', '?')} passes, "
         f"{'EMA' if protocol.get('ema') else 'raw generator'})"
     )
@@ -122,7 +123,7 @@ def _gan_evaluator():
     scorers = {}
 
     def evaluate(nets: dict, spec) -> dict:
-        from pipeline.eval.evaluate import evaluate_module, make_scorer
+        from pipeline.eval.evaluate import conditional, evaluate_module, make_scorer
 
         e, name = spec.eval, spec.method.exports(spec)[0]
         start = time.perf_counter()
@@ -144,7 +145,8 @@ def _gan_evaluator():
 
         protocol = result.pop("protocol") | {"ema": has_ema(spec, name)}
         record = result | {"eval_protocol": protocol}
-        say(f"  {describe_scores(record, spec.method.use)} [{time.perf_counter() - start:.1f} s]")
+        labelled = conditional(spec)
+        say(f"  {describe_scores(record, spec.method.use, labelled=labelled)} [{time.perf_counter() - start:.1f} s]")
         return record
 
     return evaluate

@@ -85,8 +85,10 @@ def fake_batches(
     seed: int,
     batch_size: int,
     distribution: str = "normal",
+    labelled: bool = True,
 ):
-    """`num` generated images as uint8 batches with their labels, classes in turn (balanced)."""
+    """`num` generated images as uint8 batches with their labels, classes in turn (balanced); the
+    labels given as None when not `labelled` (an unconditional generator ignores them)."""
     device = next(module.parameters()).device
     rng = torch.Generator().manual_seed(seed)
     labels = torch.arange(num) % num_classes
@@ -96,7 +98,7 @@ def fake_batches(
             len(y), z_dim, truncation, mode=mode, generator=rng, device=device, distribution=distribution
         )
         with torch.no_grad():
-            yield to_uint8(module(z, y.to(device))), y
+            yield to_uint8(module(z, y.to(device))), y if labelled else None
 
 
 def evaluate_module(
@@ -117,6 +119,7 @@ def evaluate_module(
     it is (a line every 10 s while scoring)."""
     if standing_passes is None:
         standing_passes = spec.eval.standing_stats
+    labelled = conditional(spec)  # class accuracy means something for a class-conditional generator only
     was_training = module.training
     net = copy.deepcopy(module) if standing_passes else module
     if standing_passes:
@@ -146,6 +149,7 @@ def evaluate_module(
             mode=mode,
             seed=seed,
             batch_size=batch_size,
+            labelled=labelled,
         )
         result = scorer(counted(batches, num, log))
     finally:
@@ -156,7 +160,7 @@ def evaluate_module(
         "standing_stats_passes": standing_passes,
         "standing_stats_batch_size": batch_size if standing_passes else None,
         "latent_seed": seed,  # the standing statistics draw from seed + 1
-        "classes": "balanced",
+        "classes": "balanced" if labelled else None,  # None: an unconditional generator, given no classes
     }
     return result
 
@@ -212,7 +216,7 @@ def evaluate(
         )
         result["protocol"] |= {"generator": gen.source, "ema": gen.ema, "step": gen.step}
         results.append(result)
-        say(f"  {describe_result(result)} [{time.perf_counter() - start:.1f} s]")
+        say(f"  {describe_result(result, labelled=conditional(gen.spec))} [{time.perf_counter() - start:.1f} s]")
     out = Path(out_dir) if out_dir else gen.home / "eval"
     out.mkdir(parents=True, exist_ok=True)
     weights = f"step-{gen.step:08d}" if gen.step is not None else "weights"
@@ -225,10 +229,20 @@ def evaluate(
     return record
 
 
-def describe_result(result: dict) -> str:
-    """A result's scores in one line (class accuracy only where it was scored: conditional samples)."""
+def conditional(spec) -> bool:
+    """Whether the generator a spec exports reads the class labels it is given."""
+    return spec.all_networks()[spec.method.exports(spec)[0]].reads_labels()
+
+
+def describe_result(result: dict, *, labelled: bool = True) -> str:
+    """A result's scores in one line: FID and KID; IS and the class accuracy (where it was scored)
+    only of a class-conditional generator (`labelled`): an unconditional one has no classes to be
+    confident about or to match, and a digit classifier's IS of it reads like a failure that is not."""
+    scores = f"FID {result['fid']:.2f}, KID {result['kid_mean']:.4f}"
+    if not labelled:
+        return scores
     accuracy = result.get("class_accuracy")
-    return f"FID {result['fid']:.2f}, KID {result['kid_mean']:.4f}, IS {result['is_mean']:.2f}" + (
+    return f"{scores}, IS {result['is_mean']:.2f}" + (
         f", class accuracy {accuracy:.1%}" if accuracy is not None else ""
     )
 

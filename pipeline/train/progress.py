@@ -18,6 +18,15 @@ def quiet(message: str) -> None:
     """`say` on a rank other than 0: nothing."""
 
 
+def stage(record: dict[str, Any]) -> str:
+    """A growing network's stage as a logged line gives it ('stage 16x16 fade 0.42  '); '' for the rest."""
+    if "resolution" not in record:
+        return ""
+    side = record["resolution"]
+    phase = f"fade {record['alpha']:.2f}" if record.get("phase") == "fade" else "stable"
+    return f"stage {side}x{side} {phase}  "
+
+
 class Progress:
     """A progress bar with images/s and the time left on a terminal; a line per log interval
     otherwise. The time left is this process's mean seconds per step times the steps left (rich's
@@ -51,7 +60,7 @@ class Progress:
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         losses = "  ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
-        info = f"{record['images_per_s']:.0f} img/s  {losses}"
+        info = f"{stage(record)}{record['images_per_s']:.0f} img/s  {losses}"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info, left=self.time_left(step))
         elif self.enabled:
