@@ -120,16 +120,16 @@ def cmd_eval(ns) -> int:
     if first.get("real_stats_sha256"):
         print(f"real statistics: {first['real_stats']} (sha256 {first['real_stats_sha256'][:12]}); KID not computed")
 
-    def show(value, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+    def show(value, spec: str, width: int) -> str:
+        return f"{'-' if value is None else format(value, spec):>{width}}"
 
-    print(f"{'truncation':>10}  {'FID':>9}  {'KID':>9}  {'IS':>7}  {'class acc':>9}")
+    # an unconditional generator: FID and KID only (no classes to match; IS of a digit classifier misleads)
+    labelled = first.get("classes") is not None
+    print(f"{'truncation':>10}  {'FID':>9}  {'KID':>9}" + (f"  {'IS':>7}  {'class acc':>9}" if labelled else ""))
     for r in record["results"]:
         t = r["protocol"]["truncation"]
-        print(
-            f"{'none' if t is None else t:>10}  {show(r['fid'], '9.3f')}  {show(r['kid_mean'], '9.4f')}  "
-            f"{show(r['is_mean'], '7.3f')}  {show(r['class_accuracy'], '.1%'):>9}"
-        )
+        row = f"{'none' if t is None else t:>10}  {show(r['fid'], '.3f', 9)}  {show(r['kid_mean'], '.4f', 9)}"
+        print(row + (f"  {show(r['is_mean'], '.3f', 7)}  {show(r['class_accuracy'], '.1%', 9)}" if labelled else ""))
         if r.get("non_finite"):
             print(f"{'':>10}  non-finite, written as null: {', '.join(r['non_finite'])}")
     print(f"written to {record['json']}" + (f" and {record['plot']}" if "plot" in record else ""))

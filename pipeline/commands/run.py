@@ -118,20 +118,36 @@ def warn_if_too_big(loaded, ranks: int, gpu_memory: str | None) -> None:
         print(f"warning: {warning} (`validate ... gpus={ranks}` shows the estimate)", file=sys.stderr)
 
 
+def check_and_prepare(spec, world_size: int) -> None:
+    """Before any rank builds anything or a run directory is made: refuse with every problem the
+    spec and its files show (the evaluation's included), then train the feature classifier the
+    evaluation needs, if missing. Nothing for a run that is already complete."""
+    from pipeline.eval.during_training import evaluation_issues, prepare_evaluation
+    from pipeline.train.loop import already_complete
+    from pipeline.train.preflight import check_before_building, rank_from_environment
+
+    if already_complete(spec) is not None:
+        return
+    check_before_building(spec, world_size, evaluation_issues(spec))
+    if rank_from_environment() == 0:  # the rank that evaluates
+        prepare_evaluation(spec)
+
+
 def cmd_train(ns) -> int:
     from pipeline.spec import load_spec
-    from pipeline.train.preflight import check_before_building, world_size_from_environment
+    from pipeline.train.preflight import world_size_from_environment
 
     ranks, device, rest = split_run_args(ns.args)
     spec_arg, overrides = split_spec_args(rest, default="demo")
     loaded = load_spec(spec_arg, overrides)
     ensure_demo_shards(loaded)  # once, before any rank starts
     if ranks > 1:
-        check_before_building(loaded.spec, ranks)  # one refusal, not one per rank
+        check_and_prepare(loaded.spec, ranks)  # one refusal, not one per rank
     if any(arg.startswith("gpus=") for arg in ns.args) or ns.gpu_memory:
         warn_if_too_big(loaded, ranks, ns.gpu_memory)
     if ranks > 1:
         return launch(ranks, "train", rest + ([f"device={device}"] if device else []))
+    check_and_prepare(loaded.spec, world_size_from_environment())
     from pipeline.eval.during_training import evaluator_for
     from pipeline.train.loop import train
 
@@ -172,6 +188,7 @@ def lost_peer_message(spec, exc: RuntimeError) -> str:
 def train_report(summary, spec) -> str:
     """What a finished `train` says: where the run stands and the scores of its last evaluation."""
     from pipeline.eval.during_training import describe_scores
+    from pipeline.eval.evaluate import conditional
     from pipeline.runs import Run
 
     run = Run(summary.run_dir)
@@ -184,7 +201,9 @@ def train_report(summary, spec) -> str:
         lines = [f"{run.root}: trained to step {summary.step} of {summary.max_steps} ({summary.images_seen:,} images)"]
     evals = [record for record in run.metrics.records() if "eval_protocol" in record]
     if evals:
-        lines.append(f"last evaluation, step {evals[-1]['step']}: {describe_scores(evals[-1], spec.method.use)}")
+        labelled = spec.method.use != "generate" or conditional(spec)
+        scores = describe_scores(evals[-1], spec.method.use, labelled=labelled)
+        lines.append(f"last evaluation, step {evals[-1]['step']}: {scores}")
     exported = sorted(run.export.glob("*.safetensors"))
     if exported:
         lines.append("exported weights: " + ", ".join(str(f) for f in exported))

@@ -48,6 +48,7 @@ def split_rank_args(args: list[str]) -> tuple[int, bool, list[str]]:
 
 
 def cmd_validate(ns) -> int:
+    from pipeline.eval.during_training import classifier_to_train, evaluation_issues
     from pipeline.graph import analyze_spec, output_warnings
     from pipeline.spec import load_spec
     from pipeline.train.preflight import preflight
@@ -56,7 +57,8 @@ def cmd_validate(ns) -> int:
     spec_arg, overrides = split_spec_args(rest)
     loaded = load_spec(spec_arg, overrides, check_graphs=False)
     plans = analyze_spec(loaded)
-    train_needs = preflight(loaded.spec, world_size=ranks)  # a valid spec may still lack its data
+    # a valid spec may still lack its data, or what its evaluation needs
+    train_needs = preflight(loaded.spec, world_size=ranks) + evaluation_issues(loaded.spec)
     memory = device_memory(ns.gpu_memory, gpus)
     # the estimate runs each phase on the meta device (seconds for the largest specs): asked for
     # by a rank count or a device size
@@ -102,6 +104,12 @@ def cmd_validate(ns) -> int:
             print("  " + issue.format().replace("\n", "\n  "))
     else:
         print(f"The spec is valid, and `train` has what it needs to start (data found, batch splits over {on}).")
+    if not train_needs and (shards := classifier_to_train(spec)) is not None:
+        print(
+            f"Evaluation (eval.every={spec.eval.every}, eval.features=demo): `train` first trains the feature "
+            f"classifier on {shards} (once; seconds to a minute), or give eval.features=inception:PATH; "
+            "eval.every=0 switches evaluation off."
+        )
     return 0
 
 

@@ -1,9 +1,12 @@
-"""The demo classifier: a small CNN that tells the demo digits apart, the feature network of the demo.
+"""The demo classifier: a small CNN that tells the demo digits apart, the feature network of the demo;
+and the same network trained on a user's shards (`ensure_classifier`), the feature network of
+`eval.features: demo` on any data.
 
 `python -m pipeline demo-data` trains it in seconds on CPU, on a deterministic split of the demo
 shards, and saves it beside them: `classifier.safetensors` (weights, with its architecture in the
 metadata) and `classifier.json` (held-out accuracy, seed, the split, the manifest it was trained on).
-It trains one beside each domain of the two-domain demo too (`build_domain_demo`).
+It trains one beside each domain of the two-domain demo too (`build_domain_demo`). On other shards
+`ensure_classifier` trains one on demand, at the shards' resolution up to MAX_INPUT_SIZE.
 Its penultimate layer (globally pooled channels) serves FID and KID; its logits serve IS and the
 class accuracy of conditional samples.
 """
@@ -27,15 +30,24 @@ from pipeline.safe_files import sha256
 
 WEIGHTS_FILE = "classifier.safetensors"
 RECORD_FILE = "classifier.json"
-INPUT_SIZE = 32
+INPUT_SIZE = 32  # the demo's
+# on a user's shards: the side images are read at (their resolution, at most this: the cost grows with
+# its square, and the features only need to tell the classes apart), the images read at most (held in
+# memory as uint8), the optimizer steps at least (a few hundred images would otherwise give a few dozen)
+MAX_INPUT_SIZE = 64
+MAX_TRAIN_IMAGES = 20_000
+MIN_STEPS = 300
+MIN_IMAGES = 10  # fewer leave no held-out split worth the name
+FALLBACK_DIR = "feature-classifier"  # in the run directory, when the shards' directory is read-only
 
 
 class DigitClassifier(nn.Module):
     """(N, 3, 32, 32) images in [-1, 1] -> (pooled features (N, 4 * width), logits (N, num_classes))."""
 
-    def __init__(self, num_classes: int = 10, width: int = 16):
+    def __init__(self, num_classes: int = 10, width: int = 16, input_size: int = INPUT_SIZE):
         super().__init__()
-        self.num_classes, self.width = num_classes, width
+        # fully convolutional up to a global pooling: input_size is the side it was trained at
+        self.num_classes, self.width, self.input_size = num_classes, width, input_size
 
         def block(c_in: int, c_out: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
@@ -62,13 +74,16 @@ class DigitClassifier(nn.Module):
         return features, self.head(features)
 
 
-def demo_classifier_ready(shards_dir: str | os.PathLike = DEMO_SHARDS) -> bool:
-    """Whether SHARDS_DIR holds a classifier trained on exactly the shards there now (and intact)."""
+def demo_classifier_ready(
+    shards_dir: str | os.PathLike = DEMO_SHARDS, *, home: str | os.PathLike | None = None
+) -> bool:
+    """Whether SHARDS_DIR (or HOME) holds a classifier trained on exactly the shards there now (and intact)."""
     shards_dir = Path(shards_dir)
+    home = Path(home) if home is not None else shards_dir
     try:
-        record = json.loads((shards_dir / RECORD_FILE).read_text())
+        record = json.loads((home / RECORD_FILE).read_text())
         return record["manifest_sha256"] == sha256(shards_dir / "manifest.json") and record["weights_sha256"] == sha256(
-            shards_dir / WEIGHTS_FILE
+            home / WEIGHTS_FILE
         )
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -82,8 +97,16 @@ def train_demo_classifier(
     held_out_fraction: float = 0.2,
     batch_size: int = 64,
     width: int = 16,
+    input_size: int = INPUT_SIZE,
+    min_steps: int = 0,
+    max_images: int | None = None,
+    home: str | os.PathLike | None = None,
+    log: Log | None = None,
 ) -> dict:
-    """Train the classifier on SHARDS_DIR, save it there, and return its record (also `classifier.json`).
+    """Train the classifier on SHARDS_DIR, save it there (or in HOME), and return its record (also
+    `classifier.json`). The demo's defaults; on other shards `ensure_classifier` passes the images'
+    side (`input_size`), at least `min_steps` optimizer steps and at most `max_images` images (the
+    first ones, in stored order: the build shuffled them). `log` gets a line every ~10 s of training.
 
     Deterministic given the seed: the split, the initial weights, the batch order and the shifts all
     draw from it, and training runs on one thread (other CPU kinds may still differ in the last bits).
@@ -93,6 +116,7 @@ def train_demo_classifier(
     from pipeline.data.dali import real_images
 
     shards_dir = Path(shards_dir)
+    home = Path(home) if home is not None else shards_dir
     manifest = read_manifest(shards_dir)
     if manifest is None:
         raise user_error(
@@ -100,9 +124,15 @@ def train_demo_classifier(
             file=str(shards_dir),
             hint="write the demo shards first: `just demo-data`",
         )
-    batches = list(real_images(shards_dir, resolution=INPUT_SIZE))
-    images = torch.cat([b[0] for b in batches]).float() / 127.5 - 1
-    labels = torch.cat([b[1] for b in batches])
+    batches, count = [], 0
+    for images_batch, labels_batch in real_images(shards_dir, resolution=input_size):
+        batches.append((images_batch, labels_batch))
+        count += len(labels_batch)
+        if max_images is not None and count >= max_images:
+            break
+    # uint8 in memory (a quarter of float32), scaled to [-1, 1] per batch
+    images = torch.cat([b[0] for b in batches])[:max_images]
+    labels = torch.cat([b[1] for b in batches])[:max_images]
 
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -116,22 +146,25 @@ def train_demo_classifier(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = DigitClassifier(manifest["num_classes"], width)
-        _fit(net, images[train], labels[train], gen, num_epochs=num_epochs, batch_size=batch_size)
+            net = DigitClassifier(manifest["num_classes"], width, input_size)
+        steps_per_epoch = -(-len(train) // batch_size)
+        num_epochs = max(num_epochs, -(-min_steps // steps_per_epoch))
+        _fit(net, images[train], labels[train], gen, num_epochs=num_epochs, batch_size=batch_size, log=log)
         with torch.no_grad():
-            predicted = torch.cat([net(images[b])[1].argmax(1) for b in held_out.split(256)])
+            predicted = torch.cat([net(_scaled(images[b]))[1].argmax(1) for b in held_out.split(256)])
     finally:
         torch.set_num_threads(threads)
     accuracy = (predicted == labels[held_out]).float().mean().item()
     train_seconds = time.perf_counter() - start
 
-    weights = shards_dir / WEIGHTS_FILE
+    home.mkdir(parents=True, exist_ok=True)
+    weights = home / WEIGHTS_FILE
     tmp = weights.with_name(f"{weights.name}.{os.getpid()}.tmp")
     # one metadata entry: safetensors writes several in a random order, and the file's sha256 identifies the net
     architecture = {
         "num_classes": net.num_classes,
         "width": width,
-        "input_size": INPUT_SIZE,
+        "input_size": input_size,
         "classes": manifest["classes"],
     }
     save_file(net.state_dict(), tmp, metadata={"architecture": json.dumps(architecture)})
@@ -148,8 +181,79 @@ def train_demo_classifier(
         # positions in the stored order of the shards, as DALI reads them with shuffling off
         "held_out_positions": held_out.tolist(),
     }
-    (shards_dir / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    if home != shards_dir:
+        record["shards"] = str(shards_dir)
+    (home / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _is_demo(manifest: dict) -> bool:
+    """Shards of the embedded demo data (the digits, or a domain of the two-domain digits)."""
+    from pipeline.data.demo import DEMO_SOURCE
+
+    return str(manifest.get("source", "")).startswith(DEMO_SOURCE)
+
+
+def classifier_problem(manifest: dict) -> str | None:
+    """Why no feature classifier can be trained on shards with this manifest; None when one can."""
+    if manifest["num_classes"] < 2:
+        return (
+            f"the feature classifier of eval.features=demo learns to tell the classes of the shards apart, and "
+            f"they hold {manifest['num_classes']} class"
+        )
+    if manifest["num_samples"] < MIN_IMAGES:
+        return (
+            f"the feature classifier of eval.features=demo needs at least {MIN_IMAGES} images; the shards "
+            f"hold {manifest['num_samples']}"
+        )
+    return None
+
+
+def ensure_classifier(
+    shards_dir: str | os.PathLike, *, resolution: int, fallback: str | os.PathLike, log: Log | None = None
+) -> Path:
+    """The weights of a feature classifier trained on the shards in SHARDS_DIR, trained first when
+    there is none (seconds on the demo; about a minute on 20,000 images on one CPU core): beside the
+    shards, or in FALLBACK when their directory is read-only. The demo's shards get the demo's
+    classifier (as `demo-data` trains it); others one at their `resolution` (at most MAX_INPUT_SIZE)."""
+    shards_dir, fallback = Path(shards_dir), Path(fallback)
+    for home in (shards_dir, fallback):
+        if demo_classifier_ready(shards_dir, home=home):
+            return home / WEIGHTS_FILE
+    manifest = read_manifest(shards_dir)
+    if manifest is None:
+        raise user_error(
+            f"no complete shard build in {shards_dir} to train the feature classifier on",
+            path="data.shards",
+            file=str(shards_dir),
+            hint="build them with `python -m pipeline shards build SRC OUT`",
+        )
+    problem = classifier_problem(manifest)
+    if problem is not None:
+        raise user_error(
+            problem,
+            path="eval.features",
+            hint="give eval.features=inception:PATH, or switch evaluation off: eval.every=0",
+        )
+    home = shards_dir if os.access(shards_dir, os.W_OK) else fallback
+    say = log or (lambda message: None)
+    if _is_demo(manifest):
+        options: dict = {}
+        size = INPUT_SIZE
+    else:
+        size = min(resolution, MAX_INPUT_SIZE)
+        options = {"input_size": size, "min_steps": MIN_STEPS, "max_images": MAX_TRAIN_IMAGES}
+    num = min(manifest["num_samples"], MAX_TRAIN_IMAGES)
+    say(
+        f"training the feature classifier (eval.features: demo) on {shards_dir}: {num:,} images of "
+        f"{manifest['num_classes']} classes at {size}x{size}, once (kept in {home})"
+    )
+    record = train_demo_classifier(shards_dir, home=home, log=log, **options)
+    say(
+        f"feature classifier trained in {record['train_seconds']:.1f} s, held-out accuracy "
+        f"{record['held_out_accuracy']:.1%} ({record['num_held_out']} images)"
+    )
+    return home / WEIGHTS_FILE
 
 
 def build_domain_demo(
@@ -184,23 +288,33 @@ def _fit(
     *,
     num_epochs: int,
     batch_size: int,
+    log: Log | None = None,
 ) -> None:
     steps_per_epoch = -(-len(labels) // batch_size)
+    said = time.perf_counter()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     # one-cycle: a high peak rate gets a net this small to >97% within a few epochs
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=num_epochs * steps_per_epoch)
     net.train()
-    for _ in range(num_epochs):
+    for epoch in range(num_epochs):
         for batch in torch.randperm(len(labels), generator=gen).split(batch_size):
             # shifts of up to 2 px: generated digits are seldom centred exactly like the real ones
             shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
-            x = torch.roll(images[batch], shifts=shift, dims=(2, 3))
+            x = _scaled(torch.roll(images[batch], shifts=shift, dims=(2, 3)))
             loss = F.cross_entropy(net(x)[1], labels[batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             schedule.step()
+        if log is not None and time.perf_counter() - said > 10:
+            said = time.perf_counter()
+            log(f"  feature classifier: epoch {epoch + 1}/{num_epochs}, loss {loss.item():.3f}")
     net.eval()
+
+
+def _scaled(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images in 0..255 -> float in [-1, 1] (the demo's classifier was trained on them so)."""
+    return images.float() / 127.5 - 1
 
 
 def load_demo_classifier(path: str | os.PathLike) -> tuple[DigitClassifier, dict]:
@@ -211,7 +325,9 @@ def load_demo_classifier(path: str | os.PathLike) -> tuple[DigitClassifier, dict
     try:
         with safe_open(str(path), framework="pt") as f:
             architecture = json.loads((f.metadata() or {})["architecture"])
-        net = DigitClassifier(architecture["num_classes"], architecture["width"])
+        net = DigitClassifier(
+            architecture["num_classes"], architecture["width"], architecture.get("input_size", INPUT_SIZE)
+        )
         net.load_state_dict(load_file(str(path)))
         classes = architecture["classes"]
     except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as exc:

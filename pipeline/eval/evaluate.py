@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +22,21 @@ from pipeline.eval.sampling import sample_latents, standing_stats
 from pipeline.images import to_uint8
 
 
-def feature_net_for(spec, features: str, device) -> FeatureNet:
-    """The feature network `features` names. Plain `demo` is the classifier beside the spec's
-    shards, trained there first (seconds) if those are the demo shards and it is missing."""
+def feature_net_for(spec, features: str, device, *, shards: str | None = None) -> FeatureNet:
+    """The feature network `features` names. Plain `demo` is the classifier beside the shards
+    compared with (the spec's unless given), trained there first if it is missing: the demo's in
+    seconds, on other shards at their resolution (`classifier.ensure_classifier`)."""
     if features == "demo":
-        from pipeline.data.demo import DEMO_SOURCE
-        from pipeline.data.shards import read_manifest
-        from pipeline.eval.classifier import WEIGHTS_FILE, demo_classifier_ready, train_demo_classifier
+        from pipeline.eval.classifier import FALLBACK_DIR, ensure_classifier
+        from pipeline.train.progress import say
 
-        shards = Path(spec.data.shards or DEMO_SHARDS)
-        manifest = read_manifest(shards)
-        if not demo_classifier_ready(shards) and manifest is not None and manifest["source"] == DEMO_SOURCE:
-            train_demo_classifier(shards)
-        features = f"demo:{shards / WEIGHTS_FILE}"
+        path = ensure_classifier(
+            shards or spec.data.shards or DEMO_SHARDS,
+            resolution=spec.data.resolution,
+            fallback=spec.run_dir / FALLBACK_DIR,
+            log=say,
+        )
+        features = f"demo:{path}"
     return load_feature_net(features, device, what="eval.features")
 
 
@@ -44,10 +48,12 @@ def make_scorer(
     shards: str | None = None,
     resolution: int | None = None,
     real_stats: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Scorer:
     """A scorer against the real statistics of the spec's shards (computed once, cached there) at
     `resolution` (default data.resolution; a growing generator's current stage), or against the
-    published statistics in `real_stats` (an .npz with mu and sigma: FID only, no KID)."""
+    published statistics in `real_stats` (an .npz with mu and sigma: FID only, no KID). `log`
+    hears when the shards' statistics are computed (slow: every real image)."""
     if real_stats is not None:
         net = feature_net_for(spec, features, device)
         return Scorer(net, published_stats(real_stats, net))
@@ -58,8 +64,19 @@ def make_scorer(
             path="data.shards",
             hint="give --shards DIR (the shards the model was trained on)",
         )
-    net = feature_net_for(spec, features, device)
-    return Scorer(net, reference_stats(shards, net, resolution=resolution or spec.data.resolution))
+    net = feature_net_for(spec, features, device, shards=shards)
+    return Scorer(net, reference_stats(shards, net, resolution=resolution or spec.data.resolution, log=log))
+
+
+def counted(batches: Iterator, num: int, log: Callable[[str], None] | None, *, every_s: float = 10.0) -> Iterator:
+    """BATCHES as they are, with a line to `log` every `every_s` seconds: how many of `num` images are scored."""
+    done, said = 0, time.perf_counter()
+    for batch in batches:
+        yield batch
+        done += len(batch[0])
+        if log is not None and done < num and time.perf_counter() - said >= every_s:
+            said = time.perf_counter()
+            log(f"  scored {done:,} of {num:,} samples")
 
 
 def fake_batches(
@@ -73,8 +90,10 @@ def fake_batches(
     seed: int,
     batch_size: int,
     distribution: str = "normal",
+    labelled: bool = True,
 ):
-    """`num` generated images as uint8 batches with their labels, classes in turn (balanced)."""
+    """`num` generated images as uint8 batches with their labels, classes in turn (balanced); the
+    labels given as None when not `labelled` (an unconditional generator ignores them)."""
     device = next(module.parameters()).device
     rng = torch.Generator().manual_seed(seed)
     labels = torch.arange(num) % num_classes
@@ -84,7 +103,7 @@ def fake_batches(
             len(y), z_dim, truncation, mode=mode, generator=rng, device=device, distribution=distribution
         )
         with torch.no_grad():
-            yield to_uint8(module(z, y.to(device))), y
+            yield to_uint8(module(z, y.to(device))), y if labelled else None
 
 
 def evaluate_module(
@@ -98,14 +117,19 @@ def evaluate_module(
     standing_passes: int | None = None,
     seed: int = 0,
     batch_size: int = STANDING_STATS_BATCH,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Scores of `module`'s samples. Standing statistics (by default the spec's
-    `eval.standing_stats` passes) are taken on a copy: `module` is unchanged."""
+    `eval.standing_stats` passes) are taken on a copy: `module` is unchanged. `log` hears how far
+    it is (a line every 10 s while scoring)."""
     if standing_passes is None:
         standing_passes = spec.eval.standing_stats
+    labelled = conditional(spec)  # class accuracy means something for a class-conditional generator only
     was_training = module.training
     net = copy.deepcopy(module) if standing_passes else module
     if standing_passes:
+        if log is not None:
+            log(f"  standing statistics: {standing_passes} passes of {batch_size}")
         standing_stats(
             net,
             num_passes=standing_passes,
@@ -116,22 +140,23 @@ def evaluate_module(
             truncation=truncation,
             mode=mode,
             generator=torch.Generator().manual_seed(seed + 1),
+            log=log,
         )
     net.eval()
     try:
-        result = scorer(
-            fake_batches(
-                net,
-                num=num,
-                z_dim=spec.latent.z_dim,
-                distribution=spec.latent.distribution,
-                num_classes=spec.data.num_classes,
-                truncation=truncation,
-                mode=mode,
-                seed=seed,
-                batch_size=batch_size,
-            )
+        batches = fake_batches(
+            net,
+            num=num,
+            z_dim=spec.latent.z_dim,
+            distribution=spec.latent.distribution,
+            num_classes=spec.data.num_classes,
+            truncation=truncation,
+            mode=mode,
+            seed=seed,
+            batch_size=batch_size,
+            labelled=labelled,
         )
+        result = scorer(counted(batches, num, log))
     finally:
         module.train(was_training)
     result["protocol"] |= {
@@ -140,7 +165,7 @@ def evaluate_module(
         "standing_stats_passes": standing_passes,
         "standing_stats_batch_size": batch_size if standing_passes else None,
         "latent_seed": seed,  # the standing statistics draw from seed + 1
-        "classes": "balanced",
+        "classes": "balanced" if labelled else None,  # None: an unconditional generator, given no classes
     }
     return result
 
@@ -176,9 +201,13 @@ def evaluate(
     truncations = [protocol.truncation] if truncations is None else list(truncations)
     standing_passes = protocol.standing_stats if standing_passes is None else standing_passes
     seed = gen.spec.seed if seed is None else seed
-    scorer = make_scorer(gen.spec, features, device, shards=shards, real_stats=real_stats)
+    from pipeline.train.progress import say
+
+    scorer = make_scorer(gen.spec, features, device, shards=shards, real_stats=real_stats, log=say)
     results = []
-    for truncation in truncations:
+    for i, truncation in enumerate(truncations, 1):
+        start = time.perf_counter()
+        say(f"truncation {'none' if truncation is None else truncation} ({i} of {len(truncations)}): {num:,} samples")
         result = evaluate_module(
             gen.module,
             gen.spec,
@@ -189,9 +218,11 @@ def evaluate(
             standing_passes=standing_passes,
             seed=seed,
             batch_size=batch_size,
+            log=say,
         )
         result["protocol"] |= {"generator": gen.source, "ema": gen.ema, "step": gen.step}
         results.append(result)
+        say(f"  {describe_result(result, labelled=conditional(gen.spec))} [{time.perf_counter() - start:.1f} s]")
     out = Path(out_dir) if out_dir else gen.home / "eval"
     out.mkdir(parents=True, exist_ok=True)
     weights = f"step-{gen.step:08d}" if gen.step is not None else "weights"
@@ -202,6 +233,29 @@ def evaluate(
         plot_sweep(results, Path(record["plot"]), title=gen.source)
     Path(record["json"]).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")  # scores: None, never NaN
     return record
+
+
+def conditional(spec) -> bool:
+    """Whether the generator a spec exports reads the class labels it is given."""
+    return spec.all_networks()[spec.method.exports(spec)[0]].reads_labels()
+
+
+def describe_result(result: dict, *, labelled: bool = True) -> str:
+    """A result's scores in one line: FID and KID; IS and the class accuracy (where it was scored)
+    only of a class-conditional generator (`labelled`): an unconditional one has no classes to be
+    confident about or to match, and a digit classifier's IS of it reads like a failure that is not."""
+
+    def show(key: str, spec: str) -> str:  # None: non-finite, or not computed (KID against --real-stats)
+        value = result.get(key)
+        return "-" if value is None else format(value, spec)
+
+    scores = f"FID {show('fid', '.2f')}, KID {show('kid_mean', '.4f')}"
+    if not labelled:
+        return scores
+    accuracy = result.get("class_accuracy")
+    return f"{scores}, IS {show('is_mean', '.2f')}" + (
+        f", class accuracy {accuracy:.1%}" if accuracy is not None else ""
+    )
 
 
 def plot_sweep(results: list[dict], path: Path, *, title: str) -> None:

@@ -62,11 +62,14 @@ class FeatureNet(nn.Module):
 class DemoFeatureNet(FeatureNet):
     name = "demo-classifier"
     input_size = INPUT_SIZE
-    resize_filter = "bilinear with antialiasing (torch), only when the input is not 32x32"
+    resize_filter = f"bilinear with antialiasing (torch), only when the input is not {INPUT_SIZE}x{INPUT_SIZE}"
 
     def __init__(self, path: str | os.PathLike):
         super().__init__()
         self.net, self.classes = load_demo_classifier(path)
+        # the demo's 32, or the side it was trained at on a user's shards
+        size = self.input_size = self.net.input_size
+        self.resize_filter = f"bilinear with antialiasing (torch), only when the input is not {size}x{size}"
         self.checksum = sha256(path)
         self.num_features, self.num_classes = self.net.num_features, self.net.num_classes
 
@@ -130,7 +133,8 @@ def load_feature_net(spec: str, device: str | torch.device = "cpu", *, what: str
                 f"the demo classifier {path} does not exist",
                 path=what,
                 file=str(path),
-                hint="train it with `just demo-data` (it is written beside the demo shards), or give demo:PATH",
+                hint="plain `demo` trains it on the spec's shards when missing; `just demo-data` writes the demo's; "
+                "or give demo:PATH of an existing one",
             )
         net: FeatureNet = DemoFeatureNet(path)
     else:

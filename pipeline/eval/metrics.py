@@ -166,6 +166,7 @@ def reference_stats(
     max_kid_features: int = MAX_KID_FEATURES,
     seed: int = 0,
     refresh: bool = False,
+    log=None,
 ) -> ReferenceStats:
     """The reference statistics of the shards in SHARDS_DIR, from their cache file or computed and cached.
 
@@ -199,6 +200,11 @@ def reference_stats(
     cached = None if refresh else _read_cache(path, key)
     if cached is not None:
         return cached
+    if log is not None:
+        log(
+            f"  computing the real images' statistics: {manifest['num_samples']:,} images of {shards_dir} at "
+            f"{resolution}px (once: cached there)"
+        )
     batches = real_images(shards_dir, resolution=resolution, batch_size=batch_size, device=_device(feature_net))
     source = (
         f"{shards_dir}: all {manifest['num_samples']} images, shorter side resized to {resolution} "

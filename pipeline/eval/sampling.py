@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,6 +369,7 @@ def standing_stats(
     mode: str = "truncate",
     distribution: str = "normal",
     generator: torch.Generator | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> None:
     """BigGAN's standing statistics: reset every BatchNorm's running mean and variance, then set
     them to the average of the batch statistics over `num_passes` forward passes at the sampling
@@ -374,7 +377,8 @@ def standing_stats(
     keep a cumulative average; the original momentum is put back. Only the BatchNorms run in
     train mode: spectral norm's power iteration would otherwise move the weights being measured.
     Cross-replica BatchNorms run unsynchronized, since this process runs alone (a synchronized one
-    would wait for the other ranks). Leaves the module in eval mode."""
+    would wait for the other ranks). Leaves the module in eval mode. `log` hears how far it is
+    every 10 s."""
     if num_passes < 1 or batch_size < 2:
         raise ValueError(
             f"standing statistics need num_passes >= 1 and batch_size >= 2 (BatchNorm over one "
@@ -393,7 +397,11 @@ def standing_stats(
             if isinstance(m, BatchNorm):  # the project's: a cross-replica switch
                 m.cross_replica = False
             m.train()
-        for _ in range(num_passes if norms else 0):
+        said = time.perf_counter()
+        for done in range(num_passes if norms else 0):
+            if log is not None and done and time.perf_counter() - said >= 10:
+                said = time.perf_counter()
+                log(f"  standing statistics: pass {done + 1} of {num_passes}")
             z = sample_latents(
                 batch_size, z_dim, truncation, mode=mode, generator=generator, device=device, distribution=distribution
             )

@@ -175,6 +175,17 @@ class NetworkSpec(Section):
         ),
     )
 
+    def reads_labels(self) -> bool:
+        """Whether a node takes the class labels (the shorthand's `y`, or an input of kind labels): a
+        class-conditional network. An unconditional one is given labels and ignores them."""
+        labels = [name for name, given in self.inputs.items() if given.kind == "labels"] or ["y"]
+        return any(
+            ref.partition(".")[0] in labels
+            for node in self.nodes.values()
+            for refs in node.refs().values()
+            for ref in refs
+        )
+
 
 class LatentSpec(Section):
     z_dim: PositiveInt = Field(description="Dimension of the latent vector z, the generator input `z`.")

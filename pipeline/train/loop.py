@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import sys
+import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ from pipeline.train.preflight import (
     rank_from_environment,
     world_size_from_environment,
 )
-from pipeline.train.progress import Progress
+from pipeline.train.progress import Progress, quiet, say
 from pipeline.train.run_lock import run_lock
 from pipeline.train.stops import Interrupted, StopSignal, TrainingStopped, out_of_memory, stopped, stopped_out_of_memory
 from pipeline.train.streams import close, open_streams
@@ -110,6 +112,7 @@ class Trainer:
     latent_rng: torch.Generator  # one draw for the global batch; each rank takes its slice
     inputs: StepInputs  # what the phases' objectives see
     log: RunLog  # the values logged since the last line
+    say: Callable[[str], None]  # a line about what the run is doing (rank 0; quiet elsewhere)
     # ----- the state of the run (restored from a checkpoint)
     step: int
     images_seen: int  # real images read, all ranks together
@@ -131,6 +134,8 @@ class Trainer:
         spec, t = loaded.spec, loaded.spec.train
         self.spec, self.t = spec, t
         self.world = world = dist.setup(device, spec.run.collective_timeout_s)
+        self.say = tell = say if world.is_main else quiet
+        start = time.perf_counter()
         self.micro, self.accum = batch_plan(t, world.size)
         self.spec_micro = self.micro
         self.run_dir = spec.run_dir
@@ -142,6 +147,7 @@ class Trainer:
         needs = spec.method.networks(spec)
 
         # ----- networks, EMAs and engines: identical initial weights on every rank
+        tell(f"building {' and '.join(needs)} and their engines on {world.device} ({world.size} rank(s))")
         torch.manual_seed(spec.seed)
         self.nets = {name: build_network(loaded, name, world.device, compile=False) for name in needs}
         last = checkpoint.latest_intact(self.run_dir) if resume else None
@@ -171,9 +177,16 @@ class Trainer:
         # run on N ranks draws the same z as a run on one
         self.latent_rng = torch.Generator().manual_seed(spec.seed)
 
+        params = sum(p.numel() for net in self.nets.values() for p in net.parameters())
+        tell(f"built: {params:,} parameters in {time.perf_counter() - start:.1f} s")
+
         # ----- resume (from `last`, found above), and the data: one reader per stream, each at its
         # checkpointed position
+        if last is not None:
+            tell(f"resuming from {last}: weights, optimizer states, EMAs and the data's position")
         self.restore(last)
+        if last is not None:
+            tell(f"resumed from step {self.step} ({self.images_seen:,} images seen)")
         self.inputs = StepInputs(self)
         self.log = RunLog(world.device)
         self.images_last_step = 0
@@ -234,6 +247,8 @@ class Trainer:
             self.skipped_before += sum(getattr(loader, "skipped", 0) for loader in self.streams.values())
         close(self.streams)  # replaced
         self.data_shape, self.micro = (resolution, micro), micro
+        stage = f"stage {resolution}x{resolution}: " if s is not None and s.resolution is not None else ""
+        self.say(f"{stage}opening the data streams at {resolution}x{resolution}, {micro} per micro-batch")
         self.streams = open_streams(
             spec, world, resolution=resolution, micro=micro, parts=self.parts, dtype=self.dtype, positions=positions
         )
@@ -364,8 +379,36 @@ def train(
     check_before_building(loaded.spec, world_size_from_environment())  # before anything is built or written
     if rank_from_environment() != 0:
         return _train(loaded, device=device, stop_after=stop_after, evaluate=evaluate)
-    with run_lock(loaded.spec.run_dir):  # one writer per run directory
-        return _train(loaded, device=device, stop_after=stop_after, evaluate=evaluate)
+    run_dir = loaded.spec.run_dir
+    fresh = not run_dir.exists()
+    try:
+        with run_lock(run_dir):  # one writer per run directory
+            return _train(loaded, device=device, stop_after=stop_after, evaluate=evaluate)
+    except SpecError as exc:
+        if fresh and not isinstance(exc, TrainingStopped):  # a refusal, not a run that stopped
+            remove_if_unused(run_dir)
+        raise
+
+
+def _first_step_note(spec: Spec) -> str:
+    """What the first step does besides training, when it is slow."""
+    if not spec.compile.enabled:
+        return ""
+    return (
+        f"; the first step compiles the networks (torch.compile, scope {spec.compile.scope}: a minute or more "
+        "cold, seconds with a warm cache)"
+    )
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove a run directory that this call made and that holds nothing a person could use (no
+    checkpoint, export, sample or logged line): a refused start leaves nothing behind."""
+    import shutil
+
+    run = Run(run_dir)
+    kept = [run.checkpoints / "step-*", run.export, run.metrics.path, run.root / "samples" / "*.png"]
+    if not any(any(run_dir.glob(str(p.relative_to(run_dir)))) for p in kept):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _train(loaded: LoadedSpec, *, device: str | None, stop_after: int | None, evaluate: Evaluator | None) -> RunSummary:
@@ -389,9 +432,17 @@ def _train(loaded: LoadedSpec, *, device: str | None, stop_after: int | None, ev
         cleanup.callback(progress.close)
         cleanup.callback(metrics.close)
         evaluation.before_training()
+        tr.say(f"training from step {tr.step} to {tr.t.max_steps}" + _first_step_note(tr.spec))
         while tr.step < tr.t.max_steps:
             images_before = tr.images_seen
+            first = time.perf_counter() if done == 0 else None
             tr.step_or_stop()  # every phase of the method; stops on a NaN loss or out of memory
+            if first is not None:  # the pace, before the first line (log_every steps away)
+                compiled = " (compiling included)" if tr.spec.compile.enabled else ""
+                tr.say(
+                    f"step {tr.step} took {time.perf_counter() - first:.1f} s{compiled}; a line every "
+                    f"train.log_every={tr.t.log_every}"
+                )
             try:
                 for task in tasks:
                     task.after_step(tr.step, images_before)

@@ -129,9 +129,10 @@ def _batches_fill_stddev_groups(spec, world_size: int) -> list[Issue]:
     ]
 
 
-def check_before_building(spec, world_size: int) -> None:
-    """Refuse at once, with every problem, what would stop `train` before its first step."""
-    issues = preflight(spec, world_size)
+def check_before_building(spec, world_size: int, more: list[Issue] | None = None) -> None:
+    """Refuse at once, with every problem, what would stop `train` before its first step (and
+    `more`: what a higher layer found, e.g. an evaluation that could not run)."""
+    issues = preflight(spec, world_size) + list(more or [])
     if issues:
         raise SpecError(issues)
 

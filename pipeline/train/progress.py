@@ -1,11 +1,30 @@
 """The progress a person watches: a bar with images/s and the time left on a terminal, a line
-per log interval otherwise (rank 0 only)."""
+per log interval otherwise (rank 0 only); and `say`, a line about what the run is doing now
+(building, resuming, compiling, evaluating), so that no phase longer than a few seconds is silent."""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import Any
+
+
+def say(message: str) -> None:
+    """A line about what is happening (stderr, flushed: it shows at once in a log file too)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def quiet(message: str) -> None:
+    """`say` on a rank other than 0: nothing."""
+
+
+def stage(record: dict[str, Any]) -> str:
+    """A growing network's stage as a logged line gives it ('stage 16x16 fade 0.42  '); '' for the rest."""
+    if "resolution" not in record:
+        return ""
+    side = record["resolution"]
+    phase = f"fade {record['alpha']:.2f}" if record.get("phase") == "fade" else "stable"
+    return f"stage {side}x{side} {phase}  "
 
 
 class Progress:
@@ -41,7 +60,7 @@ class Progress:
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         losses = "  ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
-        info = f"{record['images_per_s']:.0f} img/s  {losses}"
+        info = f"{stage(record)}{record['images_per_s']:.0f} img/s  {losses}"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info, left=self.time_left(step))
         elif self.enabled:

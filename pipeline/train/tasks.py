@@ -276,6 +276,9 @@ class Evaluation:
 
     def _write(self, step: int) -> None:
         assert self.evaluate is not None
+        e = self.tr.spec.eval
+        # the evaluation says how far it is and its scores (eval/during_training.py)
+        self.tr.say(f"evaluating step {step}: {e.num_samples:,} samples, eval.features {e.features}")
         result = self.evaluate(self.tr.scored(), self.tr.spec)
         self.metrics.write({"step": step, "images_seen": self.tr.images_seen, **result})
 
