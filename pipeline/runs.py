@@ -83,6 +83,15 @@ class Run:
         self.resolved_spec.write_text(yaml.safe_dump(spec_dict, sort_keys=False))
         self.metrics.keep_until(step)
 
+    def remove_if_unused(self) -> None:
+        """Remove a run directory that holds nothing a person could use (no checkpoint, export,
+        sample or logged line): a refused start leaves nothing behind. For a directory this call made."""
+        import shutil
+
+        kept = [self.checkpoints / "step-*", self.export, self.metrics.path, self.root / "samples" / "*.png"]
+        if not any(any(self.root.glob(str(p.relative_to(self.root)))) for p in kept):
+            shutil.rmtree(self.root, ignore_errors=True)
+
     def write_export(self, networks: dict[str, torch.nn.Module], spec_dict: dict[str, Any]) -> Path:
         """Each network's weights as NAME.safetensors (the caller passes EMAs where there are
         some), and the spec beside them."""

@@ -113,6 +113,18 @@ def _fit(
     return fitted, sliced
 
 
+def start(spec: Spec, nets: Mapping[str, nn.Module], *, resuming_from: Path | None, report: bool) -> dict[str, Path]:
+    """A new run with `train.init_from` starts from those weights (`load_networks`); a resumed run
+    from its checkpoint, `init_from` ignored (and said so). The EMA files to load once the EMAs exist."""
+    if spec.train.init_from is None:
+        return {}
+    if resuming_from is None:
+        return load_networks(spec, nets, report=report)
+    if report:
+        print(f"train.init_from ignored: resuming from {resuming_from}", file=sys.stderr)
+    return {}
+
+
 def load_networks(spec: Spec, nets: Mapping[str, nn.Module], *, report: bool) -> dict[str, Path]:
     """Load every network's weights from `train.init_from`; return the EMA files to load once the
     EMAs exist (network -> file)."""

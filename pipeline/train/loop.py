@@ -11,7 +11,6 @@ counted in real images read from the data streams. Re-running the same command r
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -46,6 +45,7 @@ from pipeline.train.tasks import (
     Evaluation,
     Evaluator,
     FailureWatch,
+    FirstStepPace,
     LogLines,
     MetricsWriter,
     RolledBack,
@@ -151,17 +151,10 @@ class Trainer:
         torch.manual_seed(spec.seed)
         self.nets = {name: build_network(loaded, name, world.device, compile=False) for name in needs}
         last = checkpoint.latest_intact(self.run_dir) if resume else None
-        ema_files = {}
-        if t.init_from is not None:  # a new run starts from exported weights; a resumed one from its checkpoint
-            if last is None:
-                ema_files = init_from.load_networks(spec, self.nets, report=world.is_main)
-            elif world.is_main:
-                print(f"train.init_from ignored: resuming from {last}", file=sys.stderr)
-        self.emas = {}
-        for name in needs:  # an eager copy, kept in fp32 even under bf16
-            ema = spec.ema_of(name)
-            if ema is not None:
-                self.emas[name] = EMA(self.nets[name], ema.decay, ema.start_images, dtype=torch.float32)
+        ema_files = init_from.start(spec, self.nets, resuming_from=last, report=world.is_main)
+        emas = {name: ema for name in needs if (ema := spec.ema_of(name)) is not None}
+        # an eager copy, kept in fp32 even under bf16
+        self.emas = {n: EMA(self.nets[n], e.decay, e.start_images, dtype=torch.float32) for n, e in emas.items()}
         init_from.load_emas(self.emas, ema_files, spec)
         for net in self.nets.values():
             compile_network(net, spec.compile)
@@ -386,7 +379,7 @@ def train(
             return _train(loaded, device=device, stop_after=stop_after, evaluate=evaluate)
     except SpecError as exc:
         if fresh and not isinstance(exc, TrainingStopped):  # a refusal, not a run that stopped
-            remove_if_unused(run_dir)
+            Run(run_dir).remove_if_unused()
         raise
 
 
@@ -398,17 +391,6 @@ def _first_step_note(spec: Spec) -> str:
         f"; the first step compiles the networks (torch.compile, scope {spec.compile.scope}: a minute or more "
         "cold, seconds with a warm cache)"
     )
-
-
-def remove_if_unused(run_dir: Path) -> None:
-    """Remove a run directory that this call made and that holds nothing a person could use (no
-    checkpoint, export, sample or logged line): a refused start leaves nothing behind."""
-    import shutil
-
-    run = Run(run_dir)
-    kept = [run.checkpoints / "step-*", run.export, run.metrics.path, run.root / "samples" / "*.png"]
-    if not any(any(run_dir.glob(str(p.relative_to(run_dir)))) for p in kept):
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _train(loaded: LoadedSpec, *, device: str | None, stop_after: int | None, evaluate: Evaluator | None) -> RunSummary:
@@ -433,16 +415,10 @@ def _train(loaded: LoadedSpec, *, device: str | None, stop_after: int | None, ev
         cleanup.callback(metrics.close)
         evaluation.before_training()
         tr.say(f"training from step {tr.step} to {tr.t.max_steps}" + _first_step_note(tr.spec))
+        tasks.insert(0, FirstStepPace(tr))  # from here
         while tr.step < tr.t.max_steps:
             images_before = tr.images_seen
-            first = time.perf_counter() if done == 0 else None
             tr.step_or_stop()  # every phase of the method; stops on a NaN loss or out of memory
-            if first is not None:  # the pace, before the first line (log_every steps away)
-                compiled = " (compiling included)" if tr.spec.compile.enabled else ""
-                tr.say(
-                    f"step {tr.step} took {time.perf_counter() - first:.1f} s{compiled}; a line every "
-                    f"train.log_every={tr.t.log_every}"
-                )
             try:
                 for task in tasks:
                     task.after_step(tr.step, images_before)

@@ -40,6 +40,23 @@ class Task(Protocol):
         """After every step: whatever this step is the time for (`step` taken, from `images_before`)."""
 
 
+class FirstStepPace:
+    """How long the first step of this call took (compiling included): its line comes before the
+    first log line, which is `train.log_every` steps away. Made just before that step."""
+
+    def __init__(self, tr: Trainer):
+        self.tr = tr
+        self.start: float | None = time.perf_counter()
+
+    def after_step(self, step: int, images_before: int) -> None:
+        if self.start is None:
+            return
+        compiled = " (compiling included)" if self.tr.spec.compile.enabled else ""
+        took = time.perf_counter() - self.start
+        self.tr.say(f"step {step} took {took:.1f} s{compiled}; a line every train.log_every={self.tr.t.log_every}")
+        self.start = None
+
+
 class RolledBack(Exception):
     """A failure rolled the run back to an earlier checkpoint: this step's other tasks are skipped."""
 
