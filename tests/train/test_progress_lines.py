@@ -43,7 +43,7 @@ def test_a_run_and_its_resume_say_what_they_are_doing(cli, demo_shards_with_clas
         r"^built: 1,365,350 parameters in [\d.]+ s$",
         r"^opening the data streams at 32x32, 8 per micro-batch$",
         r"^evaluating step 0: 20 samples, eval.features demo$",
-        r"^  standing statistics: 1 passes of 100$",
+        r"^  standing statistics: 1 passes of 64$",
         r"^  FID [\d.]+, KID [-\d.]+, IS [\d.]+, class accuracy [\d.]+% \(20 samples, .*\) \[[\d.]+ s\]$",
         r"^training from step 0 to 2$",
         r"^step 1 took [\d.]+ s; a line every train.log_every=2$",

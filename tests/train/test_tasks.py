@@ -20,8 +20,10 @@ WORLD = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
 def stand_in(tmp_path, **train):
     """A trainer as the tasks see it; `step` and `images_seen` are moved by the test."""
     t = SimpleNamespace(max_steps=7, sample_every=2, checkpoint_every=3, log_every=1, keep_checkpoints=2, **train)
-    spec = SimpleNamespace(eval=SimpleNamespace(every=3), method=None)
-    return SimpleNamespace(t=t, spec=spec, world=WORLD, run_dir=tmp_path, step=0, images_seen=0, nets={}, emas={})
+    spec = SimpleNamespace(eval=SimpleNamespace(every=3, num_samples=10, features="demo"), method=None)
+    return SimpleNamespace(
+        t=t, spec=spec, world=WORLD, run_dir=tmp_path, step=0, images_seen=0, nets={}, emas={}, say=lambda line: None
+    )
 
 
 def test_evaluation_scores_a_fresh_run_first_then_every_eval_every_steps_and_at_the_last(tmp_path):
