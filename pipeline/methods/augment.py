@@ -399,9 +399,9 @@ class Augmenter:
                 x = cutout(x, top.to(dev), left.to(dev), size)
         return x
 
-    def observe(self, real_logits: torch.Tensor) -> None:
+    def observe(self, real_logits: torch.Tensor, step) -> None:
         """ADA: adds the signs of D's outputs on (augmented) real images to the statistic (no host sync)."""
-        if not self.adaptive:
+        if not self.adaptive or step.counting_flops:
             return
         signs = real_logits.detach().float().sign().sum()
         self.signs = signs if self.signs is None else signs + self.signs.to(signs.device)

@@ -583,7 +583,7 @@ class _GanRun(MethodRun):
                 d_loss = d_loss + cutmix + m.cutmix.consistency * consistency
         logs = {"d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
         if self.augment is not None:
-            self.augment.observe(real_logits)  # ADA's statistic: the signs of D's outputs on the reals
+            self.augment.observe(real_logits, step)  # ADA's statistic: the signs of D's outputs on the reals
             logs |= self.augment.logs(real_logits.device)
         if aux is not None:
             logs |= {

@@ -173,7 +173,7 @@ def _ada_after(signs_per_step, *, p=0.5, steps=4, batch=32, all_sum=lambda t: t)
     aug = A.Augmenter(_options(kind="ada", p=p, target=0.6, interval=4, kimg=500), seed=0)
     for s in range(steps):
         aug.adapt(_step(step=s, images_seen=s * batch, all_sum=all_sum))
-        aug.observe(torch.full((batch, 1), signs_per_step))
+        aug.observe(torch.full((batch, 1), signs_per_step), _step())
     aug.adapt(_step(step=steps, images_seen=steps * batch, all_sum=all_sum))
     return aug.p
 
@@ -191,7 +191,7 @@ def test_p_rises_on_an_overfitting_d_and_falls_otherwise_at_the_papers_speed():
 
 def test_fixed_p_does_not_move():
     aug = A.Augmenter(_options(kind="ada", p=0.55, target=None), seed=0)
-    aug.observe(torch.ones(8, 1))
+    aug.observe(torch.ones(8, 1), _step())
     aug.adapt(_step(step=4, images_seen=128))
     assert aug.p == 0.55
 
@@ -201,9 +201,9 @@ def test_augmenter_state_resumes_exactly():
     x = torch.randn(4, 3, 8, 8)
     aug.adapt(_step(step=0))
     aug(x, _step())
-    aug.observe(torch.ones(4, 1))
+    aug.observe(torch.ones(4, 1), _step())
     aug.adapt(_step(step=1, images_seen=4))
-    aug.observe(torch.tensor([[1.0], [-1.0]]))
+    aug.observe(torch.tensor([[1.0], [-1.0]]), _step())
     state = aug.state_dict()
     resumed = A.Augmenter(_options(kind="ada", p=0.3, target=0.6, interval=1, kimg=0.001), seed=0)
     resumed.load_state_dict(state)
@@ -276,3 +276,11 @@ def test_augmentation_off_draws_nothing_and_changes_nothing():
     spec = load_spec("tiny_biggan").spec
     assert spec.method.augment is None and spec.method.build(spec).augment is None
     assert "augment" not in spec.method.build(spec).state_dict()
+
+
+def test_flops_are_counted_with_augmentation_on():
+    from pipeline.profile.flops import step_flops
+
+    plain = step_flops(load_spec("tiny_biggan", ["compile.enabled=false"]), 2, 1)
+    loaded = load_spec("tiny_biggan", ["compile.enabled=false", "method.augment={kind: ada, target: 0.6}"])
+    assert step_flops(loaded, 2, 1) == plain  # the augmentation is not counted, and nothing fails on meta
