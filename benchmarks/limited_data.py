@@ -2,7 +2,8 @@
 augmentation, with DiffAugment and with ADA, the same steps each; every run's EMA generator scored by
 FID and class accuracy with the demo classifier against the full digits (1,797).
 
-Usage: python benchmarks/limited_data.py OUT_DIR [--steps N] [--ada-kimg K] [--num N] [key=value ...]
+Usage: python benchmarks/limited_data.py OUT_DIR [--steps N] [--ada-kimg K] [--num N] [--only none,diffaugment,ada]
+       [--data SHARDS_DIR] [key=value ...]
 Prints one JSON line per run and writes OUT_DIR/limited_data.json.
 """
 
@@ -26,14 +27,16 @@ def main() -> None:
     ap.add_argument("--ada-kimg", type=float, default=10.0, help="ADA's kimg: p's speed, scaled to a short run")
     ap.add_argument("--num", type=int, default=1000, help="generated images per evaluation")
     ap.add_argument("--only", default="none,diffaugment,ada", help="which runs")
+    ap.add_argument("--data", type=Path, help="where the shards are built (default OUT_DIR), shared between runs")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     from pipeline.data.demo import DEMO_CLASSES, DEMO_RESOLUTION, DEMO_SOURCE, demo_samples
     from pipeline.data.shards import write_samples
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    full, tenth = out / "shards-full", out / "shards-10pct"
+    data = args.data or out
+    full, tenth = data / "shards-full", data / "shards-10pct"
     py = [sys.executable, "-m", "pipeline"]
     if not (full / "manifest.json").exists():  # the full digits and the demo classifier beside them
         subprocess.run([*py, "demo-data", "--out", str(full)], check=True, cwd=ROOT)
