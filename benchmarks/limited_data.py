@@ -65,7 +65,9 @@ def main() -> None:
         subprocess.run([*py, "train", "spec=demo", *common, *runs[name], *args.overrides], check=True, cwd=ROOT)
         train_s = time.perf_counter() - start
         scored = subprocess.run(
-            [*py, "eval", str(run_dir), "--shards", str(full), "--num", str(args.num), "--json"],
+            # the classifier of the full digits (`demo` alone would train one beside the 10% shards)
+            [*py, "eval", str(run_dir), "--shards", str(full), "--features", f"demo:{full / 'classifier.safetensors'}"]
+            + ["--num", str(args.num), "--json"],
             check=True,
             cwd=ROOT,
             capture_output=True,
