@@ -327,3 +327,12 @@ def all_mean(values: dict[str, float], device) -> dict[str, float]:
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return dict(zip(values, (t / torch.distributed.get_world_size()).tolist(), strict=True))
+
+
+def all_sum(values: torch.Tensor, device) -> torch.Tensor:
+    """A small tensor summed over ranks (one collective, on `device`, which NCCL needs); returned on the CPU."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return values.cpu()
+    t = values.to(device, torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.cpu()

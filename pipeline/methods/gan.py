@@ -14,6 +14,7 @@ from pipeline.blocks.attention import explicit_attention
 from pipeline.blocks.layers import batch_statistics
 from pipeline.errors import Issue
 from pipeline.methods import latent_opt, unet_gan
+from pipeline.methods.augment import Augmenter, AugmentOptions
 from pipeline.methods.losses import LOSSES, LeastSquares, NonSaturating, get_loss
 from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, Where, register
 from pipeline.methods.regularizers import gradient_penalty, ortho_penalty, r1_penalty
@@ -195,6 +196,11 @@ class GanMethod(Method):
     instance_noise: InstanceNoise | None = Field(None, description="Annealed noise on D's inputs; null: off.")
     logan: Logan | None = Field(None, description="LOGAN's latent optimisation before D and G updates; null: off.")
     cutmix: CutMix | None = Field(None, description="U-Net GAN's CutMix consistency; null: off.")
+    augment: AugmentOptions | None = Field(
+        None,
+        description="Differentiable augmentation of every image D sees, real and fake, in the D and the G step "
+        "(kind: diffaugment or ada; pipeline/methods/augment.py); null: off.",
+    )
     generator: str = Field("generator", description="The network trained as G (inputs z and y).")
     discriminator: str = Field("discriminator", description="The network trained as D (inputs image and y).")
     stream: str = Field("images", description="The labelled data stream of real images.")
@@ -433,6 +439,7 @@ class _GanRun(MethodRun):
         self.separate: bool | None = None  # whether D sees real and fake apart: decided from D's modules on first use
         self.replay = ImageHistory(m.replay.size, spec.seed + 41, m.replay.fraction) if m.replay is not None else None
         self.labels_rng = torch.Generator().manual_seed(spec.seed + 43) if m.soft_labels is not None else None
+        self.augment = Augmenter(m.augment, spec.seed + 47) if m.augment is not None else None
         self.clip = (-1.0, 1.0) if spec.latent is not None and spec.latent.distribution == "uniform" else None
         # with LOGAN, the D step's latent gradient runs through G: G is frozen there (no gradient of
         # D's loss may reach G's parameters)
@@ -461,18 +468,23 @@ class _GanRun(MethodRun):
         state = {name: g.get_state() for name, g in self._generators().items()}
         if self.replay is not None:
             state["replay"] = self.replay.state_dict()
+        if self.augment is not None:
+            state["augment"] = self.augment.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         generators = self._generators()
         self.cutmix_step = None  # the next step draws its own round, as it would have without the stop
         kept = set(generators) | ({"replay"} if self.replay is not None else set())
+        kept |= {"augment"} if self.augment is not None else set()
         if set(state) != kept:
             raise ValueError(f"the checkpoint's method state holds {sorted(state)}, this run keeps {sorted(kept)}")
         for name, g in generators.items():
             g.set_state(state[name])
         if self.replay is not None:
             self.replay.load_state_dict(state["replay"])
+        if self.augment is not None:
+            self.augment.load_state_dict(state["augment"])
 
     def _targets(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft, noisy targets for n real and n fake samples (drawn on the CPU from the method's generator)."""
@@ -517,6 +529,8 @@ class _GanRun(MethodRun):
 
     def d_objective(self, step):
         m, G, D = self.m, step.nets[self.m.generator], step.nets[self.m.discriminator]
+        if self.augment is not None:
+            self.augment.adapt(step)  # ADA: p for this step (every interval-th), before it reads
         real, y_real = self.real_batch(step)
         mask = self._cutmix_round(step, real)
         # a CutMix round makes its fakes with the real images' labels (the authors' G_D.forward: gy = dy)
@@ -533,6 +547,9 @@ class _GanRun(MethodRun):
         if m.r1_gamma:
             real = real.detach().requires_grad_(True)
         fake = fake.to(real.dtype)
+        leaf = real  # R1's gradient is taken at the real images before augmentation, as the references'
+        if self.augment is not None:  # D sees the real and the fake images augmented alike
+            real, fake = self.augment(real, step), self.augment(fake, step)
         batches, labels = [real, fake], [y_real, y_fake]
         if mask is not None:
             batches.append(unet_gan.mix(real.detach(), fake.detach(), mask))
@@ -556,7 +573,7 @@ class _GanRun(MethodRun):
                 classes = F.cross_entropy(real_out[1], y_real) + F.cross_entropy(fake_out[1], y_fake)
                 d_loss = d_loss + aux.weight_d * classes
             if m.r1_gamma:
-                d_loss = d_loss + m.r1_gamma / 2 * r1_penalty(real_logits, real)
+                d_loss = d_loss + m.r1_gamma / 2 * r1_penalty(real_logits, leaf)
             if m.gp_weight:
                 d_loss = d_loss + m.gp_weight * gradient_penalty(lambda x, y: _logit(D(x, y)), real, fake, y_real)
             if mask is not None:
@@ -565,6 +582,9 @@ class _GanRun(MethodRun):
                 consistency = unet_gan.consistency_loss(mixed_out[0], real_out, fake_out, mask)
                 d_loss = d_loss + cutmix + m.cutmix.consistency * consistency
         logs = {"d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
+        if self.augment is not None:
+            self.augment.observe(real_logits, step)  # ADA's statistic: the signs of D's outputs on the reals
+            logs |= self.augment.logs(real_logits.device)
         if aux is not None:
             logs |= {
                 "aux_loss_d": classes.detach(),
@@ -627,6 +647,8 @@ class _GanRun(MethodRun):
         noise = m.instance_noise
         if noise is not None and noise.in_g_step and (std := self._noise_std(step)) > 0:
             fake = fake + std * torch.randn_like(fake)
+        if self.augment is not None:
+            fake = self.augment(fake, step)
         with region("D_fwd"), step.mixed():
             out = _float(D(fake, y))
             aux, logs = m.aux_classifier, {}

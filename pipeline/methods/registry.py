@@ -74,6 +74,17 @@ class StepInputs(Protocol):
         """Steps completed before this one (constant within a step)."""
 
     @property
+    def rank(self) -> int:
+        """This process's rank (0 on one process)."""
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks."""
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """A small tensor summed over ranks, on the CPU (a collective: every rank calls it at the same point)."""
+
+    @property
     def counting_flops(self) -> bool:
         """True when the phases run on the meta device to count FLOPs."""
 

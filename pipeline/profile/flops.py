@@ -60,6 +60,7 @@ class _MetaInputs:
 
     images_seen = 1 << 62
     step = 0
+    rank, world_size = 0, 1
     counting_flops = True
 
     def __init__(self, spec, nets, micro: int, streams: dict[str, bool]):
@@ -80,6 +81,9 @@ class _MetaInputs:
 
     def mixed(self):
         return nullcontext()
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
 
 
 def step_flops(loaded, micro: int, accum: int) -> dict[str, float]:

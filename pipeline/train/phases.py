@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline.distributed import engines as dist
 from pipeline.precision import autocast
 
 if TYPE_CHECKING:
@@ -59,5 +60,17 @@ class StepInputs:
     def step(self) -> int:
         """Steps completed before this one: the same in every phase, repeat and micro-batch of a step."""
         return self.tr.step
+
+    @property
+    def rank(self) -> int:
+        return self.tr.world.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.tr.world.size
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """A small tensor summed over ranks (one collective: every rank must call it at the same point)."""
+        return dist.all_sum(values, self.tr.world.device)
 
     counting_flops = False  # the meta-device stand-in used to count FLOPs says True
