@@ -55,11 +55,15 @@ def cmd_sample(ns) -> int:
     passes = record["standing_stats"]["num_passes"] if record["standing_stats"] else 0
     print(
         f"{gen.source}: {len(record['classes'])} classes x {ns.num} images written to {out} "
-        f"(standing statistics: {passes} passes)"
+        f"(truncation: {_truncation(record['truncation'])}; standing statistics: {passes} passes)"
     )
     for name in record["files"].values():
         print(f"  {name}")
     return 0
+
+
+def _truncation(record: dict | None) -> str:
+    return "none" if record is None else f"{record['value']} ({record['mode']})"
 
 
 def parse_truncations(text: str) -> list[float | None]:

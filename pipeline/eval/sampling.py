@@ -633,7 +633,7 @@ def write_samples(
     }
 
     grid = class_grid(module, classes, num_per_class, **options)
-    save_png(grid, out_dir / "grid.png")
+    save_png(grid, out_dir / "grid.png", row_labels=[f"class {c}" for c in classes])
     width = len(str(gen.num_classes - 1))
     for row, c in enumerate(classes):
         for i in range(num_per_class):

@@ -47,7 +47,7 @@ def translation_grid(g_forward: nn.Module, g_backward: nn.Module, images: torch.
 def save_translation_grid(g_forward: nn.Module, g_backward: nn.Module, images: torch.Tensor, path) -> Path:
     """`translation_grid` as a PNG at PATH (rows: input, translated, cycled); returns the path."""
     path = Path(path)
-    save_png(translation_grid(g_forward, g_backward, images).cpu(), path)
+    save_png(translation_grid(g_forward, g_backward, images).cpu(), path, row_labels=["input", "translated", "cycled"])
     return path
 
 

@@ -268,11 +268,16 @@ def test_cli_sample_writes_grid_images_interpolation_and_protocol(cli, tiny_run,
     )
     assert result.code == 0, result.err
     grid = np.asarray(Image.open(out / "grid.png"))
-    assert grid.shape == (2 * 32, 2 * 32, 3)  # rows = classes, columns = samples
+    # rows = classes, columns = samples, 2 white pixels apart, each row labelled in a margin on the left
+    margin = grid.shape[1] - (2 * 32 + 2)
+    assert grid.shape[0] == 2 * 32 + 2 and margin > 0
+    assert (grid[32:34, margin:] == 255).all() and (grid[:, margin + 32 : margin + 34] == 255).all()
+    assert (grid[:, :margin] < 128).any()  # the labels' text
     names = sorted(p.name for p in (out / "images").iterdir())
     assert names == ["class0-000.png", "class0-001.png", "class3-000.png", "class3-001.png"]
-    np.testing.assert_array_equal(grid[32:, :32], np.asarray(Image.open(out / "images" / "class3-000.png")))
-    assert np.asarray(Image.open(out / "interpolation-latent.png")).shape == (2 * 32, 3 * 32, 3)
+    class3 = np.asarray(Image.open(out / "images" / "class3-000.png"))
+    np.testing.assert_array_equal(grid[34:, margin : margin + 32], class3)
+    assert np.asarray(Image.open(out / "interpolation-latent.png")).shape == (2 * 32 + 2, 3 * 32 + 4, 3)
     assert Image.open(out / "interpolation-latent.gif").n_frames == 4  # 3 steps forwards, 1 back
     record = json.loads((out / "samples.json").read_text())
     assert record["ema"] is True and record["step"] == 1 and record["seed"] == 5
@@ -286,3 +291,19 @@ def test_cli_sample_of_a_missing_run_is_a_clear_error(cli, tmp_path):
     assert f"{tmp_path / 'nope'} does not exist" in result.err and "Traceback" not in result.err
     result = cli("sample", tmp_path, "--classes", "a,b")
     assert result.code == 2 and "--classes 'a,b' is not a list of class numbers" in result.err
+
+
+def test_grids_have_gaps_and_a_gif_has_no_empty_tile(tmp_path):
+    from PIL import Image
+
+    from pipeline.images import GAP, save_gif, tile
+
+    images = torch.rand(2, 3, 3, 4, 5) * 2 - 1
+    grid = tile(images, gap=GAP)
+    assert grid.shape == (3, 2 * 4 + GAP, 3 * 5 + 2 * GAP)
+    assert torch.equal(grid[:, 4 + GAP :, 2 * (5 + GAP) :], images[1, 2])
+    assert (grid[:, 4 : 4 + GAP] == 1).all()  # white between rows
+    # 10 rows of an interpolation: 2 rows of 5 tiles, none of them blank
+    save_gif(torch.zeros(10, 2, 3, 4, 4) - 1, tmp_path / "a.gif")
+    frame = Image.open(tmp_path / "a.gif")
+    assert frame.size == (5 * 4 + 4 * GAP, 2 * 4 + GAP)
