@@ -55,11 +55,11 @@ def shipped_spec(request) -> str:
 
 @pytest.fixture(scope="session")
 def family_block_kinds() -> set[str]:
-    """The block kinds of the ProGAN, DCGAN, U-Net and image-translation modules, whose forward tests are in
+    """The block kinds of the ProGAN, DCGAN, U-Net, image-translation and R3GAN modules, whose forward tests are in
     test_family_blocks.py; every other kind's are in test_blocks.py."""
     from pipeline.blocks import REGISTRY
 
-    family_modules = {f"pipeline.blocks.{name}" for name in ("progan", "dcgan", "unet", "translation")}
+    family_modules = {f"pipeline.blocks.{name}" for name in ("progan", "dcgan", "unet", "translation", "r3gan")}
     return {kind for kind, params in REGISTRY.items() if params.__module__ in family_modules}
 
 

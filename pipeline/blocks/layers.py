@@ -141,8 +141,11 @@ class BuildContext:
         return replace(self, **changes) if changes else self
 
     # ----- weighted layers -----
-    def _finish(self, layer: _Weighted, fan_in: int, sn: bool | None, gain: float = math.sqrt(2.0)) -> nn.Module:
-        """Init, then equalized LR (with `gain`, the He constant by default), then spectral norm."""
+    def _finish(self, layer: _Weighted, fan_in: int, sn: bool | None, gain: float | None = None) -> nn.Module:
+        """Init, then equalized LR, then spectral norm. `gain` is the activation gain of equalized LR
+        (default: the He constant sqrt(2)) and of `msr` (default 1), which N(0, gain² / fan_in) draws
+        once, as R3GAN's MSRInitializer (brownvc/R3GAN at 19a7ddf, R3GAN/Networks.py); the other inits
+        ignore it."""
         sn = self.sn if sn is None else sn
         if not self.meta:
             w = layer.weight
@@ -154,11 +157,14 @@ class BuildContext:
                 nn.init.xavier_uniform_(w)
             elif self.init == "equalized_lr":
                 nn.init.normal_(w, 0.0, 1.0)
+            elif self.init == "msr":
+                nn.init.normal_(w, 0.0, (1.0 if gain is None else gain) / math.sqrt(fan_in))
             bias = getattr(layer, "bias", None)  # an embedding has none
-            if self.init in ("normal", "xavier", "equalized_lr") and bias is not None:
+            if self.init in ("normal", "xavier", "equalized_lr", "msr") and bias is not None:
                 nn.init.zeros_(bias)
         if self.init == "equalized_lr":
-            parametrize.register_parametrization(layer, "weight", EqualizedLR(fan_in, gain), unsafe=True)
+            he = math.sqrt(2.0) if gain is None else gain
+            parametrize.register_parametrization(layer, "weight", EqualizedLR(fan_in, he), unsafe=True)
         if sn:
             dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
             parametrize.register_parametrization(
@@ -173,7 +179,7 @@ class BuildContext:
         *,
         bias: bool = True,
         sn: bool | None = None,
-        gain: float = math.sqrt(2.0),
+        gain: float | None = None,
     ) -> nn.Module:
         return self._finish(nn.Linear(in_features, out_features, bias=bias), in_features, sn, gain)
 
@@ -185,13 +191,14 @@ class BuildContext:
         *,
         stride: int = 1,
         padding: int | None = None,
+        groups: int = 1,
         bias: bool = True,
         sn: bool | None = None,
-        gain: float = math.sqrt(2.0),
+        gain: float | None = None,
     ) -> nn.Module:
         padding = kernel_size // 2 if padding is None else padding
-        layer = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
-        return self._finish(layer, in_channels * kernel_size * kernel_size, sn, gain)
+        layer = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
+        return self._finish(layer, in_channels // groups * kernel_size * kernel_size, sn, gain)
 
     def conv_transpose(
         self,
@@ -211,11 +218,14 @@ class BuildContext:
         )
         return self._finish(layer, in_channels * kernel_size * kernel_size, sn)
 
-    def embedding(self, num_embeddings: int, dim: int, *, sn: bool | None = None) -> nn.Module:
+    def embedding(
+        self, num_embeddings: int, dim: int, *, sn: bool | None = None, gain: float | None = None
+    ) -> nn.Module:
         # On meta, an uninitialised weight: nn.Embedding's own normal_ init would be torch's
         # Python reference kernel there, whose first call imports torch._dynamo (over 1 s).
+        # Its fan-in is the number of classes: the embedding is a linear layer on one-hot labels.
         weight = torch.empty(num_embeddings, dim) if self.meta else None
-        return self._finish(nn.Embedding(num_embeddings, dim, _weight=weight), num_embeddings, sn)
+        return self._finish(nn.Embedding(num_embeddings, dim, _weight=weight), num_embeddings, sn, gain)
 
     # ----- norms -----
     def batch_norm(self, channels: int, *, affine: bool = True) -> BatchNorm:

@@ -60,7 +60,7 @@ Ref = Annotated[str, AfterValidator(_check_ref), _RefField("one")]
 Refs = Annotated[list[str], BeforeValidator(_check_refs), Field(min_length=1), _RefField("many")]
 Joined = Annotated[list[str], BeforeValidator(_check_refs), Field(min_length=1), _RefField("joined")]
 
-Init = Literal["orthogonal", "normal", "xavier", "equalized_lr", "default"]
+Init = Literal["orthogonal", "normal", "xavier", "equalized_lr", "msr", "default"]
 # Input channels are inferred from the graph; a node may state them, and then they are checked.
 InChannels = Annotated[PositiveInt | None, Field(description="If set, checked against the input's channels.")]
 

@@ -17,7 +17,7 @@ from pipeline.methods import latent_opt, unet_gan
 from pipeline.methods.augment import Augmenter, AugmentOptions
 from pipeline.methods.losses import LOSSES, LeastSquares, NonSaturating, get_loss
 from pipeline.methods.registry import Method, MethodRun, NetworkNeed, Options, Phase, Where, register
-from pipeline.methods.regularizers import gradient_penalty, ortho_penalty, r1_penalty
+from pipeline.methods.regularizers import gradient_penalty, ortho_penalty, r1_penalty, r1_r2_penalties, r2_penalty
 from pipeline.methods.replay import ImageHistory
 from pipeline.precision import full_precision
 from pipeline.regions import region
@@ -25,7 +25,7 @@ from pipeline.regions import region
 if TYPE_CHECKING:
     from pipeline.graph import NetworkPlan
 
-LossName = Literal["hinge", "non_saturating", "wgan_gp", "least_squares"]
+LossName = Literal["hinge", "non_saturating", "wgan_gp", "least_squares", "relativistic_pairing"]
 
 
 class CutMix(Options):
@@ -174,7 +174,13 @@ class GanMethod(Method):
         ),
     )
     r1_gamma: NonNegativeFloat = Field(
-        0.0, description="R1 penalty weight on real images (Mescheder et al. 2018; 0: off)."
+        0.0,
+        description="R1 penalty on real images (Mescheder et al. 2018), weighted r1_gamma / 2, every D step (0: off).",
+    )
+    r2_gamma: NonNegativeFloat = Field(
+        0.0,
+        description="R2 penalty on the (detached) fake images, weighted r2_gamma / 2, every D step (0: off); R3GAN: "
+        "r1_gamma = r2_gamma = its gamma.",
     )
     gp_weight: NonNegativeFloat = Field(
         0.0, description="WGAN-GP gradient penalty weight (10 in Gulrajani et al.; 0: off)."
@@ -228,6 +234,8 @@ class GanMethod(Method):
                     "soft_labels: non_saturating is a cross-entropy, unbounded below for targets above 1; "
                     "use ranges within [0, 1], e.g. real: [0.7, 1.0] (or loss: least_squares)"
                 )
+        if get_loss(self.loss).paired and self.cutmix is not None:
+            raise ValueError(f"cutmix's per-pixel targets have no real-fake pairs; {self.loss} needs them")
         if self.cutmix is not None:
             try:
                 unet_gan.check_pixel_targets(get_loss(self.loss, **self._loss_options()))
@@ -336,6 +344,15 @@ class GanMethod(Method):
                         "give the generator a latent input (inputs: {z: latent, y: labels}) or set method.logan=null",
                     )
                 )
+        if get_loss(self.loss).paired and shapes is not None and len(shapes) == 2:
+            issues.append(
+                Issue(
+                    f"the {self.loss} loss compares one logit per image; this discriminator also has per-pixel logits",
+                    "method.loss",
+                    *where(("method", "loss")),
+                    "give the discriminator one output, or choose another loss",
+                )
+            )
         if self.cutmix is not None and shapes is not None and len(shapes) < 2:
             issues.append(
                 Issue(
@@ -447,7 +464,7 @@ class _GanRun(MethodRun):
         # a loss on D's input gradient (R1, WGAN-GP) or on G's through LOGAN's step is differentiated
         # twice: that phase's attention runs by its explicit formula (see explicit_attention)
         second_order = latent_grads and m.logan is not None and m.logan.second_order
-        twice_d = bool(m.r1_gamma or m.gp_weight) or second_order
+        twice_d = bool(m.r1_gamma or m.r2_gamma or m.gp_weight) or second_order
         twice_g = second_order
         self.phases = [
             Phase(
@@ -533,8 +550,11 @@ class _GanRun(MethodRun):
             self.augment.adapt(step)  # ADA: p for this step (every interval-th), before it reads
         real, y_real = self.real_batch(step)
         mask = self._cutmix_round(step, real)
-        # a CutMix round makes its fakes with the real images' labels (the authors' G_D.forward: gy = dy)
-        z, y_fake, penalty = self._latents(step, G, D, labels=None if mask is None else y_real)
+        # a CutMix round makes its fakes with the real images' labels (the authors' G_D.forward: gy = dy),
+        # and so does a paired loss: fake row i is judged against real row i, of the same class (R3GAN's
+        # Trainer passes one Conditions to G and to D on both batches)
+        paired_labels = mask is not None or self.loss.paired
+        z, y_fake, penalty = self._latents(step, G, D, labels=y_real if paired_labels else None)
         # no graph through G, unless D's loss must reach D's parameters through LOGAN's Δz
         through_delta = penalty is not None and m.logan is not None and m.logan.second_order  # a penalty: LOGAN is on
         with region("G_fwd"), torch.set_grad_enabled(through_delta), step.mixed():
@@ -547,7 +567,10 @@ class _GanRun(MethodRun):
         if m.r1_gamma:
             real = real.detach().requires_grad_(True)
         fake = fake.to(real.dtype)
-        leaf = real  # R1's gradient is taken at the real images before augmentation, as the references'
+        if m.r2_gamma and not fake.requires_grad:  # no graph to G: the penalty's gradient reaches D only
+            fake = fake.detach().requires_grad_(True)
+        # R1's (and R2's) gradient is taken at the images before augmentation, as the references'
+        real_leaf, fake_leaf = real, fake
         if self.augment is not None:  # D sees the real and the fake images augmented alike
             real, fake = self.augment(real, step), self.augment(fake, step)
         batches, labels = [real, fake], [y_real, y_fake]
@@ -572,8 +595,15 @@ class _GanRun(MethodRun):
             if aux is not None:  # AC-GAN: D also classifies the real and the fake images
                 classes = F.cross_entropy(real_out[1], y_real) + F.cross_entropy(fake_out[1], y_fake)
                 d_loss = d_loss + aux.weight_d * classes
-            if m.r1_gamma:
-                d_loss = d_loss + m.r1_gamma / 2 * r1_penalty(real_logits, leaf)
+            if m.r1_gamma and m.r2_gamma:  # R3GAN's regularised D loss: both penalties, one backward
+                r1, r2 = r1_r2_penalties(real_logits, real_leaf, fake_logits, fake_leaf)
+                d_loss = d_loss + m.r1_gamma / 2 * r1 + m.r2_gamma / 2 * r2
+            elif m.r1_gamma:
+                r1 = r1_penalty(real_logits, real_leaf)
+                d_loss = d_loss + m.r1_gamma / 2 * r1
+            elif m.r2_gamma:
+                r2 = r2_penalty(fake_logits, fake_leaf)
+                d_loss = d_loss + m.r2_gamma / 2 * r2
             if m.gp_weight:
                 d_loss = d_loss + m.gp_weight * gradient_penalty(lambda x, y: _logit(D(x, y)), real, fake, y_real)
             if mask is not None:
@@ -590,6 +620,8 @@ class _GanRun(MethodRun):
                 "aux_loss_d": classes.detach(),
                 "aux_accuracy_real": (real_out[1].detach().argmax(1) == y_real).float().mean(),
             }
+        if m.r2_gamma:  # the penalties R3GAN reports (logged with R2 only: R1-only runs log as before)
+            logs |= {"r2": r2.detach()} | ({"r1": r1.detach()} if m.r1_gamma else {})
         if mask is not None:
             logs |= {"loss_cutmix": cutmix.detach(), "consistency": consistency.detach()}
         if penalty is not None:
@@ -641,25 +673,34 @@ class _GanRun(MethodRun):
 
     def g_objective(self, step):
         m, G, D = self.m, step.nets[self.m.generator], step.nets[self.m.discriminator]
-        z, y, penalty = self._latents(step, G, D)
+        # a paired loss judges each fake against a real image of its class: the G step reads its own
+        # real batch (as R3GAN's loop fetches one for G, training_loop.py: G_img), counted as seen
+        real, y_real = self.real_batch(step) if self.loss.paired else (None, None)
+        z, y, penalty = self._latents(step, G, D, labels=y_real)
         with region("G_fwd"), step.mixed():
             fake = G(z, y)
         noise = m.instance_noise
         if noise is not None and noise.in_g_step and (std := self._noise_std(step)) > 0:
             fake = fake + std * torch.randn_like(fake)
-        if self.augment is not None:
+            real = None if real is None else real + std * torch.randn_like(real)
+        if self.augment is not None:  # D judges augmented images in G's step too, the paired reals included
             fake = self.augment(fake, step)
+            real = None if real is None else self.augment(real, step)
+        real_logits = None
+        if real is not None:  # D is frozen and the reals need no gradient: no graph kept
+            with region("D_fwd"), torch.no_grad(), step.mixed():
+                real_logits = _logit(_float(D(real, y_real)))
         with region("D_fwd"), step.mixed():
             out = _float(D(fake, y))
             aux, logs = m.aux_classifier, {}
             if aux is not None:  # AC-GAN: G also wants its images classified as the class it was given
                 classes = F.cross_entropy(out[1], y)
-                g_loss = self.loss.g(out[0]) + aux.weight_g * classes
+                g_loss = self.loss.g(out[0], real_logits) + aux.weight_g * classes
                 logs["aux_loss_g"] = classes.detach()
             elif isinstance(out, tuple):
                 g_loss = unet_gan.unet_g_loss(self.loss, out)
             else:
-                g_loss = self.loss.g(out)
+                g_loss = self.loss.g(out, real_logits)
         if penalty is not None:
             g_loss = g_loss + penalty
         if m.ortho_reg:

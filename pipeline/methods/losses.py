@@ -1,7 +1,9 @@
 """GAN losses as pure functions of logits, chosen by the spec's `train.loss` name.
 
-A `GanLoss` has `d(real_logits, fake_logits)` and `g(fake_logits)`, each returning a scalar: the
-mean over the batch (and over any spatial logits, e.g. a U-Net discriminator's per-pixel ones).
+A `GanLoss` has `d(real_logits, fake_logits)` and `g(fake_logits, real_logits=None)`, each returning
+a scalar: the mean over the batch (and over any spatial logits, e.g. a U-Net discriminator's per-pixel
+ones). A `paired` loss compares fake row i with real row i, so its `g` needs D's logits on a real batch
+too; the method then runs D on one in the G step (and makes fakes with the real rows' labels).
 Nothing here calls backward() or holds module state; the loop owns both. Half-precision logits
 (bf16/fp16 under autocast) are promoted to float32 before any reduction.
 
@@ -29,12 +31,15 @@ class GanLoss(abc.ABC):
     """A GAN loss: the discriminator's and the generator's objective, both to be minimised."""
 
     name: ClassVar[str] = "base"  # the spec's train.loss value
+    # True: d and g compare each fake logit with the real one in the same row; g needs real_logits
+    paired: ClassVar[bool] = False
 
     @abc.abstractmethod
     def d(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor: ...
 
     @abc.abstractmethod
-    def g(self, fake_logits: Tensor) -> Tensor: ...
+    def g(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
+        """G's loss; `real_logits` (D's logits on a real batch) is read by a paired loss only."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class Hinge(GanLoss):
         real_logits, fake_logits = _promote(real_logits), _promote(fake_logits)
         return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
 
-    def g(self, fake_logits: Tensor) -> Tensor:
+    def g(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
         return -_promote(fake_logits).mean()
 
 
@@ -102,7 +107,7 @@ class NonSaturating(GanLoss):
             fake_logits, fake_targets
         )
 
-    def g(self, fake_logits: Tensor) -> Tensor:
+    def g(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
         return F.softplus(-_promote(fake_logits)).mean()
 
     def d_targets(self, real_logits: Tensor, fake_logits: Tensor, real_targets: Tensor, fake_targets: Tensor) -> Tensor:
@@ -130,7 +135,7 @@ class WganGp(GanLoss):
         loss = fake_logits.mean() - real_logits.mean()
         return loss + self.drift * real_logits.square().mean() if self.drift else loss
 
-    def g(self, fake_logits: Tensor) -> Tensor:
+    def g(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
         return -_promote(fake_logits).mean()
 
 
@@ -145,7 +150,7 @@ class LeastSquares(GanLoss):
         real_logits, fake_logits = _promote(real_logits), _promote(fake_logits)
         return 0.5 * (real_logits - 1.0).square().mean() + 0.5 * fake_logits.square().mean()
 
-    def g(self, fake_logits: Tensor) -> Tensor:
+    def g(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
         return 0.5 * (_promote(fake_logits) - 1.0).square().mean()
 
     def d_targets(self, real_logits: Tensor, fake_logits: Tensor, real_targets: Tensor, fake_targets: Tensor) -> Tensor:
@@ -158,8 +163,43 @@ class LeastSquares(GanLoss):
         )
 
 
+@dataclass(frozen=True)
+class RelativisticPairing(GanLoss):
+    """The relativistic pairing loss RpGAN (Jolicoeur-Martineau 2019), the loss of R3GAN (Huang et
+    al. 2024, sec. 2): each fake is judged against the real sample of its row, by the difference of
+    their logits. D minimises softplus(D(G(z)) - D(x)), G minimises softplus(D(x) - D(G(z))), each
+    the mean over the pairs; as brownvc/R3GAN at 19a7ddf, R3GAN/Trainer.py,
+    AdversarialTraining.Accumulate{Discriminator,Generator}Gradients (softplus(-(real - fake)) and
+    softplus(-(fake - real))). With zero-centred R1 and R2 (`r1_gamma`, `r2_gamma` of the gan
+    method) it is the paper's regularised loss."""
+
+    name = "relativistic_pairing"
+    paired = True
+
+    @staticmethod
+    def _pairs(real_logits: Tensor, fake_logits: Tensor) -> tuple[Tensor, Tensor]:
+        if real_logits.shape != fake_logits.shape:
+            raise ValueError(
+                f"relativistic_pairing pairs real and fake rows, so their logits must have one shape; got "
+                f"{tuple(real_logits.shape)} real and {tuple(fake_logits.shape)} fake"
+            )
+        return _promote(real_logits), _promote(fake_logits)
+
+    def d(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        real_logits, fake_logits = self._pairs(real_logits, fake_logits)
+        return F.softplus(fake_logits - real_logits).mean()
+
+    def g(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
+        if real_logits is None:
+            raise ValueError("relativistic_pairing's G loss compares each fake with a real sample: pass real_logits")
+        real_logits, fake_logits = self._pairs(real_logits, fake_logits)
+        return F.softplus(real_logits - fake_logits).mean()
+
+
 # Keyed by the spec's `train.loss` values; each entry holds its default options.
-LOSSES: dict[str, GanLoss] = {loss.name: loss for loss in (Hinge(), NonSaturating(), WganGp(), LeastSquares())}
+LOSSES: dict[str, GanLoss] = {
+    loss.name: loss for loss in (Hinge(), NonSaturating(), WganGp(), LeastSquares(), RelativisticPairing())
+}
 
 
 class UnknownLossError(KeyError):

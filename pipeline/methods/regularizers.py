@@ -3,6 +3,8 @@ a loss and calls backward() once.
 
 - `ortho_penalty`: BigGAN's modified orthogonal regularization, on G.
 - `r1_penalty`: R1 on real images (Mescheder et al. 2018), on D.
+- `r2_penalty`: R2, the same zero-centred penalty on fake images; `r1_r2_penalties`: both from one
+  backward (R3GAN's D loss).
 - `gradient_penalty`: WGAN-GP's penalty on interpolates (Gulrajani et al. 2017), on D.
 """
 
@@ -75,6 +77,12 @@ def ortho_penalty(model: nn.Module, beta: float, *, skip: Sequence[str] = ("shar
 
 
 # ----- gradient penalties on D -----
+def _batch_mean_sq(grad: Tensor) -> Tensor:
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        grad = grad.float()
+    return grad.square().flatten(1).sum(dim=1).mean()
+
+
 def r1_penalty(d_out: Tensor, real_images: Tensor) -> Tensor:
     """R1 (Mescheder et al. 2018, "Which Training Methods for GANs do actually Converge?"): the
     batch mean of ||∇ₓ D(x)||² over real images, summed over pixels.
@@ -83,9 +91,29 @@ def r1_penalty(d_out: Tensor, real_images: Tensor) -> Tensor:
     them. The graph is kept (create_graph=True) so the penalty's backward reaches D's parameters.
     The caller multiplies by gamma / 2 (and by the lazy interval when applied lazily)."""
     (grad,) = torch.autograd.grad(d_out.sum(), real_images, create_graph=True)
-    if grad.dtype in (torch.float16, torch.bfloat16):
-        grad = grad.float()
-    return grad.square().flatten(1).sum(dim=1).mean()
+    return _batch_mean_sq(grad)
+
+
+def r2_penalty(d_out: Tensor, fake_images: Tensor) -> Tensor:
+    """R2 (Mescheder et al. 2018; R3GAN, Huang et al. 2024): R1's penalty on generated images, the
+    batch mean of ||∇ₓ D(x)||² at the fakes. `fake_images` must be detached from G (the penalty
+    trains D only) with requires_grad=True before D ran on them, as in brownvc/R3GAN at 19a7ddf,
+    R3GAN/Trainer.py, AccumulateDiscriminatorGradients. The caller multiplies by gamma / 2."""
+    (grad,) = torch.autograd.grad(d_out.sum(), fake_images, create_graph=True)
+    return _batch_mean_sq(grad)
+
+
+def r1_r2_penalties(
+    real_out: Tensor, real_images: Tensor, fake_out: Tensor, fake_images: Tensor
+) -> tuple[Tensor, Tensor]:
+    """R1 and R2 from one backward through D: the gradients of D's summed outputs on the real and
+    the fake batch, taken together. Equal to `r1_penalty` and `r2_penalty` when no real sample's
+    output depends on a fake one or back (a D without batch statistics, or one run on each batch
+    apart), which is what both penalties assume."""
+    real_grad, fake_grad = torch.autograd.grad(
+        real_out.sum() + fake_out.sum(), (real_images, fake_images), create_graph=True
+    )
+    return _batch_mean_sq(real_grad), _batch_mean_sq(fake_grad)
 
 
 def gradient_penalty(

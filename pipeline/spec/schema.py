@@ -157,7 +157,8 @@ class NetworkSpec(Section):
     init: Init = Field(
         "orthogonal",
         description="Weight init: orthogonal, normal (N(0, 0.02)), xavier, "
-        "equalized_lr (N(0, 1) scaled at run time by sqrt(2/fan_in)) or default (torch's).",
+        "equalized_lr (N(0, 1) scaled at run time by sqrt(2/fan_in)), msr (N(0, gain²/fan_in), the block's "
+        "activation gain, 1 unless the block says: R3GAN's) or default (torch's).",
     )
     sn: bool = Field(False, description="Spectral norm on every conv, linear and embedding (nodes may override).")
     sn_eps: PositiveFloat = Field(1e-6, description="Epsilon of spectral norm's power iteration.")

@@ -1,4 +1,4 @@
-"""ProGAN, DCGAN and U-Net block kinds, and the specs that use them, on CPU with real tensors."""
+"""ProGAN, DCGAN, U-Net and R3GAN block kinds, and the specs that use them, on CPU with real tensors."""
 
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ FEATURE_MAP_CASES = [
     ({"kind": "conv_up", "in": "x", "out_channels": 8}, (2, 16, 4, 4), (2, 8, 8, 8)),
     ({"kind": "patch_conv", "in": "x", "out_channels": 8}, (2, 3, 8, 8), (2, 8, 4, 4)),
     ({"kind": "patch_head", "in": "x"}, (2, 8, 4, 4), (2, 1, 3, 3)),
+    # R3GAN's (the conditional paths and the init: test_r3gan_blocks.py)
+    ({"kind": "r3gan_input", "in": "x", "out_channels": 8}, (2, 16), (2, 8, 4, 4)),
+    ({"kind": "r3gan_block", "in": "x", "cardinality": 2, "num_blocks": 4}, (2, 8, 4, 4), (2, 8, 4, 4)),
+    ({"kind": "r3gan_up", "in": "x", "out_channels": 4}, (2, 8, 4, 4), (2, 4, 8, 8)),
+    ({"kind": "r3gan_down", "in": "x", "out_channels": 16}, (2, 8, 8, 8), (2, 16, 4, 4)),
+    ({"kind": "r3gan_output", "in": "x"}, (2, 8, 4, 4), (2, 1)),
 ]
 
 

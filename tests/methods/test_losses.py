@@ -9,7 +9,14 @@ from torch import nn
 
 from pipeline.blocks.layers import BuildContext
 from pipeline.methods.losses import LOSSES, GanLoss, get_loss
-from pipeline.methods.regularizers import gradient_penalty, ortho_penalty, ortho_weights, r1_penalty
+from pipeline.methods.regularizers import (
+    gradient_penalty,
+    ortho_penalty,
+    ortho_weights,
+    r1_penalty,
+    r1_r2_penalties,
+    r2_penalty,
+)
 from pipeline.train.ema import EMA
 
 REAL = torch.tensor([2.0, 0.5])
@@ -89,10 +96,28 @@ def test_wgan_gp_and_least_squares():
     assert close(ls.g(FAKE), 0.5 * (9 + 0.25) / 2)
 
 
+def test_relativistic_pairing():
+    # R3GAN's RpGAN: D softplus(fake_i - real_i), G softplus(real_i - fake_i), means over the pairs
+    def sp(x):
+        return math.log1p(math.exp(x))
+
+    loss = get_loss("relativistic_pairing")
+    assert loss.paired and not any(other.paired for other in LOSSES.values() if other is not loss)
+    # pairs (2, -2) and (0.5, 0.5): differences fake - real of -4 and 0
+    assert close(loss.d(REAL, FAKE), (sp(-4) + sp(0)) / 2)
+    assert close(loss.g(FAKE, REAL), (sp(4) + sp(0)) / 2)
+    # paired, not averaged: with the fakes' rows swapped the differences are -1.5 and -2.5
+    assert close(loss.d(REAL, FAKE.flip(0)), (sp(-1.5) + sp(-2.5)) / 2)
+    with pytest.raises(ValueError, match="real_logits"):
+        loss.g(FAKE)
+    with pytest.raises(ValueError, match="one shape"):
+        loss.d(REAL, FAKE[:1])
+
+
 def test_losses_are_float32_for_bf16_logits():
     for loss in LOSSES.values():
         assert loss.d(REAL.bfloat16(), FAKE.bfloat16()).dtype == torch.float32
-        assert loss.g(FAKE.bfloat16()).dtype == torch.float32
+        assert loss.g(FAKE.bfloat16(), REAL.bfloat16()).dtype == torch.float32
 
 
 def test_get_loss_errors():
@@ -163,6 +188,29 @@ def test_r1_of_a_linear_discriminator():
     assert torch.allclose(penalty, w.square().sum(), rtol=1e-12)
     (grad_w,) = torch.autograd.grad(penalty, w)  # create_graph: it reaches D's parameters
     assert torch.allclose(grad_w, 2 * w)
+
+
+def test_r1_and_r2_of_a_quadratic_discriminator():
+    # D(x) = c/2 ||x||² + <w, x>: ∇ₓD = c x + w, so each penalty is the batch mean of ||c x + w||²
+    c = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[[1.0, -2.0]]], dtype=torch.float64)  # one channel, 1x2 images
+    real = torch.tensor([[[[2.0, 0.0]]], [[[0.0, 4.0]]]], dtype=torch.float64, requires_grad=True)
+    fake = torch.tensor([[[[-2.0, 2.0]]], [[[0.0, 0.0]]]], dtype=torch.float64, requires_grad=True)
+
+    def d(x):
+        return (c / 2 * x.square() + w * x).flatten(1).sum(1)
+
+    # reals: c x + w = (2, -2) and (1, 0): 8 and 1; fakes: (0, -1) and (1, -2): 1 and 5
+    r1, r2 = r1_penalty(d(real), real), r2_penalty(d(fake), fake)
+    assert close(r1, (8 + 1) / 2) and close(r2, (1 + 5) / 2)
+    # both from one backward, through one forward on the joined batch, as the gan method runs D
+    out = d(torch.cat([real, fake]))
+    both = r1_r2_penalties(out[:2], real, out[2:], fake)
+    assert close(both[0], r1) and close(both[1], r2)
+    # the penalties reach D's parameters: d/dc of ||c x + w||² = 2 <c x + w, x>, batch-meaned
+    # reals: 2 (4 + 0) and 2 (0 + 0); fakes: 2 (0 - 2) and 0
+    (grad_c,) = torch.autograd.grad(both[0] + both[1], c)
+    assert close(grad_c, (8 + 0) / 2 + (-4 + 0) / 2)
 
 
 @pytest.mark.parametrize("norm", [1.0, 3.0])
