@@ -22,14 +22,13 @@ augmentation runs eagerly, outside the compiled networks.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from pipeline.blocks.registry import no_bool_for_a_number
+from pipeline.methods.registry import KindOptions
 
 DIFFAUGMENT_OPS = ("color", "translation", "cutout")
 
@@ -51,26 +50,7 @@ XINT_MAX, SCALE_STD, ROTATE_MAX, ANISO_STD, XFRAC_STD = 0.125, 0.2, 1.0, 0.2, 0.
 BRIGHTNESS_STD, CONTRAST_STD, HUE_MAX, SATURATION_STD = 0.2, 0.5, 1.0, 1.0
 
 
-class _Kind(BaseModel):
-    """Strict like every spec section: unknown keys refused, booleans refused for numbers."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    # (a field validator on "*" would also sit on `kind`, which pydantic refuses for a discriminator)
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_bool_for_a_number(cls, data):
-        if isinstance(data, dict):
-            for key, value in data.items():
-                if key in cls.model_fields and key != "kind":
-                    try:
-                        no_bool_for_a_number(cls, value, SimpleNamespace(field_name=key))
-                    except ValueError as exc:
-                        raise ValueError(f"{key}: {exc}") from None
-        return data
-
-
-class DiffAugment(_Kind):
+class DiffAugment(KindOptions):
     """DiffAugment (Zhao et al. 2020): every op of `policy` on every real and fake image D sees,
     in the D and the G step. Formulas as the authors' DiffAugment_pytorch.py (0b63395): brightness
     x + (r - 0.5); saturation (x - mean over channels) * 2r + that mean; contrast (x - mean over the
@@ -104,7 +84,7 @@ class DiffAugment(_Kind):
         return ",".join(ops)
 
 
-class Ada(_Kind):
+class Ada(KindOptions):
     """ADA (Karras et al. 2020): the non-leaking augmentation pipeline, each op applied to each
     sample with probability p. With a `target`, p adapts: every `interval` steps the mean sign of
     D's outputs on the real images since the last adjustment (over every rank) is compared with the

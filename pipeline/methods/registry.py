@@ -175,21 +175,11 @@ class Options(BaseModel):
     refuse_bool_for_a_number = field_validator("*", mode="before")(classmethod(no_bool_for_a_number))
 
 
-class Method(BaseModel):
-    """Options of a training method. Subclasses add `kind` and their own options, and implement
-    the abstract methods (pydantic's model metaclass is an ABCMeta: a method kind missing one
-    cannot be instantiated)."""
+class KindOptions(BaseModel):
+    """Options told apart by their `kind` (a method, an augmentation): strict like every spec
+    section, booleans refused for numbers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    # What the trained networks do, for `sample`, `eval` and the evaluation during training:
-    # "generate" images from latents (and classes), or "translate" images of one domain into another.
-    use: ClassVar[Literal["generate", "translate"]] = "generate"
-
-    if TYPE_CHECKING:  # every registered method declares it, as a Literal field; not a field of the base
-
-        @property
-        def kind(self) -> str: ...
 
     # (a field validator on "*" would also sit on `kind`, which pydantic refuses for a discriminator)
     @model_validator(mode="before")
@@ -203,6 +193,21 @@ class Method(BaseModel):
                     except ValueError as exc:
                         raise ValueError(f"{key}: {exc}") from None
         return data
+
+
+class Method(KindOptions):
+    """Options of a training method. Subclasses add `kind` and their own options, and implement
+    the abstract methods (pydantic's model metaclass is an ABCMeta: a method kind missing one
+    cannot be instantiated)."""
+
+    # What the trained networks do, for `sample`, `eval` and the evaluation during training:
+    # "generate" images from latents (and classes), or "translate" images of one domain into another.
+    use: ClassVar[Literal["generate", "translate"]] = "generate"
+
+    if TYPE_CHECKING:  # every registered method declares it, as a Literal field; not a field of the base
+
+        @property
+        def kind(self) -> str: ...
 
     @abc.abstractmethod
     def networks(self, spec) -> dict[str, NetworkNeed]:
