@@ -190,13 +190,19 @@ class Resample(nn.Module):
     def __init__(self, taps: list[int], up: bool):
         super().__init__()
         self.up, self.padding = up, len(taps) // 2
-        kernel = lowpass_kernel(taps) * (4 if up else 1)
-        self.kernel: torch.Tensor
-        self.register_buffer("kernel", kernel.view(1, 1, *kernel.shape), persistent=False)
+        # a constant, not a buffer: a module built on the meta device (and then given its weights, as
+        # sampling loads one) must not be left with a kernel that has no data
+        with torch.device("cpu"):
+            kernel = lowpass_kernel(taps) * (4 if up else 1)
+        self.kernel = kernel.view(1, 1, *kernel.shape)
+        self._on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def forward(self, x):
         b, c, h, w = x.shape
-        kernel, folded = self.kernel.to(x.dtype), x.reshape(b * c, 1, h, w)
+        kernel = self._on.get((x.device, x.dtype))
+        if kernel is None:
+            kernel = self._on[(x.device, x.dtype)] = self.kernel.to(x.device, x.dtype)
+        folded = x.reshape(b * c, 1, h, w)
         if self.up:
             y = F.conv_transpose2d(folded, kernel, stride=2, padding=self.padding)
         else:

@@ -176,3 +176,18 @@ def test_spec_builds_and_runs(name):
     assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
     logits = D(img, y)
     assert logits.shape == (2, 1) and torch.isfinite(logits).all()
+
+
+def test_a_generator_built_on_meta_and_given_weights_runs():
+    """As sampling loads one: built on the meta device, then given the weights (the resampling
+    kernel is a constant, not a buffer left without data)."""
+    from pipeline.graph import analyze_network, build_network, instantiate
+    from pipeline.spec import load_spec
+
+    loaded = load_spec("r3gan_demo")
+    trained = build_network(loaded, "generator", "cpu", compile=False).eval()
+    module = instantiate(loaded, analyze_network(loaded, "generator"), "meta")
+    module.load_state_dict(trained.state_dict(), assign=True)
+    z, y = torch.randn(2, loaded.spec.latent.z_dim), torch.tensor([0, 3])
+    with torch.no_grad():
+        assert torch.equal(module.eval()(z, y), trained(z, y))
