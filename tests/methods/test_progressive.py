@@ -171,8 +171,10 @@ def test_a_progressive_run_grows_through_every_stage(demo_shards, tmp_path, metr
     # every stage's grid is shown at 32x32: the same image size throughout
     from PIL import Image
 
+    from pipeline.images import GAP
+
     sizes = {Image.open(p).size for p in sorted((run_dir / "samples").glob("step-*.png"))}
-    assert sizes == {(8 * 32, 10 * 32)}
+    assert sizes == {(8 * 32 + 7 * GAP, 10 * 32 + 9 * GAP)}  # 10 rows of 8, GAP pixels apart
     state = json.loads((run_dir / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["schedule"] == {"stage": 1, "phase": "fade", "alpha": 0.5, "resolution": 8}
 

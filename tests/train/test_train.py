@@ -86,10 +86,12 @@ def test_nan_stops_with_the_last_good_checkpoint_intact(demo_shards, tmp_path, m
     calls = {"n": 0}
 
     class Exploding:
+        paired = False
+
         def d(self, real, fake):
             return hinge.d(real, fake)
 
-        def g(self, fake):
+        def g(self, fake, real_logits=None):
             calls["n"] += 1
             return hinge.g(fake) * (float("nan") if calls["n"] == 3 else 1.0)
 
