@@ -146,3 +146,25 @@ def test_r3gan_demo_trains_two_steps(demo_shards, tmp_path):
     # each step reads 8 real images for D and 8 for G
     assert [row["images_seen"] for row in steps] == [16, 32]
     assert all(row["r1"] > 0 and row["r2"] > 0 and row["loss_g"] > 0 for row in steps)
+
+
+@pytest.mark.parametrize("kind", ["d", "g"])
+def test_an_identity_augmentation_leaves_the_paired_steps_and_penalties_as_they_are(kind):
+    """ADA's first step, p still at its start of 0, is the identity: with it on, the paired loss, R1
+    and R2 (taken at the images before augmentation) come out exactly as without it, in D's step and
+    in G's."""
+    z = torch.tensor([[-2.0, 2.0], [0.0, 0.0]])
+    results = []
+    for augment in (None, {"kind": "ada"}):
+        G, D = LabelledG(), QuadraticD()
+        step = Step(G, D, z)
+        step.rank, step.world_size, step.all_sum = 0, 1, lambda t: t
+        run = run_of(r1_gamma=0.4, r2_gamma=0.6, augment=augment)
+        losses, _ = run.d_objective(step) if kind == "d" else run.g_objective(step)
+        (loss,) = losses.values()
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in (*G.parameters(), *D.parameters())]))
+    (plain, plain_grads), (augmented, augmented_grads) = results
+    assert torch.equal(plain, augmented)
+    for a, b in zip(plain_grads, augmented_grads, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
