@@ -20,6 +20,33 @@ from pipeline.data import DEMO_DOMAIN_SHARDS, DEMO_SHARDS
 from pipeline.errors import SpecError
 
 
+def add_drawing_options(p: argparse.ArgumentParser, *, standing_stats: str) -> None:
+    """How `sample`, `eval` and `export` draw from a generator: the truncation's mode, the standing
+    BatchNorm statistics (`standing_stats` says what they are for the command) and the batch."""
+    from pipeline.eval.protocol import STANDING_STATS_BATCH, STANDING_STATS_PASSES
+
+    p.add_argument(
+        "--truncation-mode",
+        choices=("truncate", "scale"),
+        default="truncate",
+        help="truncate: redraw values beyond the threshold (the BigGAN paper); scale: multiply the "
+        "standard deviation (BigGAN-PyTorch's code). Default truncate",
+    )
+    p.add_argument(
+        "--standing-stats",
+        type=int,
+        metavar="N",
+        help=f"{standing_stats} (default: the spec's eval.standing_stats, {STANDING_STATS_PASSES} unless the spec "
+        "says otherwise)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=STANDING_STATS_BATCH,
+        help=f"images per forward pass, and per standing-statistics pass (default {STANDING_STATS_BATCH})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     # DeepSpeed's launcher passes --local_rank=N before the command; the rank is read from the
@@ -111,8 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild the shards and retrain the classifier even if complete ones are there",
     )
     p.set_defaults(func=cmd_demo_data)
-    from pipeline.eval.protocol import STANDING_STATS_BATCH, STANDING_STATS_PASSES
-
     # sample and eval: what is not given follows the protocol of the run's own spec (`eval:`)
     p = sub.add_parser("sample", help="write sample grids, per-image PNGs and interpolations of a trained generator")
     p.add_argument(
@@ -126,26 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num", type=int, default=8, help="images per class (default 8)")
     p.add_argument("--truncation", type=float, help="truncation threshold (or scale); default: none, z ~ N(0, 1)")
-    p.add_argument(
-        "--truncation-mode",
-        choices=("truncate", "scale"),
-        default="truncate",
-        help="truncate: redraw values beyond the threshold (the BigGAN paper); scale: multiply the "
-        "standard deviation (BigGAN-PyTorch's code). Default truncate",
-    )
-    p.add_argument(
-        "--standing-stats",
-        type=int,
-        metavar="N",
-        help="forward passes of standing BatchNorm statistics before sampling; 0: off (default: the "
-        f"spec's eval.standing_stats, {STANDING_STATS_PASSES} unless the spec says otherwise)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=STANDING_STATS_BATCH,
-        help=f"images per forward pass, and per standing-statistics pass (default {STANDING_STATS_BATCH})",
-    )
+    add_drawing_options(p, standing_stats="forward passes of standing BatchNorm statistics before sampling; 0: off")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
     p.add_argument("--out", help="output directory (default RUN/samples/sample-TIME-seedS, or beside the weights)")
     p.add_argument(
@@ -176,19 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="threshold, or a sweep: 0.25,0.5,1,none (default: the spec's eval.truncation, none unless the "
         "spec says otherwise)",
     )
-    p.add_argument(
-        "--truncation-mode",
-        choices=("truncate", "scale"),
-        default="truncate",
-        help="truncate: resample values beyond the threshold (BigGAN); scale: scale z's std",
-    )
-    p.add_argument(
-        "--standing-stats",
-        type=int,
-        metavar="N",
-        help="passes of standing BatchNorm statistics; 0: off (default: the spec's eval.standing_stats, "
-        f"{STANDING_STATS_PASSES} unless the spec says otherwise)",
-    )
+    add_drawing_options(p, standing_stats="passes of standing BatchNorm statistics; 0: off")
     p.add_argument(
         "--features",
         help="demo (the classifier beside the shards), demo:PATH or inception:PATH (the FID Inception "
@@ -202,12 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
         "BigGAN-PyTorch, clean-fid), of the --features network's features; FID only, KID needs real features",
     )
     p.add_argument("--seed", type=int, help="seed of the latents (default: the spec's seed, as in training)")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=STANDING_STATS_BATCH,
-        help=f"images per forward pass, and per standing-statistics pass (default {STANDING_STATS_BATCH})",
-    )
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--out", help="directory for the JSON and plot (default RUN/eval)")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -229,24 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the truncation the model will be sampled at: the standing statistics are measured there and "
         "it is recorded in the model; the model takes z as given (draw it truncated). Default: none",
     )
-    p.add_argument(
-        "--truncation-mode",
-        choices=("truncate", "scale"),
-        default="truncate",
-        help="truncate: values beyond the threshold redrawn; scale: the standard deviation multiplied",
-    )
-    p.add_argument(
-        "--standing-stats",
-        type=int,
-        metavar="N",
-        help="passes of standing BatchNorm statistics frozen into the model; 0: the running statistics "
-        f"as trained (default: the spec's eval.standing_stats, {STANDING_STATS_PASSES} unless it says otherwise)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=STANDING_STATS_BATCH,
-        help=f"images per standing-statistics pass (default {STANDING_STATS_BATCH})",
+    add_drawing_options(
+        p, standing_stats="passes of standing BatchNorm statistics frozen into the model; 0: the running statistics"
     )
     p.add_argument("--seed", type=int, default=0, help="the statistics use seed + 1, as `sample --seed` does")
     p.add_argument("--device", choices=("cpu", "cuda"), help="for the standing statistics (default: cuda if available)")
